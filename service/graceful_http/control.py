@@ -1,0 +1,113 @@
+"""The control layer: `/graceful` and `/healthz`, served before the app on every listener.
+
+It also does the per-request work of a draining generation (`Connection:
+close` on every response, so clients move to the new generation) and the
+access log. Requests that need neither pass straight to the app: the hot
+path costs one attribute test.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from graceful_http.generation import Outcome
+from graceful_http.settings import IPNetwork
+
+CONNECTION_CLOSE = (b"connection", b"close")
+
+
+@dataclass
+class ControlState:
+    """What the supervisor shares with the control layer."""
+
+    request_reload: Callable[[str], Outcome]
+    accepting: bool = True  # False once this generation drains or stops
+
+
+def peer_allowed(client: tuple[str, int] | None, allow: tuple[IPNetwork, ...]) -> bool:
+    """Unix-socket peers (no address) are allowed; IP peers must be in an allowed network."""
+    if client is None:
+        return True
+    try:
+        address = ipaddress.ip_address(client[0].split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        mapped = address.ipv4_mapped
+        if any(mapped in network for network in allow if network.version == 4):
+            return True
+    return any(address in network for network in allow if network.version == address.version)
+
+
+async def _plain(send, status: int, text: str, headers: list[tuple[bytes, bytes]] = ()) -> None:
+    body = text.encode()
+    await send({
+        "type": "http.response.start",
+        "status": status,
+        "headers": [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", str(len(body)).encode()),
+                    *headers],
+    })
+    await send({"type": "http.response.body", "body": body})
+
+
+_OUTCOME_STATUS = {"started": 202, "refused": 409, "failed": 409, "done": 200}
+
+
+class ControlLayer:
+    def __init__(self, app, state: ControlState, allow: tuple[IPNetwork, ...], access_logger=None):
+        self.app = app
+        self.state = state
+        self.allow = allow
+        self.access_logger = access_logger
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        if path == "/graceful":
+            return await self._graceful(scope, send)
+        if path == "/healthz":
+            return await self._healthz(scope, send)
+        if self.state.accepting and self.access_logger is None:
+            return await self.app(scope, receive, send)
+        return await self._observed(scope, receive, send)
+
+    async def _graceful(self, scope, send):
+        if scope["method"] != "POST":
+            return await _plain(send, 405, "use POST /graceful to start a reload\n", [(b"allow", b"POST")])
+        client = scope.get("client")
+        if not peer_allowed(client, self.allow):
+            return await _plain(send, 403, f"reload not allowed from {client[0]}\n")
+        who = f"POST /graceful from {client[0] if client else 'unix socket'}"
+        outcome = self.state.request_reload(who)
+        return await _plain(send, _OUTCOME_STATUS[outcome.code], f"{outcome.code}: {outcome.detail}\n")
+
+    async def _healthz(self, scope, send):
+        if scope["method"] not in ("GET", "HEAD"):
+            return await _plain(send, 405, "use GET /healthz\n", [(b"allow", b"GET, HEAD")])
+        if self.state.accepting:
+            return await _plain(send, 200, "ok\n")
+        return await _plain(send, 503, "draining\n", [CONNECTION_CLOSE])
+
+    async def _observed(self, scope, receive, send):
+        """The app, with `Connection: close` while draining and/or an access-log line."""
+        close = not self.state.accepting
+        started = time.perf_counter()
+        status = None
+
+        async def observed_send(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                if close:
+                    message = {**message, "headers": [*message.get("headers", ()), CONNECTION_CLOSE]}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, observed_send)
+        finally:
+            if self.access_logger is not None:
+                self.access_logger(scope, status, time.perf_counter() - started)

@@ -1,0 +1,119 @@
+"""The local control socket that `graceful-http reload` talks to.
+
+Each main process listens on an abstract unix socket named after its pid
+(and pid namespace), so `ExecReload=graceful-http reload` finds it from
+$MAINPID alone, with nothing on disk to clean up. Only root and the service's
+own user may use it (checked with SO_PEERCRED).
+
+Protocol: the client sends `reload`; the server answers with lines
+`started <pid> <detail>` (progress), then one final line
+`done|failed|refused <pid> <detail>` once the handoff is over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import struct
+from collections.abc import Callable
+
+from graceful_http.generation import Outcome
+
+FINAL_CODES = ("done", "failed", "refused")
+
+
+def address_for(pid: int) -> bytes:
+    namespace = os.stat("/proc/self/ns/pid").st_ino
+    return f"\0graceful-http/{namespace}/{pid}".encode()
+
+
+def format_line(outcome: Outcome) -> bytes:
+    detail = " ".join(outcome.detail.split())
+    return f"{outcome.code} {outcome.pid or 0} {detail}\n".encode()
+
+
+def parse_line(line: str) -> Outcome:
+    code, _, rest = line.strip().partition(" ")
+    pid_text, _, detail = rest.partition(" ")
+    return Outcome(code, detail, int(pid_text) if pid_text.isdigit() else None)
+
+
+def _peer_uid(sock: socket.socket) -> int:
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", creds)[1]
+
+
+class ControlServer:
+    """Serves `reload` requests; `start_reload(source, on_outcome)` is the supervisor's."""
+
+    def __init__(self, start_reload: Callable[[str, Callable[[Outcome], None]], None]):
+        self.start_reload = start_reload
+        self.server: asyncio.AbstractServer | None = None
+
+    async def start(self, pid: int) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(address_for(pid))
+        self.server = await asyncio.start_unix_server(self._serve, sock=sock)
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sock = writer.get_extra_info("socket")
+        try:
+            uid = _peer_uid(sock)
+            if uid not in (0, os.getuid()):
+                writer.write(format_line(Outcome("refused", f"uid {uid} may not control this service")))
+                return
+            request = (await asyncio.wait_for(reader.readline(), 10)).decode(errors="replace").strip()
+            if request != "reload":
+                writer.write(format_line(Outcome("refused", f"unknown request {request[:40]!r}")))
+                return
+            finished = asyncio.get_running_loop().create_future()
+
+            def on_outcome(outcome: Outcome) -> None:
+                if not writer.is_closing():
+                    writer.write(format_line(outcome))
+                if outcome.code in FINAL_CODES and not finished.done():
+                    finished.set_result(None)
+
+            self.start_reload("graceful-http reload", on_outcome)
+            await finished
+        except (OSError, asyncio.TimeoutError):
+            pass
+        finally:
+            try:
+                await writer.drain()
+            except OSError:
+                pass
+            writer.close()
+
+
+class ControlError(Exception):
+    """Could not reach the service's control socket."""
+
+
+def request_reload(pid: int, timeout: float, on_progress: Callable[[Outcome], None]) -> Outcome:
+    """Ask process `pid` for a reload and wait for the final outcome."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        try:
+            sock.connect(address_for(pid))
+        except OSError as exc:
+            raise ControlError(f"cannot reach graceful-http pid {pid}: {exc.strerror or exc}"
+                               " (is it running, and is it the main process?)") from None
+        sock.sendall(b"reload\n")
+        reader = sock.makefile("r", encoding="utf-8", errors="replace")
+        for line in reader:
+            outcome = parse_line(line)
+            if outcome.code in FINAL_CODES:
+                return outcome
+            on_progress(outcome)
+        return Outcome("failed", f"pid {pid} closed the control connection before the reload finished")
+    except TimeoutError:
+        return Outcome("failed", f"no answer from pid {pid} within {timeout:g}s")
+    finally:
+        sock.close()

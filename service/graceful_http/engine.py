@@ -1,0 +1,130 @@
+"""uvicorn, embedded: we own the sockets, the signals and the way connections drain.
+
+Works with uvicorn 0.17.6 (Debian 12) and the newest release: it only uses
+names both have (`Config.load`, `Server.startup(sockets=…)`, `servers`,
+`server_state`, a connection's `cycle` and `transport`, `lifespan`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import uvicorn
+
+from graceful_http.drain import ConnectionView, IdleCloser
+
+log = logging.getLogger("graceful_http")
+
+DRAIN_TICK = 0.05
+
+
+class StartupFailed(Exception):
+    """The app's lifespan startup failed (uvicorn logged the details)."""
+
+
+def _protocol_base():
+    """httptools when available (as uvicorn's "auto" does), else h11."""
+    try:
+        import httptools  # noqa: F401
+
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+        return HttpToolsProtocol
+    except ImportError:
+        from uvicorn.protocols.http.h11_impl import H11Protocol
+
+        return H11Protocol
+
+
+def tracked_protocol(base):
+    """A protocol class that records when it last received bytes (to judge idleness)."""
+
+    class Tracked(base):
+        last_data_at = 0.0
+
+        def data_received(self, data):
+            self.last_data_at = time.monotonic()
+            super().data_received(data)
+
+    Tracked.__name__ = f"Tracked{base.__name__}"
+    return Tracked
+
+
+def _busy(connection) -> bool:
+    cycle = getattr(connection, "cycle", None)
+    return cycle is not None and not cycle.response_complete
+
+
+class Engine:
+    """One generation's HTTP server over already-listening sockets."""
+
+    def __init__(self, app, sockets, *, idle_grace: float = 1.0):
+        config = uvicorn.Config(
+            app=app,
+            http=tracked_protocol(_protocol_base()),
+            lifespan="auto",
+            access_log=False,
+            log_config=None,
+            proxy_headers=False,  # X-Forwarded-For must not decide who may reload
+            server_header=False,
+        )
+        config.load()
+        self.server = uvicorn.Server(config)
+        self.server.lifespan = config.lifespan_class(config)
+        self.sockets = sockets
+        self.idle_grace = idle_grace
+
+    async def start(self) -> None:
+        """Run the app's lifespan startup, then accept on every socket."""
+        try:
+            await self.server.startup(sockets=self.sockets)
+        except SystemExit:  # newer uvicorn exits on a failed lifespan startup
+            raise StartupFailed("the app's lifespan startup failed") from None
+        if not self.server.started:
+            raise StartupFailed("the app's lifespan startup failed")
+
+    @property
+    def connections(self):
+        return self.server.server_state.connections
+
+    @property
+    def total_requests(self) -> int:
+        return self.server.server_state.total_requests
+
+    def in_flight(self) -> int:
+        return sum(1 for c in self.connections if _busy(c))
+
+    def stop_accepting(self) -> None:
+        """Close our copies of the listeners; the kernel keeps the sockets for whoever else holds them."""
+        for server in self.server.servers:
+            server.close()
+
+    async def drain(self, deadline: float) -> tuple[int, int]:
+        """Finish what clients started, lame-duck style, until done or `deadline` (monotonic).
+
+        Returns (requests served while draining, requests cut at the deadline).
+        """
+        served_before = self.total_requests
+        closer = IdleCloser(self.idle_grace)
+        while self.connections and time.monotonic() < deadline:
+            now = time.monotonic()
+            by_key = {id(c): c for c in self.connections}
+            views = [ConnectionView(key, _busy(c), getattr(c, "last_data_at", 0.0)) for key, c in by_key.items()]
+            for key in closer.due(views, now):
+                by_key[key].transport.close()
+            await asyncio.sleep(DRAIN_TICK)
+        cut = self.in_flight()
+        for connection in list(self.connections):
+            connection.transport.abort()
+        tasks = list(self.server.server_state.tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=1.0)
+        return self.total_requests - served_before, cut
+
+    async def shutdown_app(self) -> None:
+        """The app's lifespan shutdown (after the last request)."""
+        await self.server.lifespan.shutdown()

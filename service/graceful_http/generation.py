@@ -1,0 +1,281 @@
+"""The handoff state machine of one generation: events in, actions out.
+
+Pure: no I/O, no clock, no processes. The supervisor feeds it events (a
+reload request, the new generation's readiness or failure, a timeout, a stop
+signal) and carries out the actions it returns, in order. Keeping every
+decision here makes the rules testable as a table:
+
+* one reload at a time: a request during a reload is refused, never stacked;
+* only the main generation talks to systemd, so a generation that has handed
+  over (or is stopping) never emits a Notify;
+* a new generation that fails or is late is killed and the old one carries on.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field, replace
+
+
+class Phase(enum.Enum):
+    STARTING = "starting"  # accepting, but not (yet) the main process: must not talk to systemd
+    SERVING = "serving"  # main, accepting, no reload under way
+    RELOADING = "reloading"  # main, a new generation is starting
+    DRAINING = "draining"  # handed over: finishing what clients started
+    STOPPING = "stopping"  # asked to stop: finishing what clients started
+
+
+# ---- events -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReloadRequested:
+    source: str  # "SIGHUP", "POST /graceful from 127.0.0.1", "graceful-http reload"
+    requester: object | None = None  # who wants the outcome (opaque to us)
+
+
+@dataclass(frozen=True)
+class ChildStarted:
+    attempt: int
+    pid: int
+
+
+@dataclass(frozen=True)
+class ChildReady:
+    attempt: int
+    pid: int
+
+
+@dataclass(frozen=True)
+class ChildFailed:
+    attempt: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class ReadyTimedOut:
+    attempt: int
+
+
+@dataclass(frozen=True)
+class StopRequested:
+    source: str
+
+
+@dataclass(frozen=True)
+class BecameMain:
+    """This generation accepts connections and is (now) the main process."""
+
+    handed_over: bool  # True when a previous generation made us main; False for the first
+
+
+Event = BecameMain | ReloadRequested | ChildStarted | ChildReady | ChildFailed | ReadyTimedOut | StopRequested
+
+
+# ---- actions ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Notify:
+    fields: dict
+
+
+@dataclass(frozen=True)
+class Log:
+    message: str
+    level: str = "info"
+
+
+@dataclass(frozen=True)
+class SpawnSuccessor:
+    attempt: int
+    generation: int
+
+
+@dataclass(frozen=True)
+class ArmReadyTimer:
+    attempt: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class KillSuccessor:
+    attempt: int
+    pid: int | None
+
+
+@dataclass(frozen=True)
+class HandOver:
+    """Make `pid` the main process (MAINPID+READY, barrier), then tell it so."""
+
+    pid: int
+    generation: int
+
+
+@dataclass(frozen=True)
+class Reply:
+    requester: object
+    outcome: "Outcome"
+
+
+@dataclass(frozen=True)
+class StartDraining:
+    reason: str
+
+
+Action = Notify | Log | SpawnSuccessor | ArmReadyTimer | KillSuccessor | HandOver | Reply | StartDraining
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a reload requester is told. `code`: started, done, failed or refused."""
+
+    code: str
+    detail: str
+    pid: int | None = None
+
+
+# ---- the machine --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class State:
+    phase: Phase
+    generation: int
+    attempt: int = 0
+    successor_pid: int | None = None
+    requesters: tuple = field(default_factory=tuple)
+
+
+class Generation:
+    """One generation's handoff decisions. `handle(event)` returns the actions to carry out."""
+
+    def __init__(self, generation: int, pid: int, ready_timeout: float):
+        self.pid = pid
+        self.ready_timeout = ready_timeout
+        self.state = State(phase=Phase.STARTING, generation=generation)
+
+    @property
+    def phase(self) -> Phase:
+        return self.state.phase
+
+    @property
+    def is_main(self) -> bool:
+        return self.state.phase in (Phase.SERVING, Phase.RELOADING)
+
+    def handle(self, event: Event) -> list[Action]:
+        handler = getattr(self, "_on_" + type(event).__name__)
+        return handler(event)
+
+    def serving_status(self, in_flight: int = 0, total: int = 0) -> str:
+        return f"gen {self.state.generation} · pid {self.pid} · serving · {in_flight} in flight · {total} requests"
+
+    def _on_BecameMain(self, event: BecameMain) -> list[Action]:
+        if self.state.phase is not Phase.STARTING:
+            return []
+        self.state = replace(self.state, phase=Phase.SERVING)
+        fields: dict = {"STATUS": self.serving_status()}
+        if not event.handed_over:
+            fields["READY"] = 1  # a handover's READY=1 came with MAINPID= from the old main
+        how = "took over as main" if event.handed_over else "ready"
+        return [Log(f"{how}: generation {self.state.generation} (pid {self.pid}) serving"), Notify(fields)]
+
+    # -- reload requests
+
+    def _on_ReloadRequested(self, event: ReloadRequested) -> list[Action]:
+        s = self.state
+        if s.phase is Phase.STARTING:
+            return self._refuse(event, f"this generation (pid {self.pid}) is still starting")
+        if s.phase is Phase.RELOADING:
+            return self._refuse(event, "reload already in progress", successor=s.successor_pid)
+        if s.phase is Phase.DRAINING:
+            return self._refuse(event, f"this generation (pid {self.pid}) has handed over and is draining")
+        if s.phase is Phase.STOPPING:
+            return self._refuse(event, "the service is stopping")
+        attempt = s.attempt + 1
+        successor = s.generation + 1
+        requesters = (event.requester,) if event.requester is not None else ()
+        self.state = replace(s, phase=Phase.RELOADING, attempt=attempt, successor_pid=None, requesters=requesters)
+        return [
+            Log(f"reload requested by {event.source}: starting generation {successor}"),
+            Notify({"RELOADING": 1, "STATUS": f"reloading: starting generation {successor}"}),
+            SpawnSuccessor(attempt=attempt, generation=successor),
+            ArmReadyTimer(attempt=attempt, seconds=self.ready_timeout),
+        ]
+
+    def _refuse(self, event: ReloadRequested, reason: str, successor: int | None = None) -> list[Action]:
+        actions: list[Action] = [Log(f"reload requested by {event.source} refused: {reason}", "warning")]
+        if event.requester is not None:
+            actions.append(Reply(event.requester, Outcome("refused", reason, successor)))
+        return actions
+
+    # -- the successor's progress
+
+    def _current(self, attempt: int) -> bool:
+        return self.state.phase is Phase.RELOADING and attempt == self.state.attempt
+
+    def _on_ChildStarted(self, event: ChildStarted) -> list[Action]:
+        if not self._current(event.attempt):
+            return [KillSuccessor(event.attempt, event.pid)]
+        s = self.state
+        self.state = replace(s, successor_pid=event.pid)
+        status = f"reloading: starting pid {event.pid}"
+        return [
+            Log(f"generation {s.generation + 1} started as pid {event.pid}"),
+            Notify({"STATUS": status}),
+            *[Reply(r, Outcome("started", status, event.pid)) for r in s.requesters],
+        ]
+
+    def _on_ChildReady(self, event: ChildReady) -> list[Action]:
+        if not self._current(event.attempt):
+            return [KillSuccessor(event.attempt, event.pid)]
+        s = self.state
+        successor = s.generation + 1
+        self.state = replace(s, phase=Phase.DRAINING, successor_pid=event.pid, requesters=())
+        detail = f"generation {successor} (pid {event.pid}) is serving"
+        return [
+            HandOver(pid=event.pid, generation=successor),
+            Log(f"handed over to pid {event.pid} (generation {successor})"),
+            *[Reply(r, Outcome("done", detail, event.pid)) for r in s.requesters],
+            StartDraining(f"handed over to pid {event.pid}"),
+        ]
+
+    def _on_ChildFailed(self, event: ChildFailed) -> list[Action]:
+        if not self._current(event.attempt):
+            return []
+        return self._fail(event.reason)
+
+    def _on_ReadyTimedOut(self, event: ReadyTimedOut) -> list[Action]:
+        if not self._current(event.attempt):
+            return []
+        return self._fail(f"new generation not ready within {self.ready_timeout:g}s (ready timeout)")
+
+    def _fail(self, reason: str) -> list[Action]:
+        s = self.state
+        self.state = replace(s, phase=Phase.SERVING, successor_pid=None, requesters=())
+        return [
+            KillSuccessor(s.attempt, s.successor_pid),
+            Log(f"reload failed: {reason}; generation {s.generation} (pid {self.pid}) keeps serving", "error"),
+            Notify({"READY": 1, "STATUS": f"reload failed: {reason}"}),
+            *[Reply(r, Outcome("failed", reason, self.pid)) for r in s.requesters],
+        ]
+
+    # -- stopping
+
+    def _on_StopRequested(self, event: StopRequested) -> list[Action]:
+        s = self.state
+        if s.phase in (Phase.DRAINING, Phase.STOPPING):
+            return [Log(f"{event.source} received while {s.phase.value}: already finishing in-flight requests")]
+        if s.phase is Phase.STARTING:  # not main: systemd must not hear from us
+            self.state = replace(s, phase=Phase.STOPPING)
+            return [Log(f"{event.source} received while starting: stopping"), StartDraining(f"{event.source} received")]
+        actions: list[Action] = []
+        if s.phase is Phase.RELOADING:
+            actions.append(KillSuccessor(s.attempt, s.successor_pid))
+            actions += [Reply(r, Outcome("failed", "the service is stopping", self.pid)) for r in s.requesters]
+        self.state = replace(s, phase=Phase.STOPPING, successor_pid=None, requesters=())
+        return actions + [
+            Log(f"{event.source} received: stopping, finishing in-flight requests"),
+            Notify({"STOPPING": 1, "STATUS": "stopping: finishing in-flight requests"}),
+            StartDraining(f"{event.source} received"),
+        ]

@@ -1,0 +1,126 @@
+"""The private readiness channel between an old generation and its successor.
+
+A unix socketpair: the successor gets one end (fd named in
+GRACEFUL_HTTP_HANDOFF_FD) and says `ready` once it accepts connections, or
+`failed <reason>` if it cannot start. The old main then makes it the main
+process in systemd's eyes and answers `main`; only after that may the
+successor talk to systemd (NotifyAccess=main would drop its messages and log
+a warning otherwise).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from collections.abc import MutableMapping
+
+from graceful_http.spawn import HANDOFF_FD_VARIABLE
+
+READY = "ready"
+FAILED = "failed"
+MAIN = "main"
+GENERATION_VARIABLE = "GRACEFUL_HTTP_GENERATION"
+
+
+def encode(word: str, detail: str = "") -> bytes:
+    detail = " ".join(detail.split())  # one line, whatever the exception said
+    return (f"{word} {detail}".rstrip() + "\n").encode()
+
+
+def decode(line: bytes) -> tuple[str, str]:
+    word, _, detail = line.decode(errors="replace").strip().partition(" ")
+    return word, detail
+
+
+class SuccessorEnd:
+    """The new generation's side: report readiness, wait to become main."""
+
+    def __init__(self, sock: socket.socket, generation: int):
+        self.sock = sock
+        self.generation = generation
+
+    @classmethod
+    def from_environ(cls, environ: MutableMapping[str, str]) -> "SuccessorEnd | None":
+        """Take the channel from the environment (and remove it, so apps don't see it)."""
+        fd_text = environ.pop(HANDOFF_FD_VARIABLE, None)
+        generation = int(environ.pop(GENERATION_VARIABLE, "1") or 1)
+        if fd_text is None:
+            return None
+        fd = int(fd_text)
+        os.set_inheritable(fd, False)
+        sock = socket.socket(fileno=fd)
+        return cls(sock, generation)
+
+    def report_failed(self, reason: str) -> None:
+        try:
+            self.sock.sendall(encode(FAILED, reason))
+        except OSError:
+            pass  # the old generation is gone; nobody to tell
+
+    async def report_ready_and_wait_until_main(self) -> bool:
+        """True once the old main has handed over; False if it went away first."""
+        loop = asyncio.get_running_loop()
+        self.sock.setblocking(False)
+        try:
+            await loop.sock_sendall(self.sock, encode(READY))
+            data = b""
+            while not data.endswith(b"\n"):
+                chunk = await loop.sock_recv(self.sock, 256)
+                if not chunk:
+                    return False
+                data += chunk
+            return decode(data)[0] == MAIN
+        except OSError:
+            return False
+        finally:
+            self.sock.close()
+
+
+class PredecessorEnd:
+    """The old main's side: learn the successor's fate, then hand over."""
+
+    def __init__(self):
+        self.mine, self.theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.mine.setblocking(False)
+        self._buffer = b""
+
+    def close_theirs(self) -> None:
+        self.theirs.close()
+
+    async def next_message(self) -> tuple[str, str]:
+        """The successor's next line: (`ready`|`failed`, detail), or ("eof", "") when it closed."""
+        loop = asyncio.get_running_loop()
+        while b"\n" not in self._buffer:
+            try:
+                chunk = await loop.sock_recv(self.mine, 4096)
+            except OSError:
+                chunk = b""
+            if not chunk:
+                return ("eof", "")
+            self._buffer += chunk
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        return decode(line)
+
+    def pending_failure(self) -> str | None:
+        """A `failed` line already sent but not yet read (the successor may exit right after)."""
+        try:
+            self._buffer += self.mine.recv(65536)
+        except (BlockingIOError, OSError):
+            pass
+        for line in self._buffer.split(b"\n"):
+            word, detail = decode(line)
+            if word == FAILED:
+                return detail
+        return None
+
+    def tell_main(self) -> None:
+        try:
+            self.mine.setblocking(True)
+            self.mine.sendall(encode(MAIN))
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.mine.close()
+        self.theirs.close()

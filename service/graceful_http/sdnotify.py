@@ -1,0 +1,78 @@
+"""sd_notify(3) messages: pure formatting plus a thin sender over systemd-python.
+
+Only the current main process may talk to systemd (NotifyAccess=main), so the
+supervisor decides *whether* to send; this module only decides *how*.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+from collections.abc import Mapping
+
+# systemd processes MAINPID= before READY=/RELOADING= in one datagram; we keep
+# that order in the text too so a reader of strace sees the same thing.
+_FIELD_ORDER = ("MAINPID", "READY", "RELOADING", "STOPPING", "STATUS", "WATCHDOG")
+
+
+def format_message(fields: Mapping[str, object]) -> str:
+    """`{"MAINPID": 5, "READY": 1}` -> "MAINPID=5\\nREADY=1"."""
+    def rank(key: str) -> int:
+        return _FIELD_ORDER.index(key) if key in _FIELD_ORDER else len(_FIELD_ORDER)
+
+    lines = []
+    for key in sorted(fields, key=rank):
+        value = str(fields[key])
+        if not key.isupper() or "=" in key or "\n" in value:
+            raise ValueError(f"invalid notify field {key}={value!r}")
+        lines.append(f"{key}={value}")
+    return "\n".join(lines)
+
+
+def parse_message(text: str) -> dict[str, str]:
+    """The inverse of `format_message` (used by tests and the fake notify socket)."""
+    fields = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            fields[key] = value
+    return fields
+
+
+class Notifier:
+    """Sends notify messages when systemd listens; a silent no-op otherwise."""
+
+    def __init__(self, environ: Mapping[str, str] = os.environ):
+        self.enabled = bool(environ.get("NOTIFY_SOCKET"))
+
+    def send(self, **fields: object) -> bool:
+        if not self.enabled:
+            return False
+        from systemd import daemon
+
+        return daemon.notify(format_message(fields))
+
+    def barrier(self, timeout: float = 5.0) -> bool:
+        """Wait until systemd has processed everything sent before (BARRIER=1).
+
+        systemd closes its copy of the attached pipe end once it reaches the
+        barrier; we see POLLHUP on ours. True if that happened within `timeout`.
+        """
+        if not self.enabled:
+            return False
+        from systemd import daemon
+
+        read_end, write_end = os.pipe()
+        try:
+            sent = daemon.notify("BARRIER=1", fds=[write_end])
+            os.close(write_end)
+            write_end = -1
+            if not sent:
+                return False
+            poller = select.poll()
+            poller.register(read_end, select.POLLHUP)
+            return bool(poller.poll(timeout * 1000))
+        finally:
+            os.close(read_end)
+            if write_end >= 0:
+                os.close(write_end)

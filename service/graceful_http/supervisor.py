@@ -1,0 +1,299 @@
+"""One generation's life: start serving, become main, hand over or stop, drain, exit.
+
+The supervisor owns the state machine (`generation.Generation`) and is the
+only place its actions touch the OS: signals, the successor process, the
+readiness channel, sd_notify, the pid file and the HTTP engine. Every input
+(a signal, a control request, the successor's messages, a timer) becomes an
+event, and events are handled one at a time, in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import os
+import signal
+import time
+
+from graceful_http import generation as g
+from graceful_http import logs
+from graceful_http.apploader import AppLoadError, load_app
+from graceful_http.control import ControlLayer, ControlState
+from graceful_http.controlsocket import ControlServer
+from graceful_http.engine import Engine, StartupFailed
+from graceful_http.handoff import GENERATION_VARIABLE, PredecessorEnd, SuccessorEnd
+from graceful_http.listenfds import ListenFdsError
+from graceful_http.listeners import ListenerError, acquire
+from graceful_http.pidfile import remove_pid_file, write_pid_file
+from graceful_http.sdnotify import Notifier
+from graceful_http.settings import ServeSettings
+from graceful_http.spawn import spawn_successor
+
+log = logging.getLogger("graceful_http")
+
+STATUS_INTERVAL = 1.0
+
+
+class Successor:
+    """The new generation being started: its pid, channel and exit notification."""
+
+    def __init__(self, attempt: int, pid: int, channel: PredecessorEnd):
+        self.attempt = attempt
+        self.pid = pid
+        self.channel = channel
+        self.pidfd = os.pidfd_open(pid)
+        self.watcher: asyncio.Task | None = None
+
+    def kill(self) -> None:
+        try:
+            os.killpg(self.pid, signal.SIGKILL)  # it leads its own session: this takes what it started too
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            os.kill(self.pid, signal.SIGKILL)
+
+    def close(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(self.pidfd)
+        os.close(self.pidfd)
+        self.channel.close()
+        if self.watcher is not None and self.watcher is not asyncio.current_task():
+            self.watcher.cancel()
+
+
+class Supervisor:
+    def __init__(self, settings: ServeSettings, generation: int, successor_end: SuccessorEnd | None):
+        self.settings = settings
+        self.pid = os.getpid()
+        self.machine = g.Generation(generation, self.pid, settings.ready_timeout)
+        self.successor_end = successor_end
+        self.notifier = Notifier()
+        self.control = ControlState(request_reload=self.request_reload_now)
+        self.control_server = ControlServer(self.start_reload)
+        self.listeners = []
+        self.engine: Engine | None = None
+        self.successor: Successor | None = None
+        self.finished = asyncio.Event()
+        self._events: collections.deque = collections.deque()
+        self._dispatching = False
+        self._status_task: asyncio.Task | None = None
+        self._last_status = ""
+
+    # ---- start -----------------------------------------------------------
+
+    async def start(self) -> None:
+        """Listen, load the app, start serving. Raises StartError with a one-line reason."""
+        try:
+            self.listeners = acquire(self.settings.binds)
+            app = load_app(self.settings.app, self.settings.app_dir)
+        except (ListenerError, ListenFdsError) as exc:
+            raise StartError(str(exc)) from None
+        except AppLoadError as exc:
+            if exc.details:
+                log.error("%s", exc.details.rstrip())
+            raise StartError(str(exc)) from None
+        access = logs.log_access if self.settings.access_log else None
+        stack = ControlLayer(app, self.control, self.settings.control_allow, access)
+        self.engine = Engine(stack, [listener.sock for listener in self.listeners], idle_grace=self.settings.idle_grace)
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGHUP, self.dispatch, g.ReloadRequested("SIGHUP"))
+        loop.add_signal_handler(signal.SIGTERM, self.dispatch, g.StopRequested("SIGTERM"))
+        loop.add_signal_handler(signal.SIGINT, self.dispatch, g.StopRequested("SIGINT"))
+        try:
+            await self.engine.start()
+        except StartupFailed as exc:
+            raise StartError(str(exc)) from None
+        for listener in self.listeners:
+            log.info("listening on %s", listener.describe())
+
+    async def become_main(self) -> None:
+        handed_over = False
+        if self.successor_end is not None:
+            handed_over = await self.successor_end.report_ready_and_wait_until_main()
+            if not handed_over:
+                log.warning("the previous generation went away before handing over; serving as main")
+        if self.machine.phase is not g.Phase.STARTING:
+            return  # stopped while waiting
+        if self.settings.pid_file:
+            write_pid_file(self.settings.pid_file, self.pid)
+        try:
+            await self.control_server.start(self.pid)
+        except OSError as exc:
+            log.warning("no control socket for `graceful-http reload` (%s); SIGHUP still reloads", exc)
+        self.dispatch(g.BecameMain(handed_over=handed_over))
+        self._status_task = asyncio.create_task(self._update_status())
+
+    # ---- events ----------------------------------------------------------
+
+    def dispatch(self, event: g.Event) -> None:
+        """Handle `event` and everything it causes, one event at a time."""
+        self._events.append(event)
+        if self._dispatching:
+            return
+        self._dispatching = True
+        try:
+            while self._events:
+                for action in self.machine.handle(self._events.popleft()):
+                    self._carry_out(action)
+        finally:
+            self._dispatching = False
+
+    def request_reload_now(self, source: str) -> g.Outcome:
+        """For `POST /graceful`: start a reload and say at once whether it started."""
+        replies: list[g.Outcome] = []
+        self.dispatch(g.ReloadRequested(source, requester=replies.append))
+        if replies:
+            return replies[0]
+        return g.Outcome("started", f"reload started: generation {self.machine.state.generation + 1}")
+
+    def start_reload(self, source: str, on_outcome) -> None:
+        """For `graceful-http reload`: start a reload; `on_outcome` hears progress and the end."""
+        self.dispatch(g.ReloadRequested(source, requester=on_outcome))
+
+    # ---- actions ---------------------------------------------------------
+
+    def _carry_out(self, action: g.Action) -> None:
+        getattr(self, "_do_" + type(action).__name__)(action)
+
+    def _do_Log(self, action: g.Log) -> None:
+        log.log(logging.getLevelName(action.level.upper()), "%s", action.message)
+
+    def _do_Notify(self, action: g.Notify) -> None:
+        if "STATUS" in action.fields:
+            self._last_status = str(action.fields["STATUS"])
+        self.notifier.send(**action.fields)
+
+    def _do_Reply(self, action: g.Reply) -> None:
+        action.requester(action.outcome)
+
+    def _do_SpawnSuccessor(self, action: g.SpawnSuccessor) -> None:
+        channel = PredecessorEnd()
+        environ = dict(os.environ)
+        environ[GENERATION_VARIABLE] = str(action.generation)
+        try:
+            pid = spawn_successor(
+                [listener.sock.fileno() for listener in self.listeners],
+                [listener.name for listener in self.listeners],
+                channel.theirs.fileno(),
+                environ,
+            )
+            channel.close_theirs()
+            self.successor = Successor(action.attempt, pid, channel)
+        except OSError as exc:
+            channel.close()
+            self.dispatch(g.ChildFailed(action.attempt, f"cannot start the new generation: {exc}"))
+            return
+        self.successor.watcher = asyncio.create_task(self._watch(self.successor))
+        self.dispatch(g.ChildStarted(action.attempt, pid))
+
+    def _do_ArmReadyTimer(self, action: g.ArmReadyTimer) -> None:
+        asyncio.get_running_loop().call_later(action.seconds, self.dispatch, g.ReadyTimedOut(action.attempt))
+
+    def _do_KillSuccessor(self, action: g.KillSuccessor) -> None:
+        successor = self.successor
+        if successor is not None and successor.attempt == action.attempt:
+            successor.kill()
+            successor.close()
+            self.successor = None
+        elif action.pid:
+            try:
+                os.killpg(action.pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+    def _do_HandOver(self, action: g.HandOver) -> None:
+        successor = self.successor
+        self.notifier.send(MAINPID=action.pid, READY=1, STATUS=f"gen {action.generation} · pid {action.pid} · serving")
+        if self.notifier.enabled and not self.notifier.barrier():
+            log.warning("systemd did not confirm the handover within 5s")
+        if successor is not None:
+            successor.channel.tell_main()
+            successor.close()
+            self.successor = None
+
+    def _do_StartDraining(self, action: g.StartDraining) -> None:
+        self.control.accepting = False
+        self.control_server.close()
+        if self._status_task is not None:
+            self._status_task.cancel()
+        if self.engine is not None:
+            self.engine.stop_accepting()
+        asyncio.get_running_loop().create_task(self._drain_and_finish())
+
+    # ---- tasks -----------------------------------------------------------
+
+    async def _watch(self, successor: Successor) -> None:
+        """Turn the successor's messages and exit into events."""
+        loop = asyncio.get_running_loop()
+        exited = asyncio.Event()
+        loop.add_reader(successor.pidfd, exited.set)
+        message = asyncio.create_task(successor.channel.next_message())
+        exit_wait = asyncio.create_task(exited.wait())
+        try:
+            done, _ = await asyncio.wait({message, exit_wait}, return_when=asyncio.FIRST_COMPLETED)
+            gone = f"new generation (pid {successor.pid}) exited before it was ready"
+            if message in done:
+                word, detail = message.result()
+                if word == "ready":
+                    self.dispatch(g.ChildReady(successor.attempt, successor.pid))
+                    return
+                if word == "failed":
+                    self.dispatch(g.ChildFailed(successor.attempt, detail or gone))
+                    return
+                await exit_wait  # the channel closed: it is exiting
+            self.dispatch(g.ChildFailed(successor.attempt, successor.channel.pending_failure() or gone))
+        finally:
+            message.cancel()
+            exit_wait.cancel()
+
+    async def _update_status(self) -> None:
+        """Keep `systemctl status` informative: at most one STATUS= a second, only on change."""
+        while True:
+            await asyncio.sleep(STATUS_INTERVAL)
+            if self.machine.phase is g.Phase.SERVING and self.engine is not None:
+                status = self.machine.serving_status(self.engine.in_flight(), self.engine.total_requests)
+                if status != self._last_status:
+                    self._do_Notify(g.Notify({"STATUS": status}))
+
+    async def _drain_and_finish(self) -> None:
+        deadline = time.monotonic() + self.settings.graceful_timeout
+        in_flight = self.engine.in_flight()
+        log.info("no longer accepting; finishing %d in-flight request(s), up to %gs",
+                 in_flight, self.settings.graceful_timeout)
+        served, cut = await self.engine.drain(deadline)
+        if cut:
+            log.warning("graceful timeout (%gs) reached: cut %d request(s) still in flight",
+                        self.settings.graceful_timeout, cut)
+        log.info("drained: %d request(s) answered while draining, %d cut", served, cut)
+        try:
+            await self.engine.shutdown_app()
+        except Exception:  # the app's own shutdown failing must not keep us alive
+            log.exception("the app's lifespan shutdown failed")
+        if self.settings.pid_file and self.machine.phase is g.Phase.STOPPING:
+            remove_pid_file(self.settings.pid_file, self.pid)
+        log.info("exited: generation %d (pid %d), %d request(s) served in all",
+                 self.machine.state.generation, self.pid, self.engine.total_requests)
+        self.finished.set()
+
+
+class StartError(Exception):
+    """This generation cannot serve; the message is the one-line reason."""
+
+
+async def run(settings: ServeSettings) -> int:
+    """Serve until handed over or stopped. Returns the process exit code."""
+    successor_end = SuccessorEnd.from_environ(os.environ)
+    generation = successor_end.generation if successor_end else 1
+    logs.setup(generation)
+    supervisor = Supervisor(settings, generation, successor_end)
+    try:
+        await supervisor.start()
+    except StartError as exc:
+        log.error("cannot start: %s", exc)
+        if successor_end is not None:
+            successor_end.report_failed(str(exc))
+        return 1
+    await supervisor.become_main()
+    await supervisor.finished.wait()
+    return 0
