@@ -108,8 +108,14 @@ class Engine:
         """
         served_before = self.total_requests
         closer = IdleCloser(self.idle_grace)
-        while self.connections and time.monotonic() < deadline:
+        while True:
+            # Sleep first: connections the loop accepted just before the listeners
+            # closed are registered a few loop turns later; exiting before would
+            # reset them with their request unread.
+            await asyncio.sleep(DRAIN_TICK)
             now = time.monotonic()
+            if not self.connections or now >= deadline:
+                break
             by_key = {id(c): c for c in self.connections}
             views = [ConnectionView(key, _busy(c), getattr(c, "last_data_at", 0.0)) for key, c in by_key.items()]
             for key in closer.due(views, now):

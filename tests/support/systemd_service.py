@@ -1,0 +1,126 @@
+"""graceful-http installed in a throwaway systemd: the shipped units plus a test drop-in.
+
+The drop-in changes only what a test must: where the code is (the checkout,
+bound read-only), which interpreter runs it (the venv with the newest uvicorn
+from PyPI, or Debian's python3 with python3-uvicorn 0.17.6), the port, and
+the app. Everything else, hardening included, is the shipped unit.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from pathlib import Path
+
+from support.container import SystemdContainer, require_container_support
+
+REPO = Path(__file__).resolve().parents[2]
+UNITS = REPO / "packaging" / "systemd"
+SERVICE = "graceful-http.service"
+SOCKET = "graceful-http.socket"
+CODE_DIR = "/opt/graceful-http/service"
+VENV_DIR = "/opt/graceful-http/venv"
+APP_DIR = "/srv/app"
+
+ENGINES = {
+    "pypi": f"{VENV_DIR}/bin/python",  # the newest uvicorn, installed by tests/run
+    "debian": "/usr/bin/python3",  # Debian 12's python3-uvicorn 0.17.6
+}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def venv_path() -> Path:
+    return Path(os.environ.get("GRACEFUL_HTTP_TEST_VENV", REPO / ".venv"))
+
+
+class InstalledService:
+    """A booted container with graceful-http's units installed and a test drop-in."""
+
+    def __init__(self, name: str, engine: str, serve_args: str = "", service_extra: str = ""):
+        require_container_support()
+        venv = venv_path()
+        if engine == "pypi" and not (venv / "bin" / "python").exists():
+            raise RuntimeError(f"no venv at {venv}: run tests/run, which makes it")
+        self.engine = engine
+        self.python = ENGINES[engine]
+        self.port = free_port()
+        self.container = SystemdContainer(name, binds_ro={str(REPO / "service"): CODE_DIR, str(venv): VENV_DIR})
+        self.serve_args = serve_args
+        self.service_extra = service_extra
+
+    def __enter__(self) -> "InstalledService":
+        c = self.container
+        c.start()
+        try:
+            for unit in (SERVICE, SOCKET):
+                c.write_file(f"/etc/systemd/system/{unit}", (UNITS / unit).read_text())
+            c.write_file(f"/etc/systemd/system/{SOCKET}.d/test.conf",
+                         f"[Socket]\nListenStream=\nListenStream=127.0.0.1:{self.port}\n")
+            c.write_file(f"/etc/systemd/system/{SERVICE}.d/test.conf", self.drop_in())
+            c.run(f"mkdir -p {APP_DIR} && chmod 755 {APP_DIR}")
+            c.systemctl("daemon-reload")
+        except BaseException:
+            c.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.container.stop()
+
+    def drop_in(self) -> str:
+        command = f"{self.python} -m graceful_http"
+        return (
+            "[Service]\n"
+            f"Environment=PYTHONPATH={CODE_DIR} PYTHONDONTWRITEBYTECODE=1\n"
+            "ExecStart=\n"
+            f"ExecStart={command} serve --app-dir {APP_DIR} {self.serve_args}\n"
+            "ExecReload=\n"
+            f"ExecReload={command} reload\n"
+            # The load in these tests logs thousands of access lines a second;
+            # journald's default rate limit would drop lifecycle lines with them.
+            "LogRateLimitIntervalSec=0\n"
+            f"{self.service_extra}"
+        )
+
+    # -- conveniences
+
+    def write_app(self, name: str, source: str) -> None:
+        self.container.write_file(f"{APP_DIR}/{name}.py", source)
+
+    def main_pid(self) -> int:
+        return int(self.container.show(SERVICE, "MainPID")["MainPID"])
+
+    def state(self) -> dict[str, str]:
+        return self.container.show(SERVICE, "MainPID", "ActiveState", "SubState", "NRestarts", "Result")
+
+    def cgroup_pids(self) -> list[int]:
+        group = self.container.show(SERVICE, "ControlGroup")["ControlGroup"]
+        if not group:
+            return []
+        # cgroup v2, or the name=systemd hierarchy of v1/hybrid (what these machines boot).
+        out = self.container.run(f"cat /sys/fs/cgroup{group}/cgroup.procs 2>/dev/null"
+                                 f" || cat /sys/fs/cgroup/systemd{group}/cgroup.procs").stdout
+        return [int(line) for line in out.split()]
+
+    def cmdline(self, pid: int) -> list[str]:
+        out = self.container.run(f"cat /proc/{pid}/cmdline", check=False).stdout
+        return out.split("\0")[:-1]
+
+    def journal(self) -> str:
+        return self.container.journal(SERVICE)
+
+    def whole_journal(self) -> str:
+        return self.container.run("journalctl --no-pager -o cat").stdout
+
+    def reload(self, check: bool = True):
+        return self.container.systemctl("reload", SERVICE, check=check, timeout=120)
+
+
+def count(pattern: str, text: str) -> int:
+    return len(re.findall(pattern, text))
