@@ -68,14 +68,16 @@ class ControlLayer:
             return await self.app(scope, receive, send)
         path = scope["path"]
         if path == "/graceful":
-            return await self._graceful(scope, send)
-        if path == "/healthz":
-            return await self._healthz(scope, send)
-        if self.state.accepting and self.access_logger is None:
+            endpoint = self._graceful
+        elif path == "/healthz":
+            endpoint = self._healthz
+        elif self.state.accepting and self.access_logger is None:
             return await self.app(scope, receive, send)
-        return await self._observed(scope, receive, send)
+        else:
+            endpoint = self.app
+        return await self._observed(endpoint, scope, receive, send)
 
-    async def _graceful(self, scope, send):
+    async def _graceful(self, scope, receive, send):
         if scope["method"] != "POST":
             return await _plain(send, 405, "use POST /graceful to start a reload\n", [(b"allow", b"POST")])
         client = scope.get("client")
@@ -85,15 +87,15 @@ class ControlLayer:
         outcome = self.state.request_reload(who)
         return await _plain(send, _OUTCOME_STATUS[outcome.code], f"{outcome.code}: {outcome.detail}\n")
 
-    async def _healthz(self, scope, send):
+    async def _healthz(self, scope, receive, send):
         if scope["method"] not in ("GET", "HEAD"):
             return await _plain(send, 405, "use GET /healthz\n", [(b"allow", b"GET, HEAD")])
         if self.state.accepting:
             return await _plain(send, 200, "ok\n")
-        return await _plain(send, 503, "draining\n", [CONNECTION_CLOSE])
+        return await _plain(send, 503, "draining\n")  # _observed adds Connection: close
 
-    async def _observed(self, scope, receive, send):
-        """The app, with `Connection: close` while draining and/or an access-log line."""
+    async def _observed(self, endpoint, scope, receive, send):
+        """`endpoint`, with `Connection: close` while draining and/or an access-log line."""
         close = not self.state.accepting
         started = time.perf_counter()
         status = None
@@ -107,7 +109,7 @@ class ControlLayer:
             await send(message)
 
         try:
-            await self.app(scope, receive, observed_send)
+            await endpoint(scope, receive, observed_send)
         finally:
             if self.access_logger is not None:
                 self.access_logger(scope, status, time.perf_counter() - started)
