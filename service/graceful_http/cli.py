@@ -84,7 +84,17 @@ def serve(args: argparse.Namespace) -> int:
     settings = serve_settings(args)
     from graceful_http.supervisor import run
 
+    _use_fastest_event_loop()
     return asyncio.run(run(settings))
+
+
+def _use_fastest_event_loop() -> None:
+    """uvloop when installed (as `uvicorn[standard]` brings), else asyncio's own loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
 def reload(args: argparse.Namespace) -> int:

@@ -76,6 +76,11 @@ class Engine:
         self.sockets = sockets
         self.idle_grace = idle_grace
 
+    def describe(self) -> str:
+        protocol = "httptools" if "HttpTools" in self.server.config.http_protocol_class.__name__ else "h11"
+        loop = type(asyncio.get_running_loop()).__module__.split(".")[0]
+        return f"uvicorn {uvicorn.__version__} ({protocol}, {loop} event loop)"
+
     async def start(self) -> None:
         """Run the app's lifespan startup, then accept on every socket."""
         try:
@@ -100,6 +105,8 @@ class Engine:
         """Close our copies of the listeners; the kernel keeps the sockets for whoever else holds them."""
         for server in self.server.servers:
             server.close()
+        for sock in self.sockets:  # an event loop may have used a duplicate
+            sock.close()
 
     async def drain(self, deadline: float) -> tuple[int, int]:
         """Finish what clients started, lame-duck style, until done or `deadline` (monotonic).

@@ -104,6 +104,7 @@ class Supervisor:
             await self.engine.start()
         except StartupFailed as exc:
             raise StartError(str(exc)) from None
+        log.info("serving %s on %s", self.settings.app, self.engine.describe())
         for listener in self.listeners:
             log.info("listening on %s", listener.describe())
 

@@ -1,0 +1,360 @@
+"""The handoff state machine `graceful_http.generation.Generation`, as tables.
+
+Each row: a starting phase (reached through real events), one event, the
+phase after it and the actions it must return (log lines aside, which are
+checked only where their wording is part of the contract). A hypothesis test
+then throws arbitrary event sequences at it and checks the two rules the
+whole design rests on: only the main generation talks to systemd, and at most
+one new generation is ever being started.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+SERVICE = Path(__file__).resolve().parents[1] / "service"
+if str(SERVICE) not in sys.path:
+    sys.path.insert(0, str(SERVICE))
+
+import pytest  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from graceful_http.generation import (  # noqa: E402
+    ArmReadyTimer,
+    BecameMain,
+    ChildFailed,
+    ChildReady,
+    ChildStarted,
+    Generation,
+    HandOver,
+    KillSuccessor,
+    Log,
+    Notify,
+    Outcome,
+    Phase,
+    ReadyTimedOut,
+    ReloadRequested,
+    Reply,
+    SpawnSuccessor,
+    StartDraining,
+    StopRequested,
+)
+
+PID = 100  # this generation
+CHILD = 201  # the successor of attempt 1
+TIMEOUT = 5.0
+REQUESTER = "requester-A"  # opaque to the machine; a string compares nicely
+OTHER = "requester-B"
+
+STATUS = "gen 1 · pid 100 · serving · 0 in flight · 0 requests"
+TIMEOUT_REASON = "new generation not ready within 5s (ready timeout)"
+
+
+def machine_in(phase: str) -> Generation:
+    """A generation (gen 1, pid 100) brought to `phase` through real events.
+
+    RELOADING means: reload requested by REQUESTER, attempt 1, child CHILD started.
+    RELOADING_UNSTARTED: reload requested, the child's pid not known yet.
+    SERVING_AFTER_FAILURE: attempt 1 failed (ready timeout), serving again.
+    RELOADING_2: as RELOADING, but for attempt 2 (attempt 1 failed), child 202.
+    """
+    m = Generation(generation=1, pid=PID, ready_timeout=TIMEOUT)
+    steps = {
+        "STARTING": [],
+        "SERVING": [BecameMain(handed_over=False)],
+        "RELOADING_UNSTARTED": [BecameMain(False), ReloadRequested("SIGHUP", REQUESTER)],
+        "RELOADING": [BecameMain(False), ReloadRequested("SIGHUP", REQUESTER), ChildStarted(1, CHILD)],
+        "SERVING_AFTER_FAILURE": [BecameMain(False), ReloadRequested("SIGHUP"), ChildStarted(1, CHILD),
+                                  ReadyTimedOut(1)],
+        "RELOADING_2": [BecameMain(False), ReloadRequested("SIGHUP"), ChildStarted(1, CHILD), ReadyTimedOut(1),
+                        ReloadRequested("SIGHUP", REQUESTER), ChildStarted(2, 202)],
+        "DRAINING": [BecameMain(False), ReloadRequested("SIGHUP"), ChildStarted(1, CHILD), ChildReady(1, CHILD)],
+        "STOPPING": [BecameMain(False), StopRequested("SIGTERM")],
+        "STOPPING_FROM_STARTING": [StopRequested("SIGTERM")],
+    }[phase]
+    for event in steps:
+        m.handle(event)
+    return m
+
+
+def without_logs(actions):
+    return [a for a in actions if not isinstance(a, Log)]
+
+
+def refused(reason: str, successor: int | None = None) -> list:
+    return [Reply(REQUESTER, Outcome("refused", reason, successor))]
+
+
+# (id, start, event, phase after, actions after removing Log)
+TABLE = [
+    # -- becoming main
+    ("first generation becomes main: READY=1",
+     "STARTING", BecameMain(handed_over=False), Phase.SERVING,
+     [Notify({"STATUS": STATUS, "READY": 1})]),
+    ("successor becomes main: no READY (the old main sent MAINPID+READY)",
+     "STARTING", BecameMain(handed_over=True), Phase.SERVING,
+     [Notify({"STATUS": STATUS})]),
+    ("BecameMain again while serving: ignored",
+     "SERVING", BecameMain(handed_over=False), Phase.SERVING, []),
+    ("BecameMain while draining: ignored",
+     "DRAINING", BecameMain(handed_over=True), Phase.DRAINING, []),
+    ("BecameMain after a stop while starting: ignored, stays silent",
+     "STOPPING_FROM_STARTING", BecameMain(handed_over=False), Phase.STOPPING, []),
+
+    # -- reload requests
+    ("reload while serving: RELOADING=1, spawn, arm the ready timer",
+     "SERVING", ReloadRequested("SIGHUP", REQUESTER), Phase.RELOADING,
+     [Notify({"RELOADING": 1, "STATUS": "reloading: starting generation 2"}),
+      SpawnSuccessor(attempt=1, generation=2),
+      ArmReadyTimer(attempt=1, seconds=TIMEOUT)]),
+    ("reload after a failed one: attempt 2, same generation number",
+     "SERVING_AFTER_FAILURE", ReloadRequested("POST /graceful from 127.0.0.1", REQUESTER), Phase.RELOADING,
+     [Notify({"RELOADING": 1, "STATUS": "reloading: starting generation 2"}),
+      SpawnSuccessor(attempt=2, generation=2),
+      ArmReadyTimer(attempt=2, seconds=TIMEOUT)]),
+    ("reload during a reload: refused, names the successor",
+     "RELOADING", ReloadRequested("SIGHUP", REQUESTER), Phase.RELOADING,
+     refused("reload already in progress", CHILD)),
+    ("reload during a reload whose child has no pid yet: refused",
+     "RELOADING_UNSTARTED", ReloadRequested("SIGHUP", REQUESTER), Phase.RELOADING,
+     refused("reload already in progress", None)),
+    ("reload during a reload, no requester (SIGHUP): refused silently",
+     "RELOADING", ReloadRequested("SIGHUP"), Phase.RELOADING, []),
+    ("reload while starting: refused",
+     "STARTING", ReloadRequested("SIGHUP", REQUESTER), Phase.STARTING,
+     refused(f"this generation (pid {PID}) is still starting")),
+    ("reload while draining: refused",
+     "DRAINING", ReloadRequested("SIGHUP", REQUESTER), Phase.DRAINING,
+     refused(f"this generation (pid {PID}) has handed over and is draining")),
+    ("reload while stopping: refused",
+     "STOPPING", ReloadRequested("SIGHUP", REQUESTER), Phase.STOPPING,
+     refused("the service is stopping")),
+
+    # -- the successor's progress, current attempt
+    ("child started: STATUS, requester told 'started'",
+     "RELOADING_UNSTARTED", ChildStarted(1, CHILD), Phase.RELOADING,
+     [Notify({"STATUS": f"reloading: starting pid {CHILD}"}),
+      Reply(REQUESTER, Outcome("started", f"reloading: starting pid {CHILD}", CHILD))]),
+    ("child ready: hand over, reply done, then drain",
+     "RELOADING", ChildReady(1, CHILD), Phase.DRAINING,
+     [HandOver(pid=CHILD, generation=2),
+      Reply(REQUESTER, Outcome("done", f"generation 2 (pid {CHILD}) is serving", CHILD)),
+      StartDraining(f"handed over to pid {CHILD}")]),
+    ("child failed: kill it, READY=1 + STATUS, reply failed, serve on",
+     "RELOADING", ChildFailed(1, "importing 'app' raised RuntimeError: boom"), Phase.SERVING,
+     [KillSuccessor(1, CHILD),
+      Notify({"READY": 1, "STATUS": "reload failed: importing 'app' raised RuntimeError: boom"}),
+      Reply(REQUESTER, Outcome("failed", "importing 'app' raised RuntimeError: boom", PID))]),
+    ("ready timeout: kill it, READY=1 + STATUS, reply failed, serve on",
+     "RELOADING", ReadyTimedOut(1), Phase.SERVING,
+     [KillSuccessor(1, CHILD),
+      Notify({"READY": 1, "STATUS": f"reload failed: {TIMEOUT_REASON}"}),
+      Reply(REQUESTER, Outcome("failed", TIMEOUT_REASON, PID))]),
+    ("ready timeout before the child's pid is known: kill by attempt",
+     "RELOADING_UNSTARTED", ReadyTimedOut(1), Phase.SERVING,
+     [KillSuccessor(1, None),
+      Notify({"READY": 1, "STATUS": f"reload failed: {TIMEOUT_REASON}"}),
+      Reply(REQUESTER, Outcome("failed", TIMEOUT_REASON, PID))]),
+    ("attempt 2 fails: kills attempt 2's child",
+     "RELOADING_2", ChildFailed(2, "exited"), Phase.SERVING,
+     [KillSuccessor(2, 202), Notify({"READY": 1, "STATUS": "reload failed: exited"}),
+      Reply(REQUESTER, Outcome("failed", "exited", PID))]),
+
+    # -- the successor's progress, stale attempts
+    ("stale ChildStarted during attempt 2: kill that child only",
+     "RELOADING_2", ChildStarted(1, 301), Phase.RELOADING, [KillSuccessor(1, 301)]),
+    ("stale ChildReady during attempt 2: kill it, no handover",
+     "RELOADING_2", ChildReady(1, CHILD), Phase.RELOADING, [KillSuccessor(1, CHILD)]),
+    ("stale ChildFailed during attempt 2: ignored",
+     "RELOADING_2", ChildFailed(1, "late news"), Phase.RELOADING, []),
+    ("stale ReadyTimedOut during attempt 2: ignored",
+     "RELOADING_2", ReadyTimedOut(1), Phase.RELOADING, []),
+    ("ChildStarted after the attempt failed: kill it",
+     "SERVING_AFTER_FAILURE", ChildStarted(1, CHILD), Phase.SERVING, [KillSuccessor(1, CHILD)]),
+    ("ChildReady after the attempt failed (too late): kill it, no handover",
+     "SERVING_AFTER_FAILURE", ChildReady(1, CHILD), Phase.SERVING, [KillSuccessor(1, CHILD)]),
+    ("ChildFailed after the attempt failed: ignored",
+     "SERVING_AFTER_FAILURE", ChildFailed(1, "x"), Phase.SERVING, []),
+    ("ReadyTimedOut after handover (the timer is never cancelled): ignored",
+     "DRAINING", ReadyTimedOut(1), Phase.DRAINING, []),
+    ("ChildReady twice: the second is not a second handover",
+     "DRAINING", ChildReady(1, CHILD), Phase.DRAINING, [KillSuccessor(1, CHILD)]),
+    ("ChildReady for a future attempt: kill it",
+     "RELOADING", ChildReady(7, 777), Phase.RELOADING, [KillSuccessor(7, 777)]),
+
+    # -- stopping
+    ("stop while serving: STOPPING=1, drain",
+     "SERVING", StopRequested("SIGTERM"), Phase.STOPPING,
+     [Notify({"STOPPING": 1, "STATUS": "stopping: finishing in-flight requests"}),
+      StartDraining("SIGTERM received")]),
+    ("stop while reloading: kill the child, fail the requester, STOPPING=1, drain",
+     "RELOADING", StopRequested("SIGTERM"), Phase.STOPPING,
+     [KillSuccessor(1, CHILD),
+      Reply(REQUESTER, Outcome("failed", "the service is stopping", PID)),
+      Notify({"STOPPING": 1, "STATUS": "stopping: finishing in-flight requests"}),
+      StartDraining("SIGTERM received")]),
+    ("stop while starting: drain without a word to systemd",
+     "STARTING", StopRequested("SIGINT"), Phase.STOPPING, [StartDraining("SIGINT received")]),
+    ("stop while draining: nothing more to do",
+     "DRAINING", StopRequested("SIGTERM"), Phase.DRAINING, []),
+    ("stop while stopping: nothing more to do",
+     "STOPPING", StopRequested("SIGINT"), Phase.STOPPING, []),
+]
+
+
+@pytest.mark.parametrize("start, event, phase, expected", [row[1:] for row in TABLE], ids=[row[0] for row in TABLE])
+def test_transition(start, event, phase, expected):
+    m = machine_in(start)
+    actions = m.handle(event)
+    assert without_logs(actions) == expected
+    assert m.phase is phase
+    assert all(isinstance(a, Log) for a in actions if a not in expected), actions
+
+
+def test_every_reload_request_is_logged_with_its_source():
+    m = machine_in("SERVING")
+    logs = [a for a in m.handle(ReloadRequested("POST /graceful from 127.0.0.1")) if isinstance(a, Log)]
+    assert [log.message for log in logs] == ["reload requested by POST /graceful from 127.0.0.1: starting generation 2"]
+
+
+def test_refusal_during_reload_is_a_logged_warning_and_never_a_second_spawn():
+    m = machine_in("RELOADING")
+    for source in ("SIGHUP", "POST /graceful from 127.0.0.1", "graceful-http reload"):
+        actions = m.handle(ReloadRequested(source, OTHER))
+        assert not any(isinstance(a, (SpawnSuccessor, ArmReadyTimer, Notify, KillSuccessor)) for a in actions)
+        assert Log(f"reload requested by {source} refused: reload already in progress", "warning") in actions
+        assert Reply(OTHER, Outcome("refused", "reload already in progress", CHILD)) in actions
+    # the reload under way is untouched: its requester still hears "done"
+    actions = m.handle(ChildReady(1, CHILD))
+    assert [a.requester for a in actions if isinstance(a, Reply)] == [REQUESTER]
+
+
+def test_handover_comes_first_and_draining_last():
+    actions = machine_in("RELOADING").handle(ChildReady(1, CHILD))
+    assert isinstance(actions[0], HandOver)
+    assert isinstance(actions[-1], StartDraining)
+    assert not any(isinstance(a, Notify) for a in actions)  # the HandOver carries MAINPID+READY
+
+
+def test_reload_failure_is_logged_as_an_error_naming_the_reason():
+    actions = machine_in("RELOADING").handle(ChildFailed(1, "boom"))
+    errors = [a for a in actions if isinstance(a, Log) and a.level == "error"]
+    assert errors == [Log(f"reload failed: boom; generation 1 (pid {PID}) keeps serving", "error")]
+    assert actions[0] == KillSuccessor(1, CHILD)  # the bad child goes before anything is announced
+
+
+ALL_EVENTS = [
+    BecameMain(False), BecameMain(True),
+    ReloadRequested("SIGHUP"), ReloadRequested("SIGHUP", OTHER),
+    ChildStarted(1, CHILD), ChildStarted(2, 202), ChildReady(1, CHILD), ChildReady(2, 202),
+    ChildFailed(1, "x"), ChildFailed(2, "x"), ReadyTimedOut(1), ReadyTimedOut(2),
+    StopRequested("SIGTERM"), StopRequested("SIGINT"),
+]
+
+
+@pytest.mark.parametrize("start", ["DRAINING", "STOPPING", "STOPPING_FROM_STARTING"])
+def test_after_handover_or_stop_never_a_notify_nor_a_spawn(start):
+    m = machine_in(start)
+    phase = m.phase
+    for event in ALL_EVENTS * 2:
+        actions = m.handle(event)
+        assert not any(isinstance(a, (Notify, SpawnSuccessor, HandOver, StartDraining)) for a in actions), (event, actions)
+        assert m.phase is phase  # terminal
+
+
+def test_a_reload_after_a_failed_one_works_end_to_end():
+    m = machine_in("SERVING")
+    m.handle(ReloadRequested("SIGHUP"))
+    m.handle(ChildStarted(1, CHILD))
+    failed = m.handle(ChildFailed(1, "boom"))
+    assert Notify({"READY": 1, "STATUS": "reload failed: boom"}) in failed
+    assert m.phase is Phase.SERVING and m.is_main
+
+    again = m.handle(ReloadRequested("graceful-http reload", REQUESTER))
+    assert SpawnSuccessor(attempt=2, generation=2) in again
+    assert ArmReadyTimer(attempt=2, seconds=TIMEOUT) in again
+    m.handle(ChildStarted(2, 202))
+    assert m.handle(ReadyTimedOut(1)) == []  # attempt 1's timer fires late: ignored
+    done = m.handle(ChildReady(2, 202))
+    assert done[0] == HandOver(pid=202, generation=2)
+    assert Reply(REQUESTER, Outcome("done", "generation 2 (pid 202) is serving", 202)) in done
+    assert m.phase is Phase.DRAINING and not m.is_main
+
+
+def test_is_main_only_while_serving_or_reloading():
+    assert not machine_in("STARTING").is_main
+    assert machine_in("SERVING").is_main
+    assert machine_in("RELOADING").is_main
+    assert not machine_in("DRAINING").is_main
+    assert not machine_in("STOPPING").is_main
+
+
+# ---- properties over arbitrary event sequences ------------------------------
+
+attempts = st.integers(min_value=0, max_value=4)
+pids = st.integers(min_value=2, max_value=9)
+events = st.one_of(
+    st.builds(BecameMain, handed_over=st.booleans()),
+    st.builds(ReloadRequested, source=st.sampled_from(["SIGHUP", "POST /graceful", "cli"]),
+              requester=st.one_of(st.none(), st.just("fresh"))),
+    st.builds(ChildStarted, attempt=attempts, pid=pids),
+    st.builds(ChildReady, attempt=attempts, pid=pids),
+    st.builds(ChildFailed, attempt=attempts, reason=st.just("boom")),
+    st.builds(ReadyTimedOut, attempt=attempts),
+    st.builds(StopRequested, source=st.sampled_from(["SIGTERM", "SIGINT"])),
+)
+MAIN_PHASES = (Phase.SERVING, Phase.RELOADING)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(events, max_size=40))
+def test_only_the_main_generation_notifies_and_one_spawn_at_a_time(sequence):
+    m = Generation(generation=3, pid=PID, ready_timeout=TIMEOUT)
+    outstanding: set[int] = set()  # attempts spawned and neither killed nor handed over
+    spawned: list[int] = []
+    finals: dict[object, int] = {}  # requester -> final replies (done/failed/refused)
+    current_requester = None
+    for index, event in enumerate(sequence):
+        if isinstance(event, ReloadRequested) and event.requester is not None:
+            event = ReloadRequested(event.source, f"req-{index}")  # every requester distinct
+        before = m.phase
+        actions = m.handle(event)
+        after = m.phase
+
+        notifies = [a for a in actions if isinstance(a, Notify)]
+        if before not in MAIN_PHASES:
+            # the only Notify a non-main generation may send is the one that makes it main
+            assert not notifies or (isinstance(event, BecameMain) and before is Phase.STARTING
+                                    and after is Phase.SERVING), (before, event, actions)
+        if before in (Phase.DRAINING, Phase.STOPPING):
+            assert after is before and not notifies
+        if isinstance(event, BecameMain) and event.handed_over:
+            assert all("READY" not in n.fields for n in notifies)
+
+        for action in actions:
+            if isinstance(action, SpawnSuccessor):
+                assert not outstanding, f"second SpawnSuccessor while {outstanding} outstanding: {actions}"
+                assert action.attempt not in spawned
+                outstanding.add(action.attempt)
+                spawned.append(action.attempt)
+            elif isinstance(action, KillSuccessor):
+                outstanding.discard(action.attempt)
+            elif isinstance(action, HandOver):
+                assert before is Phase.RELOADING
+                outstanding.clear()
+            elif isinstance(action, Reply) and action.outcome.code in ("done", "failed", "refused"):
+                finals[action.requester] = finals.get(action.requester, 0) + 1
+        assert len(outstanding) <= 1
+        assert (m.phase is Phase.RELOADING) == bool(outstanding)
+        if isinstance(event, ReloadRequested) and event.requester is not None and m.phase is Phase.RELOADING \
+                and before is not Phase.RELOADING:
+            current_requester = event.requester
+
+    assert all(count == 1 for count in finals.values()), finals  # nobody is answered twice
+    for index, event in enumerate(sequence):  # everybody who asked got an answer, unless still waiting
+        requester = f"req-{index}"
+        if isinstance(event, ReloadRequested) and event.requester is not None:
+            if not (m.phase is Phase.RELOADING and requester == current_requester):
+                assert finals.get(requester) == 1, (requester, finals)
