@@ -7,6 +7,7 @@ report *why* it could not start to the generation that keeps serving.
 from __future__ import annotations
 
 import importlib
+import inspect
 import sys
 import traceback
 
@@ -42,8 +43,63 @@ def load_app(spec: str, app_dir: str = "."):
         except AttributeError:
             raise AppLoadError(f"module {module_name!r} has no attribute {attribute!r}") from None
     if not callable(app):
-        raise AppLoadError(f"{spec!r} is a {type(app).__name__}, not an ASGI application (not callable)")
+        raise AppLoadError(f"{spec!r} is a {type(app).__name__}, not an application (not callable)")
     return app
+
+
+def load_asgi3(spec: str, app_dir: str = ".", *, factory: bool = False, interface: str = "auto"):
+    """The app as an ASGI 3 callable, and the interface it was found to speak.
+
+    WSGI apps (Flask, Django's WSGIHandler) run through a well-kept adapter:
+    a2wsgi when installed, else uvicorn's own.
+    """
+    app = load_app(spec, app_dir)
+    if factory:
+        try:
+            app = app()
+        except Exception as exc:
+            raise AppLoadError(f"calling the factory {spec!r} raised {type(exc).__name__}: {exc}",
+                               "".join(traceback.format_exception(exc))) from None
+        if not callable(app):
+            raise AppLoadError(f"the factory {spec!r} returned a {type(app).__name__}, not an application")
+    if interface == "auto":
+        interface = detect_interface(app)
+    if interface == "wsgi":
+        try:
+            from a2wsgi import WSGIMiddleware
+        except ImportError:
+            from uvicorn.middleware.wsgi import WSGIMiddleware
+        return WSGIMiddleware(app), interface
+    if interface == "asgi2":
+        from uvicorn.middleware.asgi2 import ASGI2Middleware
+
+        return ASGI2Middleware(app), interface
+    if interface == "asgi3" and not _is_coroutine_callable(app):
+        raise AppLoadError(f"{spec!r} is not an ASGI 3 application (its call is not async);"
+                           " a WSGI app needs --interface wsgi")
+    return app, interface
+
+
+def _call_target(app):
+    return app if inspect.isfunction(app) or inspect.ismethod(app) else getattr(app, "__call__", app)
+
+
+def _is_coroutine_callable(app) -> bool:
+    return inspect.iscoroutinefunction(_call_target(app))
+
+
+def detect_interface(app) -> str:
+    """asgi3 for `async (scope, receive, send)`, wsgi for `(environ, start_response)`, else asgi2."""
+    if inspect.isclass(app):
+        return "asgi3" if hasattr(app, "__await__") else "asgi2"
+    if _is_coroutine_callable(app):
+        return "asgi3"
+    try:
+        parameters = inspect.signature(_call_target(app)).parameters.values()
+    except (TypeError, ValueError):
+        return "asgi2"
+    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return "wsgi" if len(positional) == 2 else "asgi2"
 
 
 def _raised_while_importing(module_name: str, exc: BaseException) -> AppLoadError:

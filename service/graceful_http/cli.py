@@ -1,7 +1,8 @@
-"""The command line: `serve` and `reload`. The only place exit codes are decided.
+"""The command line: `serve`, `reload` and `check`. The only place exit codes are decided.
 
-Exit codes: 0 success; 1 the service could not start, or a reload failed and
-the old generation kept serving; 2 usage or connection errors.
+Exit codes: 0 success; 1 the service (or its app) could not start, or a
+reload failed and the old generation kept serving; 2 usage, configuration
+or connection errors.
 """
 
 from __future__ import annotations
@@ -16,41 +17,80 @@ from graceful_http import __version__
 from graceful_http.settings import (
     DEFAULT_APP,
     DEFAULT_BIND,
+    INTERFACES,
+    LOG_LEVELS,
+    OPTIONS,
     ServeSettings,
     SettingsError,
-    parse_bind,
-    parse_network,
+    build_settings,
+    parse_config,
     parse_seconds,
+    parse_value,
 )
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
+SERVE_HELP = {
+    "app_dir": ("DIR", "directory put first on the import path for APP (default: the working directory)"),
+    "factory": (None, "APP is a factory: call it (with no arguments) to get the app"),
+    "interface": ("KIND", f"{' | '.join(INTERFACES)}: how to call APP (default: auto, which detects WSGI apps)"),
+    "bind": ("ADDR", f"HOST:PORT, [V6]:PORT or unix:PATH; repeatable; used only when no sockets were passed"
+                     f" (default: {DEFAULT_BIND})"),
+    "workers": ("N", "worker processes per generation (default: 1)"),
+    "graceful_timeout": ("S", "how long a draining generation may finish its requests (default: 30)"),
+    "ready_timeout": ("S", "how long a new generation may take to become ready (default: 30)"),
+    "pid_file": ("PATH", "keep the current main pid in PATH"),
+    "control_allow": ("CIDR", "also allow POST /graceful from these networks (default: loopback and unix sockets)"),
+    "control_token_file": ("PATH", "require the token in PATH (Authorization: Bearer) for POST /graceful"),
+    "access_log": (None, "log one line per request (default: on)"),
+    "log_level": ("LEVEL", f"{' | '.join(LOG_LEVELS)} (default: info)"),
+    "metrics": (None, "serve Prometheus metrics at GET /metrics (default: off)"),
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: `graceful-http: <what> (see --help)`, exit 2."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"graceful-http: {message} (see {self.prog} --help)\n")
+
+
+def _add_serve_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("app", nargs="?", default=argparse.SUPPRESS, metavar="APP",
+                        help=f"the app as module:attribute (default: {DEFAULT_APP})")
+    parser.add_argument("--config", metavar="PATH",
+                        help="read settings from this TOML file (re-read by every new generation);"
+                             " command-line options override it")
+    for key, option in OPTIONS.items():
+        if key == "app":
+            continue
+        metavar, help_text = SERVE_HELP[key]
+        kwargs = {"dest": option.name, "default": argparse.SUPPRESS, "help": help_text}
+        if key == "access_log":
+            parser.add_argument("--access-log", action=argparse.BooleanOptionalAction, **kwargs)
+        elif metavar is None:
+            parser.add_argument(option.flag, action="store_true", **kwargs)
+        elif option.repeated:
+            parser.add_argument(option.flag, action="append", metavar=metavar, **kwargs)
+        else:
+            parser.add_argument(option.flag, metavar=metavar, **kwargs)
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="graceful-http",
-        description="A socket-activated HTTP service whose reloads nobody notices.",
-    )
+    parser = _Parser(prog="graceful-http",
+                     description="A socket-activated HTTP service and app server whose reloads nobody notices.")
     parser.add_argument("--version", action="version", version=f"graceful-http {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
 
-    serve = commands.add_parser("serve", help="serve an ASGI app (default: the demo app)",
-                                description="Serve an ASGI app on the sockets systemd passed, or on --bind addresses.")
-    serve.add_argument("app", nargs="?", default=DEFAULT_APP, metavar="APP",
-                       help=f"the ASGI app as module:attribute (default: {DEFAULT_APP})")
-    serve.add_argument("--app-dir", default=".", metavar="DIR",
-                       help="directory added to the import path for APP (default: the working directory)")
-    serve.add_argument("--bind", action="append", metavar="ADDR",
-                       help=f"HOST:PORT, [V6]:PORT or unix:PATH; repeatable; used only when systemd passed no"
-                            f" sockets (default: {DEFAULT_BIND})")
-    serve.add_argument("--graceful-timeout", default="30", metavar="S",
-                       help="how long a draining generation may finish its requests (default: 30)")
-    serve.add_argument("--ready-timeout", default="30", metavar="S",
-                       help="how long a new generation may take to become ready (default: 30)")
-    serve.add_argument("--pid-file", metavar="PATH", help="keep the current main pid in PATH")
-    serve.add_argument("--control-allow", action="append", metavar="CIDR",
-                       help="also allow POST /graceful from these networks (default: loopback and unix sockets)")
-    serve.add_argument("--no-access-log", action="store_true", help="do not log one line per request")
+    serve = commands.add_parser("serve", help="serve an app (default: the demo app)",
+                                description="Serve an ASGI or WSGI app on the sockets systemd passed,"
+                                            " or on --bind addresses.")
+    _add_serve_options(serve)
+
+    check = commands.add_parser("check", help="load the settings and the app without serving (like nginx -t)",
+                                description="Load the config file and the app as `serve` would, without serving:"
+                                            " exit 0 and print `ok`, or exit 1 with the error.")
+    _add_serve_options(check)
 
     reload = commands.add_parser("reload", help="hand over to a new generation and wait until it serves",
                                  description="Ask the running service for a reload and wait for the outcome."
@@ -65,23 +105,35 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def serve_settings(args: argparse.Namespace) -> ServeSettings:
-    defaults = ServeSettings()
-    return ServeSettings(
-        app=args.app,
-        app_dir=args.app_dir,
-        binds=tuple(parse_bind(b) for b in args.bind) if args.bind else defaults.binds,
-        graceful_timeout=parse_seconds("--graceful-timeout", args.graceful_timeout),
-        ready_timeout=parse_seconds("--ready-timeout", args.ready_timeout, minimum=0.1),
-        pid_file=args.pid_file,
-        control_allow=defaults.control_allow + tuple(parse_network(n) for n in args.control_allow or ()),
-        access_log=not args.no_access_log,
-    )
+    """Defaults, then the config file, then the command line."""
+    from_file = {}
+    if args.config:
+        try:
+            with open(args.config, encoding="utf-8") as file:
+                text = file.read()
+        except OSError as exc:
+            raise SettingsError(f"cannot read config file {args.config}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise SettingsError(f"config file {args.config} is not UTF-8 text") from None
+        from_file = parse_config(text, args.config)
+    from_flags = {}
+    for key, option in OPTIONS.items():
+        if option.name in vars(args):
+            raw = getattr(args, option.name)
+            from_flags[option.name] = raw if isinstance(raw, bool) else parse_value(
+                option, raw, option.flag if key != "app" else "APP")
+    return build_settings(from_file, from_flags)
 
 
 def serve(args: argparse.Namespace) -> int:
     # Until our own handler is installed, a SIGHUP must not kill a starting generation.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    settings = serve_settings(args)
+    try:
+        settings = serve_settings(args)
+    except SettingsError as exc:
+        from graceful_http.supervisor import report_start_failure
+
+        return report_start_failure(str(exc), EXIT_USAGE)
     from graceful_http.supervisor import run
 
     _use_fastest_event_loop()
@@ -97,11 +149,25 @@ def _use_fastest_event_loop() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
+def check(args: argparse.Namespace) -> int:
+    from graceful_http.apploader import AppLoadError, load_asgi3
+
+    try:
+        settings = serve_settings(args)
+        load_asgi3(settings.app, settings.app_dir, factory=settings.factory, interface=settings.interface)
+    except SettingsError as exc:
+        return _fail(EXIT_USAGE, str(exc))
+    except AppLoadError as exc:
+        return _fail(EXIT_FAILED, str(exc))
+    print("ok")
+    return EXIT_OK
+
+
 def reload(args: argparse.Namespace) -> int:
     from graceful_http.controlsocket import ControlError, request_reload
     from graceful_http.pidfile import read_pid_file
 
-    timeout = parse_seconds("--timeout", args.timeout, minimum=0.1)
+    timeout = parse_seconds(args.timeout, "--timeout", minimum=0.1)
     if args.pid is not None:
         pid = args.pid
     elif args.pid_file:
@@ -139,8 +205,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "serve":
             return serve(args)
+        if args.command == "check":
+            return check(args)
         return reload(args)
     except SettingsError as exc:
-        parser.exit(EXIT_USAGE, f"graceful-http: {exc}\n")
+        return _fail(EXIT_USAGE, str(exc))
     except KeyboardInterrupt:
         return 130

@@ -8,6 +8,7 @@ path costs one attribute test.
 
 from __future__ import annotations
 
+import hmac
 import ipaddress
 import time
 from collections.abc import Callable
@@ -25,6 +26,52 @@ class ControlState:
 
     request_reload: Callable[[str], Outcome]
     accepting: bool = True  # False once this generation drains or stops
+
+
+@dataclass(frozen=True)
+class ControlPolicy:
+    """Who may POST /graceful on a listener.
+
+    `trusted`: the admins' unix control socket, guarded by its file mode.
+    Elsewhere the peer must be in `allow`, and when a token is configured the
+    request must carry it. When a control socket exists (the shipped units),
+    the public listeners refuse reloads unless a token is configured: behind a
+    reverse proxy on the same host every request comes from loopback.
+    """
+
+    allow: tuple[IPNetwork, ...] = ()
+    token: str | None = None
+    control_socket_elsewhere: bool = False
+    trusted: bool = False
+
+    def refusal(self, scope) -> str | None:
+        """Why this request may not reload, or None if it may."""
+        if self.trusted:
+            return None
+        if self.token is None and self.control_socket_elsewhere:
+            return "reloads are accepted on the control socket only (or configure a control token)"
+        client = scope.get("client")
+        if not peer_allowed(client, self.allow):
+            return f"reload not allowed from {client[0]}"
+        if self.token is not None and not token_matches(scope, self.token):
+            return "reload needs the control token (Authorization: Bearer <token>)"
+        return None
+
+
+def token_matches(scope, token: str) -> bool:
+    """Compare the bearer token in constant time."""
+    expected = b"bearer " + token.encode()
+    for name, value in scope.get("headers", ()):
+        if name == b"authorization":
+            scheme, _, given = value.partition(b" ")
+            return hmac.compare_digest(scheme.lower() + b" " + given.strip(), expected)
+    return False
+
+
+async def not_found(scope, receive, send):
+    """The app behind the control socket: nothing but the control endpoints."""
+    if scope["type"] == "http":
+        await _plain(send, 404, "the control socket serves /graceful and /healthz only\n")
 
 
 def peer_allowed(client: tuple[str, int] | None, allow: tuple[IPNetwork, ...]) -> bool:
@@ -57,10 +104,10 @@ _OUTCOME_STATUS = {"started": 202, "refused": 409, "failed": 409, "done": 200}
 
 
 class ControlLayer:
-    def __init__(self, app, state: ControlState, allow: tuple[IPNetwork, ...], access_logger=None):
+    def __init__(self, app, state: ControlState, policy: ControlPolicy, access_logger=None):
         self.app = app
         self.state = state
-        self.allow = allow
+        self.policy = policy
         self.access_logger = access_logger
 
     async def __call__(self, scope, receive, send):
@@ -80,10 +127,11 @@ class ControlLayer:
     async def _graceful(self, scope, receive, send):
         if scope["method"] != "POST":
             return await _plain(send, 405, "use POST /graceful to start a reload\n", [(b"allow", b"POST")])
+        refusal = self.policy.refusal(scope)
+        if refusal is not None:
+            return await _plain(send, 403, f"{refusal}\n")
         client = scope.get("client")
-        if not peer_allowed(client, self.allow):
-            return await _plain(send, 403, f"reload not allowed from {client[0]}\n")
-        who = f"POST /graceful from {client[0] if client else 'unix socket'}"
+        who = f"POST /graceful from {client[0] if client else 'the control socket'}"
         outcome = self.state.request_reload(who)
         return await _plain(send, _OUTCOME_STATUS[outcome.code], f"{outcome.code}: {outcome.detail}\n")
 

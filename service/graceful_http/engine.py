@@ -60,11 +60,12 @@ def _busy(connection) -> bool:
 class Engine:
     """One generation's HTTP server over already-listening sockets."""
 
-    def __init__(self, app, sockets, *, idle_grace: float = 1.0):
+    def __init__(self, app, sockets, *, idle_grace: float = 1.0, lifespan: bool = True):
         config = uvicorn.Config(
             app=app,
+            interface="asgi3",  # the control layer is ASGI 3; it adapts the user's app itself
             http=tracked_protocol(_protocol_base()),
-            lifespan="auto",
+            lifespan="auto" if lifespan else "off",
             access_log=False,
             log_config=None,
             proxy_headers=False,  # X-Forwarded-For must not decide who may reload

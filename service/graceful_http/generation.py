@@ -21,6 +21,7 @@ class Phase(enum.Enum):
     STARTING = "starting"  # accepting, but not (yet) the main process: must not talk to systemd
     SERVING = "serving"  # main, accepting, no reload under way
     RELOADING = "reloading"  # main, a new generation is starting
+    HANDING_OVER = "handing over"  # the new generation is ready; systemd is being told
     DRAINING = "draining"  # handed over: finishing what clients started
     STOPPING = "stopping"  # asked to stop: finishing what clients started
 
@@ -63,13 +64,26 @@ class StopRequested:
 
 
 @dataclass(frozen=True)
+class HandedOver:
+    """systemd has processed MAINPID=<successor> and the successor is alive and told."""
+
+    attempt: int
+
+
+@dataclass(frozen=True)
+class HandOverFailed:
+    attempt: int
+    reason: str
+
+
+@dataclass(frozen=True)
 class BecameMain:
     """This generation accepts connections and is (now) the main process."""
 
     handed_over: bool  # True when a previous generation made us main; False for the first
 
 
-Event = BecameMain | ReloadRequested | ChildStarted | ChildReady | ChildFailed | ReadyTimedOut | StopRequested
+Event = BecameMain | HandedOver | HandOverFailed | ReloadRequested | ChildStarted | ChildReady | ChildFailed | ReadyTimedOut | StopRequested
 
 
 # ---- actions ----------------------------------------------------------------
@@ -106,8 +120,13 @@ class KillSuccessor:
 
 @dataclass(frozen=True)
 class HandOver:
-    """Make `pid` the main process (MAINPID+READY, barrier), then tell it so."""
+    """Make `pid` the main process (MAINPID+READY, barrier), then tell it so.
 
+    The supervisor answers with HandedOver, or HandOverFailed if the
+    successor died meanwhile.
+    """
+
+    attempt: int
     pid: int
     generation: int
 
@@ -161,7 +180,7 @@ class Generation:
 
     @property
     def is_main(self) -> bool:
-        return self.state.phase in (Phase.SERVING, Phase.RELOADING)
+        return self.state.phase in (Phase.SERVING, Phase.RELOADING, Phase.HANDING_OVER)
 
     def handle(self, event: Event) -> list[Action]:
         handler = getattr(self, "_on_" + type(event).__name__)
@@ -186,7 +205,7 @@ class Generation:
         s = self.state
         if s.phase is Phase.STARTING:
             return self._refuse(event, f"this generation (pid {self.pid}) is still starting")
-        if s.phase is Phase.RELOADING:
+        if s.phase in (Phase.RELOADING, Phase.HANDING_OVER):
             return self._refuse(event, "reload already in progress", successor=s.successor_pid)
         if s.phase is Phase.DRAINING:
             return self._refuse(event, f"this generation (pid {self.pid}) has handed over and is draining")
@@ -230,15 +249,28 @@ class Generation:
         if not self._current(event.attempt):
             return [KillSuccessor(event.attempt, event.pid)]
         s = self.state
+        self.state = replace(s, phase=Phase.HANDING_OVER, successor_pid=event.pid)
+        return [HandOver(attempt=s.attempt, pid=event.pid, generation=s.generation + 1)]
+
+    def _on_HandedOver(self, event: HandedOver) -> list[Action]:
+        s = self.state
+        if s.phase is not Phase.HANDING_OVER or event.attempt != s.attempt:
+            return []
         successor = s.generation + 1
-        self.state = replace(s, phase=Phase.DRAINING, successor_pid=event.pid, requesters=())
-        detail = f"generation {successor} (pid {event.pid}) is serving"
+        self.state = replace(s, phase=Phase.DRAINING, requesters=())
+        detail = f"generation {successor} (pid {s.successor_pid}) is serving"
         return [
-            HandOver(pid=event.pid, generation=successor),
-            Log(f"handed over to pid {event.pid} (generation {successor})"),
-            *[Reply(r, Outcome("done", detail, event.pid)) for r in s.requesters],
-            StartDraining(f"handed over to pid {event.pid}"),
+            Log(f"handed over to pid {s.successor_pid} (generation {successor})"),
+            *[Reply(r, Outcome("done", detail, s.successor_pid)) for r in s.requesters],
+            StartDraining(f"handed over to pid {s.successor_pid}"),
         ]
+
+    def _on_HandOverFailed(self, event: HandOverFailed) -> list[Action]:
+        s = self.state
+        if s.phase is not Phase.HANDING_OVER or event.attempt != s.attempt:
+            return []
+        # systemd may have switched MAINPID to the dead successor: claim it back.
+        return self._fail(event.reason, reclaim=True)
 
     def _on_ChildFailed(self, event: ChildFailed) -> list[Action]:
         if not self._current(event.attempt):
@@ -250,13 +282,16 @@ class Generation:
             return []
         return self._fail(f"new generation not ready within {self.ready_timeout:g}s (ready timeout)")
 
-    def _fail(self, reason: str) -> list[Action]:
+    def _fail(self, reason: str, reclaim: bool = False) -> list[Action]:
         s = self.state
         self.state = replace(s, phase=Phase.SERVING, successor_pid=None, requesters=())
+        fields: dict = {"READY": 1, "STATUS": f"reload failed: {reason}"}
+        if reclaim:
+            fields["MAINPID"] = self.pid
         return [
             KillSuccessor(s.attempt, s.successor_pid),
             Log(f"reload failed: {reason}; generation {s.generation} (pid {self.pid}) keeps serving", "error"),
-            Notify({"READY": 1, "STATUS": f"reload failed: {reason}"}),
+            Notify(fields),
             *[Reply(r, Outcome("failed", reason, self.pid)) for r in s.requesters],
         ]
 
@@ -270,7 +305,7 @@ class Generation:
             self.state = replace(s, phase=Phase.STOPPING)
             return [Log(f"{event.source} received while starting: stopping"), StartDraining(f"{event.source} received")]
         actions: list[Action] = []
-        if s.phase is Phase.RELOADING:
+        if s.phase in (Phase.RELOADING, Phase.HANDING_OVER):
             actions.append(KillSuccessor(s.attempt, s.successor_pid))
             actions += [Reply(r, Outcome("failed", "the service is stopping", self.pid)) for r in s.requesters]
         self.state = replace(s, phase=Phase.STOPPING, successor_pid=None, requesters=())

@@ -11,6 +11,7 @@ from graceful_http.listenfds import passed_fd_count
 from graceful_http.settings import BindAddress
 
 OWN_SOCKET_NAME = "http"
+CONTROL_SOCKET_NAME = "control"  # a passed socket by this name serves only the control endpoints
 
 
 class ListenerError(OSError):

@@ -55,4 +55,6 @@ def successor_environ(base: Mapping[str, str], names: Sequence[str], pid: int) -
     environ["LISTEN_PID"] = str(pid)
     environ["LISTEN_FDS"] = str(len(names))
     environ["LISTEN_FDNAMES"] = ":".join(names)
+    if "WATCHDOG_USEC" in environ:  # the watchdog follows the main pid
+        environ["WATCHDOG_PID"] = str(pid)
     return environ

@@ -35,7 +35,7 @@ class _GenerationFields(logging.Filter):
         return True
 
 
-def setup(generation: int, level: int = logging.INFO) -> None:
+def setup(generation: int, level: str = "info") -> None:
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
@@ -49,7 +49,7 @@ def setup(generation: int, level: int = logging.INFO) -> None:
         handler.setFormatter(logging.Formatter(f"graceful-http[%(process)d] gen {generation}: %(message)s"))
     handler.addFilter(_GenerationFields(generation))
     root.addHandler(handler)
-    root.setLevel(level)
+    root.setLevel(level.upper())
 
 
 access_log = logging.getLogger("graceful_http.access")

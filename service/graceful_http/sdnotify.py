@@ -76,3 +76,14 @@ class Notifier:
             os.close(read_end)
             if write_end >= 0:
                 os.close(write_end)
+
+
+def watchdog_interval(environ: Mapping[str, str], pid: int) -> float | None:
+    """Seconds between WATCHDOG=1 pings (half of WATCHDOG_USEC), or None when no watchdog is set for us."""
+    usec = environ.get("WATCHDOG_USEC", "")
+    if not usec.isdigit() or int(usec) == 0:
+        return None
+    owner = environ.get("WATCHDOG_PID", "")
+    if owner and (not owner.isdigit() or int(owner) != pid):
+        return None
+    return int(usec) / 2_000_000

@@ -1,23 +1,33 @@
-"""Validated settings for `serve`: pure values, no side effects.
+"""Validated settings for `serve`: one table of options feeds the command line and the config file.
 
-Parsing errors are `SettingsError` with a message naming the offending value,
-so the CLI can print one line and exit 2.
+Pure: parsing and validation only. Errors are `SettingsError` with a one-line
+message naming the option (or config key and line), the value, and what was
+expected, so the CLI prints one line and exits 2, and a new generation with
+a bad config file fails its reload with that line.
 """
 
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass, field
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
 
 DEFAULT_BIND = "127.0.0.1:9999"
 DEFAULT_APP = "graceful_http.demo:app"
 LOOPBACK_NETWORKS = ("127.0.0.0/8", "::1/128", "::ffff:127.0.0.0/104")
+INTERFACES = ("auto", "asgi3", "asgi2", "wsgi")
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class SettingsError(ValueError):
     """A setting has a value we cannot use; the message says which and why."""
+
+
+# ---- value parsers (each takes the option's name for its message) -------------
 
 
 @dataclass(frozen=True)
@@ -40,47 +50,81 @@ class BindAddress:
         return f"{self.host}:{self.port}"
 
 
-def parse_bind(text: str) -> BindAddress:
+def parse_bind(text: str, option: str = "--bind") -> BindAddress:
     """Parse `HOST:PORT`, `[V6]:PORT` or `unix:PATH`."""
     expected = "expected HOST:PORT, [IPV6]:PORT or unix:PATH"
     if text.startswith("unix:"):
         path = text[len("unix:"):]
         if not path:
-            raise SettingsError(f"invalid --bind {text!r}: empty unix socket path")
+            raise SettingsError(f"invalid {option} {text!r}: empty unix socket path")
         return BindAddress(path=path)
     if text.startswith("["):
         host, sep, port_text = text[1:].partition("]:")
         if not sep:
-            raise SettingsError(f"invalid --bind {text!r}: {expected}")
+            raise SettingsError(f"invalid {option} {text!r}: {expected}")
         try:
             ipaddress.IPv6Address(host)
         except ValueError:
-            raise SettingsError(f"invalid --bind {text!r}: {host!r} is not an IPv6 address") from None
+            raise SettingsError(f"invalid {option} {text!r}: {host!r} is not an IPv6 address") from None
     else:
         host, sep, port_text = text.rpartition(":")
         if not sep or not host or ":" in host:
-            raise SettingsError(f"invalid --bind {text!r}: {expected}")
+            raise SettingsError(f"invalid {option} {text!r}: {expected}")
     if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise SettingsError(f"invalid --bind {text!r}: port must be a number from 1 to 65535")
+        raise SettingsError(f"invalid {option} {text!r}: port must be a number from 1 to 65535")
     return BindAddress(host=host, port=int(port_text))
 
 
-def parse_network(text: str) -> IPNetwork:
-    """Parse a `--control-allow` CIDR (a bare address means just that host)."""
+def parse_network(text: str, option: str = "--control-allow") -> IPNetwork:
+    """Parse a CIDR (a bare address means just that host)."""
     try:
         return ipaddress.ip_network(text, strict=False)
     except ValueError:
-        raise SettingsError(f"invalid --control-allow {text!r}: expected an address or CIDR such as 10.0.0.0/8") from None
+        raise SettingsError(f"invalid {option} {text!r}: expected an address or CIDR such as 10.0.0.0/8") from None
 
 
-def parse_seconds(option: str, text: str, *, minimum: float = 0.0) -> float:
+def parse_seconds(text, option: str, *, minimum: float = 0.0) -> float:
+    if isinstance(text, bool):
+        raise SettingsError(f"invalid {option} {text!r}: expected a number of seconds")
     try:
         value = float(text)
-    except ValueError:
+    except (TypeError, ValueError):
         raise SettingsError(f"invalid {option} {text!r}: expected a number of seconds") from None
     if not value >= minimum or value == float("inf"):
         raise SettingsError(f"invalid {option} {text!r}: must be a finite number >= {minimum:g}")
     return value
+
+
+def parse_workers(text, option: str = "--workers") -> int:
+    if isinstance(text, bool) or not re.fullmatch(r"\s*\d+\s*", str(text)):
+        raise SettingsError(f"invalid {option} {text!r}: expected a whole number of worker processes >= 1")
+    value = int(text)
+    if value < 1:
+        raise SettingsError(f"invalid {option} {text!r}: a generation needs at least 1 worker")
+    return value
+
+
+def _choice(choices: tuple[str, ...]) -> Callable[[object, str], str]:
+    def parse(text, option: str) -> str:
+        if text not in choices:
+            raise SettingsError(f"invalid {option} {text!r}: expected one of {', '.join(choices)}")
+        return text
+    return parse
+
+
+def _text(text, option: str) -> str:
+    if not isinstance(text, str) or not text:
+        raise SettingsError(f"invalid {option} {text!r}: expected a non-empty string")
+    return text
+
+
+def _boolean(value, option: str) -> bool:
+    if not isinstance(value, bool):
+        raise SettingsError(f"invalid {option} {value!r}: expected true or false")
+    return value
+
+
+# ---- the settings ---------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -89,12 +133,109 @@ class ServeSettings:
 
     app: str = DEFAULT_APP
     app_dir: str = "."
+    factory: bool = False
+    interface: str = "auto"
     binds: tuple[BindAddress, ...] = (parse_bind(DEFAULT_BIND),)
+    workers: int = 1
     graceful_timeout: float = 30.0
     ready_timeout: float = 30.0
     pid_file: str | None = None
     control_allow: tuple[IPNetwork, ...] = field(
         default_factory=lambda: tuple(ipaddress.ip_network(n) for n in LOOPBACK_NETWORKS)
     )
+    control_token_file: str | None = None
     access_log: bool = True
+    log_level: str = "info"
+    metrics: bool = False
     idle_grace: float = 1.0
+
+
+@dataclass(frozen=True)
+class Option:
+    """One `serve` option: its settings field, its config key, how to parse one value."""
+
+    name: str  # the ServeSettings field
+    parse: Callable[[object, str], object]
+    repeated: bool = False  # a list in the config file, a repeatable flag
+    key: str = ""  # config-file key (default: name)
+
+    @property
+    def config_key(self) -> str:
+        return self.key or self.name
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.config_key.replace("_", "-")
+
+
+OPTIONS = {
+    option.config_key: option
+    for option in (
+        Option("app", _text),
+        Option("app_dir", _text),
+        Option("factory", _boolean),
+        Option("interface", _choice(INTERFACES)),
+        Option("binds", parse_bind, repeated=True, key="bind"),
+        Option("workers", parse_workers),
+        Option("graceful_timeout", lambda v, o: parse_seconds(v, o)),
+        Option("ready_timeout", lambda v, o: parse_seconds(v, o, minimum=0.1)),
+        Option("pid_file", _text),
+        Option("control_allow", parse_network, repeated=True),
+        Option("control_token_file", _text),
+        Option("access_log", _boolean),
+        Option("log_level", _choice(LOG_LEVELS)),
+        Option("metrics", _boolean),
+    )
+}
+
+
+def build_settings(*layers: Mapping[str, object]) -> ServeSettings:
+    """Settings from layers of already-parsed values (later layers win), over the defaults.
+
+    `control_allow` adds to the loopback default rather than replacing it.
+    """
+    values: dict[str, object] = {}
+    for layer in layers:
+        values.update(layer)
+    if "control_allow" in values:
+        values["control_allow"] = ServeSettings().control_allow + tuple(values["control_allow"])
+    known = {f.name for f in fields(ServeSettings)}
+    return ServeSettings(**{k: v for k, v in values.items() if k in known})
+
+
+def parse_value(option: Option, raw, where: str):
+    """Parse a flag's or config entry's raw value for `option`; `where` names it in errors."""
+    if option.repeated:
+        items = raw if isinstance(raw, list) else [raw]
+        return tuple(option.parse(item, where) for item in items)
+    return option.parse(raw, where)
+
+
+def parse_config(text: str, path: str) -> dict[str, object]:
+    """A TOML config file's settings, validated: errors name the key, line and what was expected."""
+    try:
+        document = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsError(f"{path}: invalid TOML: {exc}") from None
+    values = {}
+    for key, raw in document.items():
+        line = _line_of(text, key)
+        where = f"{path}:{line}: {key}" if line else f"{path}: {key}"
+        option = OPTIONS.get(key)
+        if option is None:
+            known = ", ".join(sorted(OPTIONS))
+            raise SettingsError(f"{where}: unknown setting (known: {known})")
+        if option.repeated and not isinstance(raw, (list, str)):
+            raise SettingsError(f"{where}: expected a string or a list of strings, got {raw!r}")
+        if key in ("bind", "control_allow") and isinstance(raw, list) and not all(isinstance(i, str) for i in raw):
+            raise SettingsError(f"{where}: expected a list of strings, got {raw!r}")
+        if key in ("workers",) and isinstance(raw, int) and not isinstance(raw, bool):
+            raw = str(raw)
+        values[option.name] = parse_value(option, raw, where)
+    return values
+
+
+def _line_of(text: str, key: str) -> int | None:
+    pattern = re.compile(rf"^\s*{re.escape(key)}\s*=", re.MULTILINE)
+    match = pattern.search(text)
+    return text.count("\n", 0, match.start()) + 1 if match else None

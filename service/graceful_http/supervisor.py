@@ -2,7 +2,7 @@
 
 The supervisor owns the state machine (`generation.Generation`) and is the
 only place its actions touch the OS: signals, the successor process, the
-readiness channel, sd_notify, the pid file and the HTTP engine. Every input
+readiness channel, sd_notify, the pid file and the HTTP engines. Every input
 (a signal, a control request, the successor's messages, a timer) becomes an
 event, and events are handled one at a time, in order.
 """
@@ -13,26 +13,31 @@ import asyncio
 import collections
 import logging
 import os
+import select
 import signal
 import time
 
 from graceful_http import generation as g
 from graceful_http import logs
-from graceful_http.apploader import AppLoadError, load_app
-from graceful_http.control import ControlLayer, ControlState
+from graceful_http.apploader import AppLoadError, load_asgi3
+from graceful_http.control import ControlLayer, ControlPolicy, ControlState, not_found
 from graceful_http.controlsocket import ControlServer
 from graceful_http.engine import Engine, StartupFailed
 from graceful_http.handoff import GENERATION_VARIABLE, PredecessorEnd, SuccessorEnd
 from graceful_http.listenfds import ListenFdsError
-from graceful_http.listeners import ListenerError, acquire
+from graceful_http.listeners import CONTROL_SOCKET_NAME, ListenerError, acquire
 from graceful_http.pidfile import remove_pid_file, write_pid_file
-from graceful_http.sdnotify import Notifier
+from graceful_http.sdnotify import Notifier, watchdog_interval
 from graceful_http.settings import ServeSettings
 from graceful_http.spawn import spawn_successor
 
 log = logging.getLogger("graceful_http")
 
 STATUS_INTERVAL = 1.0
+
+
+class StartError(Exception):
+    """This generation cannot serve; the message is the one-line reason."""
 
 
 class Successor:
@@ -45,6 +50,9 @@ class Successor:
         self.pidfd = os.pidfd_open(pid)
         self.watcher: asyncio.Task | None = None
 
+    def alive(self) -> bool:
+        return not select.select([self.pidfd], [], [], 0)[0]
+
     def kill(self) -> None:
         try:
             os.killpg(self.pid, signal.SIGKILL)  # it leads its own session: this takes what it started too
@@ -54,12 +62,24 @@ class Successor:
             os.kill(self.pid, signal.SIGKILL)
 
     def close(self) -> None:
-        loop = asyncio.get_running_loop()
-        loop.remove_reader(self.pidfd)
+        asyncio.get_running_loop().remove_reader(self.pidfd)
         os.close(self.pidfd)
         self.channel.close()
         if self.watcher is not None and self.watcher is not asyncio.current_task():
             self.watcher.cancel()
+
+
+def read_token(path: str | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        with open(path, encoding="utf-8") as file:
+            token = file.read().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise StartError(f"cannot read the control token file {path}: {getattr(exc, 'strerror', exc)}") from None
+    if len(token) < 16:
+        raise StartError(f"the control token in {path} is too short (at least 16 characters)")
+    return token
 
 
 class Supervisor:
@@ -69,42 +89,54 @@ class Supervisor:
         self.machine = g.Generation(generation, self.pid, settings.ready_timeout)
         self.successor_end = successor_end
         self.notifier = Notifier()
+        self.watchdog = watchdog_interval(os.environ, self.pid)
         self.control = ControlState(request_reload=self.request_reload_now)
         self.control_server = ControlServer(self.start_reload)
         self.listeners = []
-        self.engine: Engine | None = None
+        self.engines: list[Engine] = []
         self.successor: Successor | None = None
         self.finished = asyncio.Event()
         self._events: collections.deque = collections.deque()
         self._dispatching = False
-        self._status_task: asyncio.Task | None = None
+        self._main_tasks: list[asyncio.Task] = []
         self._last_status = ""
 
     # ---- start -----------------------------------------------------------
 
     async def start(self) -> None:
         """Listen, load the app, start serving. Raises StartError with a one-line reason."""
+        settings = self.settings
         try:
-            self.listeners = acquire(self.settings.binds)
-            app = load_app(self.settings.app, self.settings.app_dir)
+            self.listeners = acquire(settings.binds)
+            token = read_token(settings.control_token_file)
+            app, interface = load_asgi3(settings.app, settings.app_dir,
+                                        factory=settings.factory, interface=settings.interface)
         except (ListenerError, ListenFdsError) as exc:
             raise StartError(str(exc)) from None
         except AppLoadError as exc:
             if exc.details:
                 log.error("%s", exc.details.rstrip())
             raise StartError(str(exc)) from None
-        access = logs.log_access if self.settings.access_log else None
-        stack = ControlLayer(app, self.control, self.settings.control_allow, access)
-        self.engine = Engine(stack, [listener.sock for listener in self.listeners], idle_grace=self.settings.idle_grace)
+        public = [l for l in self.listeners if l.name != CONTROL_SOCKET_NAME]
+        private = [l for l in self.listeners if l.name == CONTROL_SOCKET_NAME]
+        access = logs.log_access if settings.access_log else None
+        policy = ControlPolicy(allow=settings.control_allow, token=token, control_socket_elsewhere=bool(private))
+        if public:
+            stack = ControlLayer(app, self.control, policy, access)
+            self.engines.append(Engine(stack, [l.sock for l in public], idle_grace=settings.idle_grace))
+        if private:  # the admins' socket: control endpoints only, trusted by its file mode
+            stack = ControlLayer(not_found, self.control, ControlPolicy(trusted=True), access)
+            self.engines.append(Engine(stack, [l.sock for l in private], idle_grace=0.1, lifespan=False))
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGHUP, self.dispatch, g.ReloadRequested("SIGHUP"))
         loop.add_signal_handler(signal.SIGTERM, self.dispatch, g.StopRequested("SIGTERM"))
         loop.add_signal_handler(signal.SIGINT, self.dispatch, g.StopRequested("SIGINT"))
         try:
-            await self.engine.start()
+            for engine in self.engines:
+                await engine.start()
         except StartupFailed as exc:
             raise StartError(str(exc)) from None
-        log.info("serving %s on %s", self.settings.app, self.engine.describe())
+        log.info("serving %s (%s) on %s", settings.app, interface, self.engines[0].describe())
         for listener in self.listeners:
             log.info("listening on %s", listener.describe())
 
@@ -123,7 +155,9 @@ class Supervisor:
         except OSError as exc:
             log.warning("no control socket for `graceful-http reload` (%s); SIGHUP still reloads", exc)
         self.dispatch(g.BecameMain(handed_over=handed_over))
-        self._status_task = asyncio.create_task(self._update_status())
+        self._main_tasks.append(asyncio.create_task(self._update_status()))
+        if self.watchdog:
+            self._main_tasks.append(asyncio.create_task(self._ping_watchdog(self.watchdog)))
 
     # ---- events ----------------------------------------------------------
 
@@ -208,18 +242,22 @@ class Supervisor:
         self.notifier.send(MAINPID=action.pid, READY=1, STATUS=f"gen {action.generation} · pid {action.pid} · serving")
         if self.notifier.enabled and not self.notifier.barrier():
             log.warning("systemd did not confirm the handover within 5s")
-        if successor is not None:
-            successor.channel.tell_main()
-            successor.close()
-            self.successor = None
+        if successor is None or not successor.alive():
+            self.dispatch(g.HandOverFailed(action.attempt, f"new generation (pid {action.pid}) exited during the"
+                                                           " handover"))
+            return
+        successor.channel.tell_main()
+        successor.close()
+        self.successor = None
+        self.dispatch(g.HandedOver(action.attempt))
 
     def _do_StartDraining(self, action: g.StartDraining) -> None:
         self.control.accepting = False
         self.control_server.close()
-        if self._status_task is not None:
-            self._status_task.cancel()
-        if self.engine is not None:
-            self.engine.stop_accepting()
+        for task in self._main_tasks:
+            task.cancel()
+        for engine in self.engines:
+            engine.stop_accepting()
         asyncio.get_running_loop().create_task(self._drain_and_finish())
 
     # ---- tasks -----------------------------------------------------------
@@ -248,45 +286,64 @@ class Supervisor:
             message.cancel()
             exit_wait.cancel()
 
+    def in_flight(self) -> int:
+        return sum(engine.in_flight() for engine in self.engines)
+
+    def total_requests(self) -> int:
+        return sum(engine.total_requests for engine in self.engines)
+
     async def _update_status(self) -> None:
         """Keep `systemctl status` informative: at most one STATUS= a second, only on change."""
         while True:
             await asyncio.sleep(STATUS_INTERVAL)
-            if self.machine.phase is g.Phase.SERVING and self.engine is not None:
-                status = self.machine.serving_status(self.engine.in_flight(), self.engine.total_requests)
+            if self.machine.phase is g.Phase.SERVING:
+                status = self.machine.serving_status(self.in_flight(), self.total_requests())
                 if status != self._last_status:
                     self._do_Notify(g.Notify({"STATUS": status}))
 
+    async def _ping_watchdog(self, interval: float) -> None:
+        """WATCHDOG=1 from the event loop: a stuck loop stops the pings and systemd restarts us."""
+        while True:
+            self.notifier.send(WATCHDOG=1)
+            await asyncio.sleep(interval)
+
     async def _drain_and_finish(self) -> None:
-        deadline = time.monotonic() + self.settings.graceful_timeout
-        in_flight = self.engine.in_flight()
-        log.info("no longer accepting; finishing %d in-flight request(s), up to %gs",
-                 in_flight, self.settings.graceful_timeout)
-        served, cut = await self.engine.drain(deadline)
+        timeout = self.settings.graceful_timeout
+        deadline = time.monotonic() + timeout
+        log.info("no longer accepting; finishing %d in-flight request(s), up to %gs", self.in_flight(), timeout)
+        results = await asyncio.gather(*(engine.drain(deadline) for engine in self.engines))
+        served = sum(r[0] for r in results)
+        cut = sum(r[1] for r in results)
         if cut:
-            log.warning("graceful timeout (%gs) reached: cut %d request(s) still in flight",
-                        self.settings.graceful_timeout, cut)
+            log.warning("graceful timeout (%gs) reached: cut %d request(s) still in flight", timeout, cut)
         log.info("drained: %d request(s) answered while draining, %d cut", served, cut)
-        try:
-            await self.engine.shutdown_app()
-        except Exception:  # the app's own shutdown failing must not keep us alive
-            log.exception("the app's lifespan shutdown failed")
+        for engine in self.engines:
+            try:
+                await engine.shutdown_app()
+            except Exception:  # the app's own shutdown failing must not keep us alive
+                log.exception("the app's lifespan shutdown failed")
         if self.settings.pid_file and self.machine.phase is g.Phase.STOPPING:
             remove_pid_file(self.settings.pid_file, self.pid)
         log.info("exited: generation %d (pid %d), %d request(s) served in all",
-                 self.machine.state.generation, self.pid, self.engine.total_requests)
+                 self.machine.state.generation, self.pid, self.total_requests())
         self.finished.set()
 
 
-class StartError(Exception):
-    """This generation cannot serve; the message is the one-line reason."""
+def report_start_failure(reason: str, exit_code: int = 1) -> int:
+    """Log why this generation cannot start and tell the old generation, if there is one."""
+    successor_end = SuccessorEnd.from_environ(os.environ)
+    logs.setup(successor_end.generation if successor_end else 1)
+    log.error("cannot start: %s", reason)
+    if successor_end is not None:
+        successor_end.report_failed(reason)
+    return exit_code
 
 
 async def run(settings: ServeSettings) -> int:
     """Serve until handed over or stopped. Returns the process exit code."""
     successor_end = SuccessorEnd.from_environ(os.environ)
     generation = successor_end.generation if successor_end else 1
-    logs.setup(generation)
+    logs.setup(generation, settings.log_level)
     supervisor = Supervisor(settings, generation, successor_end)
     try:
         await supervisor.start()
