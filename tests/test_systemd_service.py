@@ -8,6 +8,7 @@ from PyPI and Debian 12's python3-uvicorn 0.17.6 (what the .deb runs on).
 from __future__ import annotations
 
 import os
+import re
 import threading
 
 import pytest
@@ -66,7 +67,11 @@ def test_reloads_under_load_follow_main_pid(engine):
                     result = service.reload()
                     assert result.returncode == 0
                 else:
+                    # The public listener refuses reloads (a reverse proxy would relay them from loopback)...
                     status, body, _ = get("127.0.0.1", service.port, "/graceful", method="POST")
+                    assert status == 403, body
+                    # ...the admins' control socket takes them.
+                    status, body = service.control_post()
                     assert status == 202, body
                     wait_until(lambda: service.main_pid() not in pids, timeout=30, what="MainPID to change")
                 new = service.main_pid()
@@ -91,8 +96,9 @@ def test_reloads_under_load_follow_main_pid(engine):
         for pid in pids[:-1]:
             assert f"handed over to pid {pids[pids.index(pid) + 1]}" in journal
         assert count(r"listening on 127\.0\.0\.1:\d+ \(http, inherited\)", journal) == len(pids)
+        assert count(r"listening on unix:/run/graceful-http/control.sock \(control, inherited\)", journal) == len(pids)
         assert count(r"reload requested by graceful-http reload", journal) == 3
-        assert count(r"reload requested by POST /graceful from 127\.0\.0\.1", journal) == 2
+        assert count(r"reload requested by POST /graceful from the control socket", journal) == 2
         assert count(r"drained: \d+ request\(s\) answered while draining, 0 cut", journal) == len(pids) - 1
         assert count(r"exited: generation \d+", journal) == len(pids) - 1
         assert_journal_truthful(service)
@@ -194,3 +200,12 @@ def _in_flight(service: InstalledService) -> bool:
     """The access log line comes after the response; STATUS= says what is in flight now."""
     status = service.container.show(SERVICE, "StatusText")["StatusText"]
     return "1 in flight" in status
+
+
+def test_shipped_service_unit_is_locked_down():
+    """`systemd-analyze security` under the container's systemd 252: exposure 1.5 or less."""
+    with InstalledService(container_name("any", "security"), "debian") as service:
+        report = service.container.run(f"systemd-analyze security {SERVICE} --no-pager").stdout
+        match = re.search(r"Overall exposure level for graceful-http\.service: (\d+\.\d+)", report)
+        assert match, report[-2000:]
+        assert float(match.group(1)) <= 1.5, report

@@ -19,6 +19,8 @@ REPO = Path(__file__).resolve().parents[2]
 UNITS = REPO / "packaging" / "systemd"
 SERVICE = "graceful-http.service"
 SOCKET = "graceful-http.socket"
+CONTROL_SOCKET = "graceful-http-control.socket"
+CONTROL_PATH = "/run/graceful-http/control.sock"
 CODE_DIR = "/opt/graceful-http/service"
 VENV_DIR = "/opt/graceful-http/venv"
 APP_DIR = "/srv/app"
@@ -58,7 +60,7 @@ class InstalledService:
         c = self.container
         c.start()
         try:
-            for unit in (SERVICE, SOCKET):
+            for unit in (SERVICE, SOCKET, CONTROL_SOCKET):
                 c.write_file(f"/etc/systemd/system/{unit}", (UNITS / unit).read_text())
             c.write_file(f"/etc/systemd/system/{SOCKET}.d/test.conf",
                          f"[Socket]\nListenStream=\nListenStream=127.0.0.1:{self.port}\n")
@@ -117,6 +119,13 @@ class InstalledService:
 
     def whole_journal(self) -> str:
         return self.container.run("journalctl --no-pager -o cat").stdout
+
+    def control_post(self, path: str = "/graceful") -> tuple[int, str]:
+        """POST over the admins' control socket, as root inside the container: (status, body)."""
+        out = self.container.run(f"curl -sS --unix-socket {CONTROL_PATH} -X POST -w '\\n%{{http_code}}'"
+                                 f" http://localhost{path}").stdout
+        body, _, status = out.rpartition("\n")
+        return int(status), body
 
     def reload(self, check: bool = True):
         return self.container.systemctl("reload", SERVICE, check=check, timeout=120)
