@@ -20,6 +20,8 @@ from support.systemd_service import SERVICE, SOCKET, InstalledService, count
 pytestmark = pytest.mark.systemd
 
 ENGINES = ["pypi", "debian"]
+# (engine, workers): both engines single-process, and a two-worker generation.
+SETUPS = [("pypi", 1), ("debian", 1), ("pypi", 2)]
 
 WORKING_APP = '''
 from graceful_http.demo import app as demo
@@ -47,17 +49,21 @@ def assert_journal_truthful(service: InstalledService) -> None:
     assert "which is not our child" not in whole
 
 
-@pytest.mark.parametrize("engine", ENGINES)
-def test_reloads_under_load_follow_main_pid(engine):
-    with InstalledService(container_name(engine, "reload"), engine) as service:
+@pytest.mark.parametrize("engine,workers", SETUPS)
+def test_reloads_under_load_follow_main_pid(engine, workers):
+    with InstalledService(container_name(engine, f"reload{workers}"), engine,
+                          serve_args=f"--workers {workers}") as service:
         service.container.systemctl("start", SOCKET)
         # Socket activation: the first connection starts the service.
         status, body, _ = get("127.0.0.1", service.port)
         assert status == 200
         first = service.main_pid()
-        assert pid_of(body) == first
+        serving = lambda main: {main} if workers == 1 else set(service.children(main))  # noqa: E731
+        assert pid_of(body) in serving(first)
+        assert len(serving(first)) == workers
         expected_cmdline = service.cmdline(first)
-        assert expected_cmdline[1:] == ["-m", "graceful_http", "serve", "--app-dir", "/srv/app"]
+        assert expected_cmdline[1:] == ["-m", "graceful_http", "serve", "--app-dir", "/srv/app",
+                                        "--workers", str(workers)]
 
         pids = [first]
         with Load("127.0.0.1", service.port, clients=8, pause=0.005) as load:
@@ -77,8 +83,9 @@ def test_reloads_under_load_follow_main_pid(engine):
                 new = service.main_pid()
                 assert new not in pids
                 pids.append(new)
-                # The new main serves: the load sees it.
-                wait_until(lambda: load.result.pids[new] > 0, timeout=10, what=f"a response from pid {new}")
+                # The new generation serves: the load sees it.
+                wait_until(lambda: any(load.result.pids[p] for p in serving(new)), timeout=10,
+                           what=f"a response from generation of pid {new}")
             load.wait_for_requests(200)
         result = load.result
         assert result.failures == [], result.summary()
@@ -87,10 +94,12 @@ def test_reloads_under_load_follow_main_pid(engine):
         state = service.state()
         assert state == {"MainPID": str(pids[-1]), "ActiveState": "active", "SubState": "running",
                          "NRestarts": "0", "Result": "success"}
-        # Old generations drain and leave: only the main remains in the cgroup.
-        wait_until(lambda: service.cgroup_pids() == [pids[-1]], timeout=30, what="old generations to exit")
-        # `ps` shows the same command line after any number of reloads.
-        assert service.cmdline(pids[-1]) == expected_cmdline
+        # Old generations drain and leave: only the current one remains in the cgroup.
+        current = {pids[-1]} | serving(pids[-1])
+        wait_until(lambda: set(service.cgroup_pids()) == current, timeout=30, what="old generations to exit")
+        # `ps` shows the same command line after any number of reloads (workers too).
+        for pid in current:
+            assert service.cmdline(pid) == expected_cmdline
 
         journal = service.journal()
         for pid in pids[:-1]:
@@ -99,7 +108,9 @@ def test_reloads_under_load_follow_main_pid(engine):
         assert count(r"listening on unix:/run/graceful-http/control.sock \(control, inherited\)", journal) == len(pids)
         assert count(r"reload requested by graceful-http reload", journal) == 3
         assert count(r"reload requested by POST /graceful from the control socket", journal) == 2
-        assert count(r"drained: \d+ request\(s\) answered while draining, 0 cut", journal) == len(pids) - 1
+        # Each old main, and each of its workers, says it drained.
+        assert count(r"drained: \d+ request\(s\) answered while draining, 0 cut", journal) == \
+            (len(pids) - 1) * (1 if workers == 1 else workers + 1)
         assert count(r"exited: generation \d+", journal) == len(pids) - 1
         assert_journal_truthful(service)
 
@@ -124,10 +135,10 @@ def test_access_log_has_one_line_per_request_from_the_serving_pid(engine):
         assert all(entry.get("_SYSTEMD_UNIT") == SERVICE for entry in entries)
 
 
-@pytest.mark.parametrize("engine", ENGINES)
-def test_failed_reloads_leave_the_old_generation_serving(engine):
-    with InstalledService(container_name(engine, "fail"), engine,
-                          serve_args="myapp:app --ready-timeout 3") as service:
+@pytest.mark.parametrize("engine,workers", SETUPS)
+def test_failed_reloads_leave_the_old_generation_serving(engine, workers):
+    with InstalledService(container_name(engine, f"fail{workers}"), engine,
+                          serve_args=f"myapp:app --ready-timeout 3 --workers {workers}") as service:
         service.write_app("myapp", WORKING_APP.format(version="one"))
         service.container.systemctl("start", SERVICE)
         serving = service.main_pid()
@@ -154,7 +165,9 @@ def test_failed_reloads_leave_the_old_generation_serving(engine):
             assert result.returncode != 0
             assert "not ready within 3s" in service.journal()
             assert service.main_pid() == serving
-            wait_until(lambda: service.cgroup_pids() == [serving], timeout=10, what="the hung generation to be gone")
+            wait_until(lambda: len(service.cgroup_pids()) == 1 + (workers if workers > 1 else 0), timeout=10,
+                       what="the hung generation to be gone")
+            assert serving in service.cgroup_pids()
 
             # 3. Fixed code: the reload goes through and serves the new version.
             service.write_app("myapp", WORKING_APP.format(version="two"))
@@ -167,9 +180,10 @@ def test_failed_reloads_leave_the_old_generation_serving(engine):
         assert_journal_truthful(service)
 
 
-@pytest.mark.parametrize("engine", ENGINES)
-def test_stop_after_reload_finishes_in_flight_request(engine):
-    with InstalledService(container_name(engine, "stop"), engine) as service:
+@pytest.mark.parametrize("engine,workers", SETUPS)
+def test_stop_after_reload_finishes_in_flight_request(engine, workers):
+    with InstalledService(container_name(engine, f"stop{workers}"), engine,
+                          serve_args=f"--workers {workers}") as service:
         service.container.systemctl("start", SERVICE)
         service.reload()
         main = service.main_pid()
@@ -185,12 +199,12 @@ def test_stop_after_reload_finishes_in_flight_request(engine):
         client.join(timeout=30)
         status, body, _ = answer["response"]
         assert status == 200
-        assert pid_of(body) == main
+        assert pid_of(body) == main or workers > 1
         state = service.container.show(SERVICE, "ActiveState", "Result")
         assert state == {"ActiveState": "inactive", "Result": "success"}
         journal = service.journal()
         assert "SIGTERM received: stopping, finishing in-flight requests" in journal
-        assert "drained: 1 request(s) answered while draining, 0 cut" in journal
+        assert count(r"drained: 1 request\(s\) answered while draining, 0 cut", journal) == (1 if workers == 1 else 2)
         whole = service.whole_journal()
         assert "with signal SIGKILL" not in whole
         assert_journal_truthful(service)

@@ -134,9 +134,16 @@ def serve(args: argparse.Namespace) -> int:
         from graceful_http.supervisor import report_start_failure
 
         return report_start_failure(str(exc), EXIT_USAGE)
-    from graceful_http.supervisor import run
+    from graceful_http.supervisor import run, run_worker
+    from graceful_http.workers import WorkerLink
 
     _use_fastest_event_loop()
+    link = WorkerLink.from_environ(os.environ)
+    if link is not None:
+        return asyncio.run(run_worker(settings, link))
+    if settings.workers > (os.cpu_count() or 1):
+        print(f"graceful-http: warning: --workers {settings.workers} is more than the {os.cpu_count()} CPUs here",
+              file=sys.stderr)
     return asyncio.run(run(settings))
 
 

@@ -9,9 +9,10 @@ path costs one attribute test.
 from __future__ import annotations
 
 import hmac
+import inspect
 import ipaddress
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from graceful_http.generation import Outcome
@@ -24,7 +25,7 @@ CONNECTION_CLOSE = (b"connection", b"close")
 class ControlState:
     """What the supervisor shares with the control layer."""
 
-    request_reload: Callable[[str], Outcome]
+    request_reload: Callable[[str], Outcome | Awaitable[Outcome]]
     accepting: bool = True  # False once this generation drains or stops
 
 
@@ -133,6 +134,8 @@ class ControlLayer:
         client = scope.get("client")
         who = f"POST /graceful from {client[0] if client else 'the control socket'}"
         outcome = self.state.request_reload(who)
+        if inspect.isawaitable(outcome):  # a worker asks its main
+            outcome = await outcome
         return await _plain(send, _OUTCOME_STATUS[outcome.code], f"{outcome.code}: {outcome.detail}\n")
 
     async def _healthz(self, scope, receive, send):

@@ -164,6 +164,7 @@ class State:
     attempt: int = 0
     successor_pid: int | None = None
     requesters: tuple = field(default_factory=tuple)
+    last_failure: str | None = None  # shown in STATUS= until the next reload
 
 
 class Generation:
@@ -187,7 +188,10 @@ class Generation:
         return handler(event)
 
     def serving_status(self, in_flight: int = 0, total: int = 0) -> str:
-        return f"gen {self.state.generation} · pid {self.pid} · serving · {in_flight} in flight · {total} requests"
+        status = f"gen {self.state.generation} · pid {self.pid} · serving · {in_flight} in flight · {total} requests"
+        if self.state.last_failure:
+            status = f"reload failed: {self.state.last_failure} · {status}"
+        return status
 
     def _on_BecameMain(self, event: BecameMain) -> list[Action]:
         if self.state.phase is not Phase.STARTING:
@@ -214,7 +218,8 @@ class Generation:
         attempt = s.attempt + 1
         successor = s.generation + 1
         requesters = (event.requester,) if event.requester is not None else ()
-        self.state = replace(s, phase=Phase.RELOADING, attempt=attempt, successor_pid=None, requesters=requesters)
+        self.state = replace(s, phase=Phase.RELOADING, attempt=attempt, successor_pid=None, requesters=requesters,
+                             last_failure=None)
         return [
             Log(f"reload requested by {event.source}: starting generation {successor}"),
             Notify({"RELOADING": 1, "STATUS": f"reloading: starting generation {successor}"}),
@@ -284,8 +289,8 @@ class Generation:
 
     def _fail(self, reason: str, reclaim: bool = False) -> list[Action]:
         s = self.state
-        self.state = replace(s, phase=Phase.SERVING, successor_pid=None, requesters=())
-        fields: dict = {"READY": 1, "STATUS": f"reload failed: {reason}"}
+        self.state = replace(s, phase=Phase.SERVING, successor_pid=None, requesters=(), last_failure=reason)
+        fields: dict = {"READY": 1, "STATUS": self.serving_status()}
         if reclaim:
             fields["MAINPID"] = self.pid
         return [

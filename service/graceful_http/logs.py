@@ -25,17 +25,22 @@ def stderr_is_journal(environ=os.environ) -> bool:
     return (st.st_dev, st.st_ino) == (int(device), int(inode))
 
 
-class _GenerationFields(logging.Filter):
-    def __init__(self, generation: int):
+class _ProcessFields(logging.Filter):
+    """Journal fields naming the generation (and worker) of every line."""
+
+    def __init__(self, generation: int, worker: int | None):
         super().__init__()
         self.generation = generation
+        self.worker = worker
 
     def filter(self, record: logging.LogRecord) -> bool:
         record.GENERATION = self.generation
+        if self.worker is not None:
+            record.WORKER = self.worker
         return True
 
 
-def setup(generation: int, level: str = "info") -> None:
+def setup(generation: int, level: str = "info", worker: int | None = None) -> None:
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
@@ -43,11 +48,13 @@ def setup(generation: int, level: str = "info") -> None:
         from systemd.journal import JournalHandler
 
         handler: logging.Handler = JournalHandler(SYSLOG_IDENTIFIER="graceful-http")
-        handler.setFormatter(logging.Formatter("%(message)s"))
+        prefix = f"worker {worker}: " if worker is not None else ""
+        handler.setFormatter(logging.Formatter(prefix + "%(message)s"))
     else:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter(f"graceful-http[%(process)d] gen {generation}: %(message)s"))
-    handler.addFilter(_GenerationFields(generation))
+        who = f"gen {generation}" + (f" worker {worker}" if worker is not None else "")
+        handler.setFormatter(logging.Formatter(f"graceful-http[%(process)d] {who}: %(message)s"))
+    handler.addFilter(_ProcessFields(generation, worker))
     root.addHandler(handler)
     root.setLevel(level.upper())
 

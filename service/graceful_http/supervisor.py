@@ -30,6 +30,7 @@ from graceful_http.pidfile import remove_pid_file, write_pid_file
 from graceful_http.sdnotify import Notifier, watchdog_interval
 from graceful_http.settings import ServeSettings
 from graceful_http.spawn import spawn_successor
+from graceful_http.workers import WorkerLink, WorkerPool, WorkerStartFailed
 
 log = logging.getLogger("graceful_http")
 
@@ -82,6 +83,39 @@ def read_token(path: str | None) -> str | None:
     return token
 
 
+def build_engines(settings: ServeSettings, listeners, control: ControlState) -> list[Engine]:
+    """The HTTP engines of one serving process: the app's (with the control layer) and the control socket's."""
+    try:
+        token = read_token(settings.control_token_file)
+        app, interface = load_asgi3(settings.app, settings.app_dir,
+                                    factory=settings.factory, interface=settings.interface)
+    except AppLoadError as exc:
+        if exc.details:
+            log.error("%s", exc.details.rstrip())
+        raise StartError(str(exc)) from None
+    log.info("loaded %s (%s)", settings.app, interface)
+    public = [l for l in listeners if l.name != CONTROL_SOCKET_NAME]
+    private = [l for l in listeners if l.name == CONTROL_SOCKET_NAME]
+    access = logs.log_access if settings.access_log else None
+    engines = []
+    if public:
+        policy = ControlPolicy(allow=settings.control_allow, token=token, control_socket_elsewhere=bool(private))
+        stack = ControlLayer(app, control, policy, access)
+        engines.append(Engine(stack, [l.sock for l in public], idle_grace=settings.idle_grace))
+    if private:  # the admins' socket: control endpoints only, trusted by its file mode
+        stack = ControlLayer(not_found, control, ControlPolicy(trusted=True), access)
+        engines.append(Engine(stack, [l.sock for l in private], idle_grace=0.1, lifespan=False))
+    return engines
+
+
+async def start_engines(engines: list[Engine]) -> None:
+    try:
+        for engine in engines:
+            await engine.start()
+    except StartupFailed as exc:
+        raise StartError(str(exc)) from None
+
+
 class Supervisor:
     def __init__(self, settings: ServeSettings, generation: int, successor_end: SuccessorEnd | None):
         self.settings = settings
@@ -104,39 +138,29 @@ class Supervisor:
     # ---- start -----------------------------------------------------------
 
     async def start(self) -> None:
-        """Listen, load the app, start serving. Raises StartError with a one-line reason."""
+        """Listen, start serving (here, or in worker processes). Raises StartError with a one-line reason."""
         settings = self.settings
         try:
             self.listeners = acquire(settings.binds)
-            token = read_token(settings.control_token_file)
-            app, interface = load_asgi3(settings.app, settings.app_dir,
-                                        factory=settings.factory, interface=settings.interface)
         except (ListenerError, ListenFdsError) as exc:
             raise StartError(str(exc)) from None
-        except AppLoadError as exc:
-            if exc.details:
-                log.error("%s", exc.details.rstrip())
-            raise StartError(str(exc)) from None
-        public = [l for l in self.listeners if l.name != CONTROL_SOCKET_NAME]
-        private = [l for l in self.listeners if l.name == CONTROL_SOCKET_NAME]
-        access = logs.log_access if settings.access_log else None
-        policy = ControlPolicy(allow=settings.control_allow, token=token, control_socket_elsewhere=bool(private))
-        if public:
-            stack = ControlLayer(app, self.control, policy, access)
-            self.engines.append(Engine(stack, [l.sock for l in public], idle_grace=settings.idle_grace))
-        if private:  # the admins' socket: control endpoints only, trusted by its file mode
-            stack = ControlLayer(not_found, self.control, ControlPolicy(trusted=True), access)
-            self.engines.append(Engine(stack, [l.sock for l in private], idle_grace=0.1, lifespan=False))
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGHUP, self.dispatch, g.ReloadRequested("SIGHUP"))
         loop.add_signal_handler(signal.SIGTERM, self.dispatch, g.StopRequested("SIGTERM"))
         loop.add_signal_handler(signal.SIGINT, self.dispatch, g.StopRequested("SIGINT"))
-        try:
-            for engine in self.engines:
-                await engine.start()
-        except StartupFailed as exc:
-            raise StartError(str(exc)) from None
-        log.info("serving %s (%s) on %s", settings.app, interface, self.engines[0].describe())
+        if settings.workers > 1:
+            pool = WorkerPool(settings.workers, self.listeners, self.machine.state.generation,
+                              self.request_reload_now)
+            self.engines = [pool]
+            try:
+                await pool.start()
+            except WorkerStartFailed as exc:
+                raise StartError(str(exc)) from None
+            log.info("serving %s on %s", settings.app, pool.describe())
+        else:
+            self.engines = build_engines(settings, self.listeners, self.control)
+            await start_engines(self.engines)
+            log.info("serving %s on %s", settings.app, self.engines[0].describe())
         for listener in self.listeners:
             log.info("listening on %s", listener.describe())
 
@@ -327,6 +351,44 @@ class Supervisor:
         log.info("exited: generation %d (pid %d), %d request(s) served in all",
                  self.machine.state.generation, self.pid, self.total_requests())
         self.finished.set()
+
+
+async def run_worker(settings: ServeSettings, link: WorkerLink) -> int:
+    """A worker of a multi-worker generation: serve until SIGTERM, then drain and exit."""
+    logs.setup(int(os.environ.pop(GENERATION_VARIABLE, "1") or 1), settings.log_level, worker=link.index)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.set)
+    control = ControlState(request_reload=link.request_reload)
+    try:
+        listeners = acquire(settings.binds)
+        engines = build_engines(settings, listeners, control)
+        await start_engines(engines)
+    except (ListenerError, ListenFdsError, StartError) as exc:
+        log.error("cannot start: %s", exc)
+        link.report_failed_sync(str(exc))
+        return 1
+    await link.connect()
+    link.send("ready")
+    stats = asyncio.create_task(link.report_stats(engines[0]))
+    await stopping.wait()
+    control.accepting = False
+    for engine in engines:
+        engine.stop_accepting()
+    deadline = time.monotonic() + settings.graceful_timeout
+    results = await asyncio.gather(*(engine.drain(deadline) for engine in engines))
+    served, cut = sum(r[0] for r in results), sum(r[1] for r in results)
+    if cut:
+        log.warning("graceful timeout (%gs) reached: cut %d request(s) still in flight", settings.graceful_timeout, cut)
+    log.info("drained: %d request(s) answered while draining, %d cut", served, cut)
+    for engine in engines:
+        await engine.shutdown_app()
+    stats.cancel()
+    link.send("stats", f"0 {sum(e.total_requests for e in engines)}")
+    link.send("drained", f"{served} {cut}")
+    await link.writer.drain()
+    return 0
 
 
 def report_start_failure(reason: str, exit_code: int = 1) -> int:

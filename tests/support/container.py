@@ -13,6 +13,9 @@ top of the host's own ``/usr``::
   (plus what we bind) comes from the host, so every container starts clean
   and nothing it writes survives it.
 * ``--register=no --keep-unit``: there is no host systemd to register with.
+* ``directory=ROOT`` boots a whole root file system of its own instead (e.g. a
+  fresh Debian made with debootstrap), read-write and without ``--volatile``:
+  what it writes stays in ROOT, so give each container its own copy.
 * The network is the host's: a socket unit listening on 127.0.0.1:PORT inside
   is reachable from the test at 127.0.0.1:PORT.  Give each test its own port
   and machine name.
@@ -135,7 +138,10 @@ class SystemdContainer:
     containers running at the same time.  ``binds_ro`` maps host paths to
     container paths, bound read-only (e.g. the source tree or a venv made with
     ``/usr/bin/python3 -m venv --system-site-packages``, bound at the same
-    path so its interpreter link still resolves).
+    path so its interpreter link still resolves).  ``directory``, if given,
+    is a root file system to boot instead of the host's /usr on a tmpfs (for
+    example a copy of a debootstrapped Debian): it is booted read-write, so
+    the caller owns the copy and deletes it afterwards.
     """
 
     def __init__(
@@ -143,10 +149,12 @@ class SystemdContainer:
         name: str,
         binds_ro: dict[str, str] | None = None,
         boot_timeout: float = 60,
+        directory: str | None = None,
     ) -> None:
         self.name = name
         self.binds_ro = dict(binds_ro or {})
         self.boot_timeout = boot_timeout
+        self.directory = directory
         #: Host PID of the container's PID 1 (systemd) while it runs, else None.
         self.init_pid: int | None = None
         self._nspawn: subprocess.Popen[bytes] | None = None
@@ -167,12 +175,20 @@ class SystemdContainer:
         for host_path in self.binds_ro:
             if not os.path.exists(host_path):
                 raise ContainerError(f"bind source does not exist: {host_path}")
+        if self.directory is not None and not any(
+            os.path.exists(os.path.join(self.directory, init))
+            for init in ("usr/lib/systemd/systemd", "lib/systemd/systemd")
+        ):
+            raise ContainerError(f"no systemd to boot in {self.directory}")
 
         fd, self._log_path = tempfile.mkstemp(prefix=f"nspawn-{self.name}-", suffix=".log")
+        if self.directory is None:
+            root = ["-D", "/", "--volatile=yes"]
+        else:
+            root = ["-D", self.directory]
         cmd = [
             "systemd-nspawn",
-            "-D", "/",
-            "--volatile=yes",
+            *root,
             "--console=pipe",
             "--register=no",
             "--keep-unit",

@@ -110,6 +110,10 @@ class InstalledService:
                                  f" || cat /sys/fs/cgroup/systemd{group}/cgroup.procs").stdout
         return [int(line) for line in out.split()]
 
+    def children(self, pid: int) -> list[int]:
+        out = self.container.run(f"cat /proc/{pid}/task/*/children", check=False).stdout
+        return [int(p) for p in out.split()]
+
     def cmdline(self, pid: int) -> list[str]:
         out = self.container.run(f"cat /proc/{pid}/cmdline", check=False).stdout
         return out.split("\0")[:-1]

@@ -1,0 +1,282 @@
+"""Multi-worker generations: a generation's main process and its N worker processes.
+
+With `--workers N` (N ≥ 2) the main process does not serve HTTP itself: it
+starts N workers (same command line, the sockets at fd 3…, a private channel),
+waits until every one is ready, then proceeds with the handoff exactly as a
+single-process generation would. Each worker runs its own event loop on the
+shared sockets. A worker that dies is replaced, with a back-off so a crash
+loop does not spin; workers die with their main (PR_SET_PDEATHSIG).
+
+Channel lines, worker → main: `ready`, `failed <reason>`, `stats <in flight>
+<total>`, `reload <source>`, `drained <answered> <cut>`; main → worker: `outcome <code> <pid> <detail>`.
+Draining is SIGTERM: the worker stops accepting and drains lame-duck style.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+
+from graceful_http.generation import Outcome
+from graceful_http.handoff import GENERATION_VARIABLE
+from graceful_http.spawn import WORKER_FD_VARIABLE, spawn_worker
+
+log = logging.getLogger("graceful_http")
+
+WORKER_VARIABLE = "GRACEFUL_HTTP_WORKER"
+STATS_INTERVAL = 1.0
+_NOT_FOR_WORKERS = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
+
+
+class WorkerStartFailed(Exception):
+    """A worker could not start; the generation cannot serve."""
+
+
+# ---- pure: when to replace a dead worker ------------------------------------------
+
+
+@dataclass
+class RestartBackoff:
+    """Delay before replacing a worker: doubles with each quick death, resets after a stable run."""
+
+    initial: float = 0.5
+    maximum: float = 30.0
+    stable_after: float = 30.0
+    _delay: float = field(default=0.0, init=False)
+
+    def next_delay(self, lived: float) -> float:
+        if lived >= self.stable_after:
+            self._delay = 0.0
+        self._delay = self.initial if self._delay == 0.0 else min(self._delay * 2, self.maximum)
+        return self._delay
+
+
+def encode_outcome(outcome: Outcome) -> bytes:
+    return f"outcome {outcome.code} {outcome.pid or 0} {' '.join(outcome.detail.split())}\n".encode()
+
+
+def decode_outcome(detail: str) -> Outcome:
+    code, _, rest = detail.partition(" ")
+    pid_text, _, text = rest.partition(" ")
+    return Outcome(code, text, int(pid_text) if pid_text.isdigit() and pid_text != "0" else None)
+
+
+# ---- main side ------------------------------------------------------------------
+
+
+class Worker:
+    def __init__(self, index: int, pid: int, reader, writer):
+        self.index = index
+        self.pid = pid
+        self.reader = reader
+        self.writer = writer
+        self.started_at = time.monotonic()
+        self.ready = asyncio.get_running_loop().create_future()
+        self.exited = asyncio.get_running_loop().create_future()
+        self.in_flight = 0
+        self.total = 0
+        self.drained = (0, 0)  # (answered while draining, cut), as the worker reports it
+
+
+class WorkerPool:
+    """The main process's view of its workers; quacks like an Engine for the supervisor."""
+
+    def __init__(self, count: int, listeners, generation: int, request_reload):
+        self.count = count
+        self.listeners = listeners
+        self.generation = generation
+        self.request_reload = request_reload
+        self.workers: dict[int, Worker] = {}
+        self.backoff = {index: RestartBackoff() for index in range(count)}
+        self.replaced = 0
+        self.accepting = True
+        self._tasks: set[asyncio.Task] = set()
+        self._child_watcher = None
+        self._total_of_dead = 0
+
+    def describe(self) -> str:
+        return f"{self.count} worker processes"
+
+    async def start(self) -> None:
+        """Start every worker and wait until all are ready (or one fails)."""
+        for index in range(self.count):
+            await self._spawn(index)
+        waits = [worker.ready for worker in self.workers.values()]
+        for future in asyncio.as_completed(waits):
+            try:
+                await future
+            except WorkerStartFailed:
+                self.accepting = False
+                self.terminate(signal.SIGKILL)
+                raise
+
+    async def _spawn(self, index: int) -> Worker:
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        environ = {k: v for k, v in os.environ.items() if k not in _NOT_FOR_WORKERS}
+        environ[WORKER_VARIABLE] = str(index + 1)
+        environ[GENERATION_VARIABLE] = str(self.generation)
+        try:
+            pid = spawn_worker([l.sock.fileno() for l in self.listeners], [l.name for l in self.listeners],
+                               theirs.fileno(), environ)
+        finally:
+            theirs.close()
+        reader, writer = await asyncio.open_unix_connection(sock=mine)
+        worker = Worker(index, pid, reader, writer)
+        self.workers[pid] = worker
+        self._track(asyncio.create_task(self._listen(worker)))
+        self._track(asyncio.create_task(self._wait_exit(worker)))
+        log.info("worker %d started as pid %d", index + 1, pid)
+        return worker
+
+    def _track(self, task: asyncio.Task) -> None:
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _listen(self, worker: Worker) -> None:
+        while line := await worker.reader.readline():
+            word, _, detail = line.decode(errors="replace").strip().partition(" ")
+            if word == "ready" and not worker.ready.done():
+                worker.ready.set_result(None)
+            elif word == "failed" and not worker.ready.done():
+                worker.ready.set_exception(WorkerStartFailed(detail))
+            elif word == "stats":
+                in_flight, _, total = detail.partition(" ")
+                worker.in_flight, worker.total = int(in_flight), int(total)
+            elif word == "drained":
+                served, _, cut = detail.partition(" ")
+                worker.drained = (int(served), int(cut))
+            elif word == "reload":
+                outcome = self.request_reload(f"{detail} (via worker {worker.index + 1})")
+                worker.writer.write(encode_outcome(outcome))
+
+    async def _wait_exit(self, worker: Worker) -> None:
+        pidfd = os.pidfd_open(worker.pid)
+        exited = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        loop.add_reader(pidfd, exited.set)
+        try:
+            await exited.wait()
+        finally:
+            loop.remove_reader(pidfd)
+            os.close(pidfd)
+        _, status = os.waitpid(worker.pid, 0)
+        del self.workers[worker.pid]
+        self._total_of_dead += worker.total
+        worker.writer.close()
+        how = _describe_status(status)
+        if not worker.ready.done():
+            worker.ready.set_exception(WorkerStartFailed(f"worker {worker.index + 1} (pid {worker.pid}) {how}"
+                                                         " before it was ready"))
+        worker.exited.set_result(status)
+        if self.accepting and worker.ready.done() and not worker.ready.exception():
+            delay = self.backoff[worker.index].next_delay(time.monotonic() - worker.started_at)
+            self.replaced += 1
+            log.warning("worker %d (pid %d) %s; replacing it in %gs", worker.index + 1, worker.pid, how, delay)
+            await asyncio.sleep(delay)
+            if self.accepting:
+                replacement = await self._spawn(worker.index)
+                try:
+                    await replacement.ready
+                except WorkerStartFailed as exc:
+                    log.error("replacement worker failed: %s", exc)
+
+    def in_flight(self) -> int:
+        return sum(w.in_flight for w in self.workers.values())
+
+    @property
+    def total_requests(self) -> int:
+        return self._total_of_dead + sum(w.total for w in self.workers.values())
+
+    def terminate(self, signum=signal.SIGTERM) -> None:
+        for pid in list(self.workers):
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
+
+    def stop_accepting(self) -> None:
+        """Workers drain on SIGTERM; the main closes its own copies of the listeners."""
+        self.accepting = False
+        self.terminate(signal.SIGTERM)
+        for listener in self.listeners:
+            listener.sock.close()
+
+    async def drain(self, deadline: float) -> tuple[int, int]:
+        """Wait for the workers to finish draining; kill any still running at the deadline (+5 s grace)."""
+        draining = list(self.workers.values())
+        pending = [w.exited for w in draining]
+        if pending:
+            _, late = await asyncio.wait(pending, timeout=max(0.0, deadline - time.monotonic()) + 5)
+            if late:
+                self.terminate(signal.SIGKILL)
+                await asyncio.wait(late, timeout=5)
+        return sum(w.drained[0] for w in draining), sum(w.drained[1] for w in draining)
+
+    async def shutdown_app(self) -> None:
+        """Each worker ran its own lifespan shutdown."""
+
+
+def _describe_status(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"was killed by {signal.Signals(os.WTERMSIG(status)).name}"
+    return f"exited with status {os.waitstatus_to_exitcode(status)}"
+
+
+# ---- worker side ----------------------------------------------------------------
+
+
+class WorkerLink:
+    """A worker's channel to its main: readiness, stats, and reload requests."""
+
+    def __init__(self, sock: socket.socket, index: int):
+        self.sock = sock
+        self.index = index
+        self.reader = None
+        self.writer = None
+        self._replies: asyncio.Queue | None = None
+
+    @classmethod
+    def from_environ(cls, environ) -> "WorkerLink | None":
+        index = environ.pop(WORKER_VARIABLE, None)
+        fd_text = environ.pop(WORKER_FD_VARIABLE, None)
+        if index is None or fd_text is None:
+            return None
+        fd = int(fd_text)
+        os.set_inheritable(fd, False)
+        return cls(socket.socket(fileno=fd), int(index))
+
+    async def connect(self) -> None:
+        self.reader, self.writer = await asyncio.open_unix_connection(sock=self.sock)
+        self._replies = asyncio.Queue()
+        asyncio.create_task(self._read_replies())
+
+    async def _read_replies(self) -> None:
+        while line := await self.reader.readline():
+            word, _, detail = line.decode(errors="replace").strip().partition(" ")
+            if word == "outcome":
+                await self._replies.put(decode_outcome(detail))
+        # The main is gone: a worker never outlives its generation.
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def send(self, word: str, detail: str = "") -> None:
+        self.writer.write(f"{word} {' '.join(detail.split())}".rstrip().encode() + b"\n")
+
+    def report_failed_sync(self, reason: str) -> None:
+        try:
+            self.sock.sendall(f"failed {' '.join(reason.split())}\n".encode())
+        except OSError:
+            pass
+
+    async def request_reload(self, source: str) -> Outcome:
+        self.send("reload", source)
+        return await self._replies.get()
+
+    async def report_stats(self, engine) -> None:
+        while True:
+            self.send("stats", f"{engine.in_flight()} {engine.total_requests}")
+            await asyncio.sleep(STATS_INTERVAL)
