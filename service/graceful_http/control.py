@@ -105,11 +105,13 @@ _OUTCOME_STATUS = {"started": 202, "refused": 409, "failed": 409, "done": 200}
 
 
 class ControlLayer:
-    def __init__(self, app, state: ControlState, policy: ControlPolicy, access_logger=None):
+    def __init__(self, app, state: ControlState, policy: ControlPolicy, access_logger=None, metrics=None):
         self.app = app
         self.state = state
         self.policy = policy
         self.access_logger = access_logger
+        self.metrics = metrics
+        self._plain_path = access_logger is None and metrics is None
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -119,7 +121,9 @@ class ControlLayer:
             endpoint = self._graceful
         elif path == "/healthz":
             endpoint = self._healthz
-        elif self.state.accepting and self.access_logger is None:
+        elif path == "/metrics" and self.metrics is not None:
+            endpoint = self._metrics
+        elif self.state.accepting and self._plain_path:
             return await self.app(scope, receive, send)
         else:
             endpoint = self.app
@@ -145,6 +149,14 @@ class ControlLayer:
             return await _plain(send, 200, "ok\n")
         return await _plain(send, 503, "draining\n")  # _observed adds Connection: close
 
+    async def _metrics(self, scope, receive, send):
+        if scope["method"] not in ("GET", "HEAD"):
+            return await _plain(send, 405, "use GET /metrics\n", [(b"allow", b"GET, HEAD")])
+        body, content_type = self.metrics.render()
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", content_type.encode()), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
     async def _observed(self, endpoint, scope, receive, send):
         """`endpoint`, with `Connection: close` while draining and/or an access-log line."""
         close = not self.state.accepting
@@ -159,8 +171,15 @@ class ControlLayer:
                     message = {**message, "headers": [*message.get("headers", ()), CONNECTION_CLOSE]}
             await send(message)
 
+        metrics = self.metrics
+        if metrics is not None:
+            metrics.in_flight.inc()
         try:
             await endpoint(scope, receive, observed_send)
         finally:
+            duration = time.perf_counter() - started
+            if metrics is not None:
+                metrics.in_flight.dec()
+                metrics.observe(status, duration)
             if self.access_logger is not None:
-                self.access_logger(scope, status, time.perf_counter() - started)
+                self.access_logger(scope, status, duration)

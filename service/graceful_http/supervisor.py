@@ -25,6 +25,7 @@ from graceful_http.controlsocket import ControlServer
 from graceful_http.engine import Engine, StartupFailed
 from graceful_http.handoff import GENERATION_VARIABLE, PredecessorEnd, SuccessorEnd
 from graceful_http.listenfds import ListenFdsError
+from graceful_http.metrics import CARRIED_VARIABLE, Metrics
 from graceful_http.listeners import CONTROL_SOCKET_NAME, ListenerError, acquire
 from graceful_http.pidfile import remove_pid_file, write_pid_file
 from graceful_http.sdnotify import Notifier, watchdog_interval
@@ -83,7 +84,7 @@ def read_token(path: str | None) -> str | None:
     return token
 
 
-def build_engines(settings: ServeSettings, listeners, control: ControlState) -> list[Engine]:
+def build_engines(settings: ServeSettings, listeners, control: ControlState, metrics=None) -> list[Engine]:
     """The HTTP engines of one serving process: the app's (with the control layer) and the control socket's."""
     try:
         token = read_token(settings.control_token_file)
@@ -100,10 +101,10 @@ def build_engines(settings: ServeSettings, listeners, control: ControlState) -> 
     engines = []
     if public:
         policy = ControlPolicy(allow=settings.control_allow, token=token, control_socket_elsewhere=bool(private))
-        stack = ControlLayer(app, control, policy, access)
+        stack = ControlLayer(app, control, policy, access, metrics)
         engines.append(Engine(stack, [l.sock for l in public], idle_grace=settings.idle_grace))
     if private:  # the admins' socket: control endpoints only, trusted by its file mode
-        stack = ControlLayer(not_found, control, ControlPolicy(trusted=True), access)
+        stack = ControlLayer(not_found, control, ControlPolicy(trusted=True), access, metrics)
         engines.append(Engine(stack, [l.sock for l in private], idle_grace=0.1, lifespan=False))
     return engines
 
@@ -134,6 +135,7 @@ class Supervisor:
         self._dispatching = False
         self._main_tasks: list[asyncio.Task] = []
         self._last_status = ""
+        self.metrics: Metrics | None = None  # only where this process serves HTTP itself
 
     # ---- start -----------------------------------------------------------
 
@@ -158,7 +160,9 @@ class Supervisor:
                 raise StartError(str(exc)) from None
             log.info("serving %s on %s", settings.app, pool.describe())
         else:
-            self.engines = build_engines(settings, self.listeners, self.control)
+            if settings.metrics:
+                self.metrics = Metrics(self.machine.state.generation)
+            self.engines = build_engines(settings, self.listeners, self.control, self.metrics)
             await start_engines(self.engines)
             log.info("serving %s on %s", settings.app, self.engines[0].describe())
         for listener in self.listeners:
@@ -193,10 +197,21 @@ class Supervisor:
         self._dispatching = True
         try:
             while self._events:
-                for action in self.machine.handle(self._events.popleft()):
+                event = self._events.popleft()
+                before = self.machine.phase
+                for action in self.machine.handle(event):
                     self._carry_out(action)
+                self._count(event, before)
         finally:
             self._dispatching = False
+
+    def _count(self, event: g.Event, before: g.Phase) -> None:
+        if self.metrics is None:
+            return
+        if before in (g.Phase.RELOADING, g.Phase.HANDING_OVER) and self.machine.phase is g.Phase.SERVING:
+            self.metrics.reload_failed()
+        elif isinstance(event, g.BecameMain) and event.handed_over:
+            self.metrics.became_main_after_handoff()
 
     def request_reload_now(self, source: str) -> g.Outcome:
         """For `POST /graceful`: start a reload and say at once whether it started."""
@@ -230,6 +245,8 @@ class Supervisor:
         channel = PredecessorEnd()
         environ = dict(os.environ)
         environ[GENERATION_VARIABLE] = str(action.generation)
+        if self.metrics is not None:
+            environ[CARRIED_VARIABLE] = self.metrics.carried_for_successor(reload_started=time.monotonic())
         try:
             pid = spawn_successor(
                 [listener.sock.fileno() for listener in self.listeners],
@@ -340,6 +357,8 @@ class Supervisor:
         cut = sum(r[1] for r in results)
         if cut:
             log.warning("graceful timeout (%gs) reached: cut %d request(s) still in flight", timeout, cut)
+            if self.metrics is not None:
+                self.metrics.cut.inc(cut)
         log.info("drained: %d request(s) answered while draining, %d cut", served, cut)
         for engine in self.engines:
             try:
@@ -355,7 +374,8 @@ class Supervisor:
 
 async def run_worker(settings: ServeSettings, link: WorkerLink) -> int:
     """A worker of a multi-worker generation: serve until SIGTERM, then drain and exit."""
-    logs.setup(int(os.environ.pop(GENERATION_VARIABLE, "1") or 1), settings.log_level, worker=link.index)
+    generation = int(os.environ.pop(GENERATION_VARIABLE, "1") or 1)
+    logs.setup(generation, settings.log_level, worker=link.index)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -363,7 +383,8 @@ async def run_worker(settings: ServeSettings, link: WorkerLink) -> int:
     control = ControlState(request_reload=link.request_reload)
     try:
         listeners = acquire(settings.binds)
-        engines = build_engines(settings, listeners, control)
+        metrics = Metrics(generation, worker=link.index) if settings.metrics else None
+        engines = build_engines(settings, listeners, control, metrics)
         await start_engines(engines)
     except (ListenerError, ListenFdsError, StartError) as exc:
         log.error("cannot start: %s", exc)
