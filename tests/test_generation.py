@@ -28,7 +28,9 @@ from graceful_http.generation import (  # noqa: E402
     ChildReady,
     ChildStarted,
     Generation,
+    HandedOver,
     HandOver,
+    HandOverFailed,
     KillSuccessor,
     Log,
     Notify,
@@ -52,6 +54,11 @@ STATUS = "gen 1 · pid 100 · serving · 0 in flight · 0 requests"
 TIMEOUT_REASON = "new generation not ready within 5s (ready timeout)"
 
 
+def failed_status(reason: str) -> str:
+    """STATUS= after a failed reload: the reason first, then the serving status (kept until the next reload)."""
+    return f"reload failed: {reason} · {STATUS}"
+
+
 def machine_in(phase: str) -> Generation:
     """A generation (gen 1, pid 100) brought to `phase` through real events.
 
@@ -59,6 +66,8 @@ def machine_in(phase: str) -> Generation:
     RELOADING_UNSTARTED: reload requested, the child's pid not known yet.
     SERVING_AFTER_FAILURE: attempt 1 failed (ready timeout), serving again.
     RELOADING_2: as RELOADING, but for attempt 2 (attempt 1 failed), child 202.
+    HANDING_OVER: as RELOADING, and the child reported ready (the supervisor is telling systemd).
+    DRAINING: handed over to CHILD.
     """
     m = Generation(generation=1, pid=PID, ready_timeout=TIMEOUT)
     steps = {
@@ -70,7 +79,10 @@ def machine_in(phase: str) -> Generation:
                                   ReadyTimedOut(1)],
         "RELOADING_2": [BecameMain(False), ReloadRequested("SIGHUP"), ChildStarted(1, CHILD), ReadyTimedOut(1),
                         ReloadRequested("SIGHUP", REQUESTER), ChildStarted(2, 202)],
-        "DRAINING": [BecameMain(False), ReloadRequested("SIGHUP"), ChildStarted(1, CHILD), ChildReady(1, CHILD)],
+        "HANDING_OVER": [BecameMain(False), ReloadRequested("SIGHUP", REQUESTER), ChildStarted(1, CHILD),
+                         ChildReady(1, CHILD)],
+        "DRAINING": [BecameMain(False), ReloadRequested("SIGHUP"), ChildStarted(1, CHILD), ChildReady(1, CHILD),
+                     HandedOver(1)],
         "STOPPING": [BecameMain(False), StopRequested("SIGTERM")],
         "STOPPING_FROM_STARTING": [StopRequested("SIGTERM")],
     }[phase]
@@ -122,6 +134,9 @@ TABLE = [
      refused("reload already in progress", None)),
     ("reload during a reload, no requester (SIGHUP): refused silently",
      "RELOADING", ReloadRequested("SIGHUP"), Phase.RELOADING, []),
+    ("reload during a handover: refused",
+     "HANDING_OVER", ReloadRequested("SIGHUP", REQUESTER), Phase.HANDING_OVER,
+     refused("reload already in progress", CHILD)),
     ("reload while starting: refused",
      "STARTING", ReloadRequested("SIGHUP", REQUESTER), Phase.STARTING,
      refused(f"this generation (pid {PID}) is still starting")),
@@ -137,29 +152,44 @@ TABLE = [
      "RELOADING_UNSTARTED", ChildStarted(1, CHILD), Phase.RELOADING,
      [Notify({"STATUS": f"reloading: starting pid {CHILD}"}),
       Reply(REQUESTER, Outcome("started", f"reloading: starting pid {CHILD}", CHILD))]),
-    ("child ready: hand over, reply done, then drain",
-     "RELOADING", ChildReady(1, CHILD), Phase.DRAINING,
-     [HandOver(pid=CHILD, generation=2),
-      Reply(REQUESTER, Outcome("done", f"generation 2 (pid {CHILD}) is serving", CHILD)),
+    ("child ready: hand over (and nothing else until systemd confirmed)",
+     "RELOADING", ChildReady(1, CHILD), Phase.HANDING_OVER,
+     [HandOver(attempt=1, pid=CHILD, generation=2)]),
+    ("child ready before its pid was reported: hand over to the pid it reports",
+     "RELOADING_UNSTARTED", ChildReady(1, CHILD), Phase.HANDING_OVER,
+     [HandOver(attempt=1, pid=CHILD, generation=2)]),
+    ("handed over: reply done, then drain",
+     "HANDING_OVER", HandedOver(1), Phase.DRAINING,
+     [Reply(REQUESTER, Outcome("done", f"generation 2 (pid {CHILD}) is serving", CHILD)),
       StartDraining(f"handed over to pid {CHILD}")]),
+    ("handover failed (the child died meanwhile): kill, reclaim MAINPID, READY=1, reply failed",
+     "HANDING_OVER", HandOverFailed(1, "new generation (pid 201) exited during the handover"), Phase.SERVING,
+     [KillSuccessor(1, CHILD),
+      Notify({"READY": 1, "STATUS": failed_status("new generation (pid 201) exited during the handover"),
+              "MAINPID": PID}),
+      Reply(REQUESTER, Outcome("failed", "new generation (pid 201) exited during the handover", PID))]),
+    ("child failure reported during the handover: ignored (the handover decides)",
+     "HANDING_OVER", ChildFailed(1, "x"), Phase.HANDING_OVER, []),
+    ("ready timeout during the handover: ignored",
+     "HANDING_OVER", ReadyTimedOut(1), Phase.HANDING_OVER, []),
     ("child failed: kill it, READY=1 + STATUS, reply failed, serve on",
      "RELOADING", ChildFailed(1, "importing 'app' raised RuntimeError: boom"), Phase.SERVING,
      [KillSuccessor(1, CHILD),
-      Notify({"READY": 1, "STATUS": "reload failed: importing 'app' raised RuntimeError: boom"}),
+      Notify({"READY": 1, "STATUS": failed_status("importing 'app' raised RuntimeError: boom")}),
       Reply(REQUESTER, Outcome("failed", "importing 'app' raised RuntimeError: boom", PID))]),
     ("ready timeout: kill it, READY=1 + STATUS, reply failed, serve on",
      "RELOADING", ReadyTimedOut(1), Phase.SERVING,
      [KillSuccessor(1, CHILD),
-      Notify({"READY": 1, "STATUS": f"reload failed: {TIMEOUT_REASON}"}),
+      Notify({"READY": 1, "STATUS": failed_status(TIMEOUT_REASON)}),
       Reply(REQUESTER, Outcome("failed", TIMEOUT_REASON, PID))]),
     ("ready timeout before the child's pid is known: kill by attempt",
      "RELOADING_UNSTARTED", ReadyTimedOut(1), Phase.SERVING,
      [KillSuccessor(1, None),
-      Notify({"READY": 1, "STATUS": f"reload failed: {TIMEOUT_REASON}"}),
+      Notify({"READY": 1, "STATUS": failed_status(TIMEOUT_REASON)}),
       Reply(REQUESTER, Outcome("failed", TIMEOUT_REASON, PID))]),
     ("attempt 2 fails: kills attempt 2's child",
      "RELOADING_2", ChildFailed(2, "exited"), Phase.SERVING,
-     [KillSuccessor(2, 202), Notify({"READY": 1, "STATUS": "reload failed: exited"}),
+     [KillSuccessor(2, 202), Notify({"READY": 1, "STATUS": failed_status("exited")}),
       Reply(REQUESTER, Outcome("failed", "exited", PID))]),
 
     # -- the successor's progress, stale attempts
@@ -179,8 +209,16 @@ TABLE = [
      "SERVING_AFTER_FAILURE", ChildFailed(1, "x"), Phase.SERVING, []),
     ("ReadyTimedOut after handover (the timer is never cancelled): ignored",
      "DRAINING", ReadyTimedOut(1), Phase.DRAINING, []),
-    ("ChildReady twice: the second is not a second handover",
-     "DRAINING", ChildReady(1, CHILD), Phase.DRAINING, [KillSuccessor(1, CHILD)]),
+    ("HandedOver for another attempt: ignored",
+     "HANDING_OVER", HandedOver(2), Phase.HANDING_OVER, []),
+    ("HandedOver while not handing over: ignored",
+     "RELOADING", HandedOver(1), Phase.RELOADING, []),
+    ("HandedOver again after the handover: ignored",
+     "DRAINING", HandedOver(1), Phase.DRAINING, []),
+    ("HandOverFailed for another attempt: ignored",
+     "HANDING_OVER", HandOverFailed(2, "x"), Phase.HANDING_OVER, []),
+    ("HandOverFailed while serving: ignored",
+     "SERVING_AFTER_FAILURE", HandOverFailed(1, "x"), Phase.SERVING, []),
     ("ChildReady for a future attempt: kill it",
      "RELOADING", ChildReady(7, 777), Phase.RELOADING, [KillSuccessor(7, 777)]),
 
@@ -191,6 +229,12 @@ TABLE = [
       StartDraining("SIGTERM received")]),
     ("stop while reloading: kill the child, fail the requester, STOPPING=1, drain",
      "RELOADING", StopRequested("SIGTERM"), Phase.STOPPING,
+     [KillSuccessor(1, CHILD),
+      Reply(REQUESTER, Outcome("failed", "the service is stopping", PID)),
+      Notify({"STOPPING": 1, "STATUS": "stopping: finishing in-flight requests"}),
+      StartDraining("SIGTERM received")]),
+    ("stop during a handover: kill the child, fail the requester, STOPPING=1, drain",
+     "HANDING_OVER", StopRequested("SIGTERM"), Phase.STOPPING,
      [KillSuccessor(1, CHILD),
       Reply(REQUESTER, Outcome("failed", "the service is stopping", PID)),
       Notify({"STOPPING": 1, "STATUS": "stopping: finishing in-flight requests"}),
@@ -227,15 +271,22 @@ def test_refusal_during_reload_is_a_logged_warning_and_never_a_second_spawn():
         assert Log(f"reload requested by {source} refused: reload already in progress", "warning") in actions
         assert Reply(OTHER, Outcome("refused", "reload already in progress", CHILD)) in actions
     # the reload under way is untouched: its requester still hears "done"
-    actions = m.handle(ChildReady(1, CHILD))
+    assert without_logs(m.handle(ChildReady(1, CHILD))) == [HandOver(attempt=1, pid=CHILD, generation=2)]
+    actions = m.handle(ReloadRequested("SIGHUP", OTHER))  # still refused while systemd is being told
+    assert Reply(OTHER, Outcome("refused", "reload already in progress", CHILD)) in actions
+    actions = m.handle(HandedOver(1))
     assert [a.requester for a in actions if isinstance(a, Reply)] == [REQUESTER]
 
 
-def test_handover_comes_first_and_draining_last():
-    actions = machine_in("RELOADING").handle(ChildReady(1, CHILD))
-    assert isinstance(actions[0], HandOver)
+def test_handover_then_confirmation_then_draining_last():
+    m = machine_in("RELOADING")
+    assert m.handle(ChildReady(1, CHILD)) == [HandOver(attempt=1, pid=CHILD, generation=2)]
+    assert m.is_main  # until systemd has processed MAINPID=
+    actions = m.handle(HandedOver(1))
     assert isinstance(actions[-1], StartDraining)
-    assert not any(isinstance(a, Notify) for a in actions)  # the HandOver carries MAINPID+READY
+    assert Log(f"handed over to pid {CHILD} (generation 2)") in actions
+    assert not any(isinstance(a, Notify) for a in actions)  # the HandOver carried MAINPID+READY
+    assert not m.is_main
 
 
 def test_reload_failure_is_logged_as_an_error_naming_the_reason():
@@ -250,6 +301,7 @@ ALL_EVENTS = [
     ReloadRequested("SIGHUP"), ReloadRequested("SIGHUP", OTHER),
     ChildStarted(1, CHILD), ChildStarted(2, 202), ChildReady(1, CHILD), ChildReady(2, 202),
     ChildFailed(1, "x"), ChildFailed(2, "x"), ReadyTimedOut(1), ReadyTimedOut(2),
+    HandedOver(1), HandedOver(2), HandOverFailed(1, "x"), HandOverFailed(2, "x"),
     StopRequested("SIGTERM"), StopRequested("SIGINT"),
 ]
 
@@ -269,16 +321,19 @@ def test_a_reload_after_a_failed_one_works_end_to_end():
     m.handle(ReloadRequested("SIGHUP"))
     m.handle(ChildStarted(1, CHILD))
     failed = m.handle(ChildFailed(1, "boom"))
-    assert Notify({"READY": 1, "STATUS": "reload failed: boom"}) in failed
+    assert Notify({"READY": 1, "STATUS": failed_status("boom")}) in failed
     assert m.phase is Phase.SERVING and m.is_main
+    assert m.serving_status(2, 10).startswith("reload failed: boom · gen 1 · pid 100 · serving · 2 in flight")
 
     again = m.handle(ReloadRequested("graceful-http reload", REQUESTER))
+    assert not m.serving_status().startswith("reload failed")  # a new reload clears the old failure
     assert SpawnSuccessor(attempt=2, generation=2) in again
     assert ArmReadyTimer(attempt=2, seconds=TIMEOUT) in again
     m.handle(ChildStarted(2, 202))
     assert m.handle(ReadyTimedOut(1)) == []  # attempt 1's timer fires late: ignored
-    done = m.handle(ChildReady(2, 202))
-    assert done[0] == HandOver(pid=202, generation=2)
+    assert m.handle(ChildReady(2, 202)) == [HandOver(attempt=2, pid=202, generation=2)]
+    assert m.handle(HandedOver(1)) == []  # not this attempt's handover
+    done = m.handle(HandedOver(2))
     assert Reply(REQUESTER, Outcome("done", "generation 2 (pid 202) is serving", 202)) in done
     assert m.phase is Phase.DRAINING and not m.is_main
 
@@ -287,6 +342,7 @@ def test_is_main_only_while_serving_or_reloading():
     assert not machine_in("STARTING").is_main
     assert machine_in("SERVING").is_main
     assert machine_in("RELOADING").is_main
+    assert machine_in("HANDING_OVER").is_main
     assert not machine_in("DRAINING").is_main
     assert not machine_in("STOPPING").is_main
 
@@ -303,16 +359,19 @@ events = st.one_of(
     st.builds(ChildReady, attempt=attempts, pid=pids),
     st.builds(ChildFailed, attempt=attempts, reason=st.just("boom")),
     st.builds(ReadyTimedOut, attempt=attempts),
+    st.builds(HandedOver, attempt=attempts),
+    st.builds(HandOverFailed, attempt=attempts, reason=st.just("gone")),
     st.builds(StopRequested, source=st.sampled_from(["SIGTERM", "SIGINT"])),
 )
-MAIN_PHASES = (Phase.SERVING, Phase.RELOADING)
+MAIN_PHASES = (Phase.SERVING, Phase.RELOADING, Phase.HANDING_OVER)
+RELOAD_PHASES = (Phase.RELOADING, Phase.HANDING_OVER)
 
 
 @settings(max_examples=400, deadline=None)
 @given(st.lists(events, max_size=40))
 def test_only_the_main_generation_notifies_and_one_spawn_at_a_time(sequence):
     m = Generation(generation=3, pid=PID, ready_timeout=TIMEOUT)
-    outstanding: set[int] = set()  # attempts spawned and neither killed nor handed over
+    outstanding: int | None = None  # the attempt spawned and not yet killed nor confirmed as the new main
     spawned: list[int] = []
     finals: dict[object, int] = {}  # requester -> final replies (done/failed/refused)
     current_requester = None
@@ -332,22 +391,27 @@ def test_only_the_main_generation_notifies_and_one_spawn_at_a_time(sequence):
             assert after is before and not notifies
         if isinstance(event, BecameMain) and event.handed_over:
             assert all("READY" not in n.fields for n in notifies)
+        for n in notifies:  # a generation only ever names itself as the main pid
+            assert n.fields.get("MAINPID", PID) == PID, (event, actions)
 
         for action in actions:
             if isinstance(action, SpawnSuccessor):
-                assert not outstanding, f"second SpawnSuccessor while {outstanding} outstanding: {actions}"
-                assert action.attempt not in spawned
-                outstanding.add(action.attempt)
+                assert outstanding is None, f"second SpawnSuccessor while attempt {outstanding} is outstanding"
+                assert before not in RELOAD_PHASES
+                assert action.attempt not in spawned and all(action.attempt > a for a in spawned)
+                outstanding = action.attempt
                 spawned.append(action.attempt)
-            elif isinstance(action, KillSuccessor):
-                outstanding.discard(action.attempt)
             elif isinstance(action, HandOver):
-                assert before is Phase.RELOADING
-                outstanding.clear()
+                assert before is Phase.RELOADING and action.attempt == outstanding
             elif isinstance(action, Reply) and action.outcome.code in ("done", "failed", "refused"):
                 finals[action.requester] = finals.get(action.requester, 0) + 1
-        assert len(outstanding) <= 1
-        assert (m.phase is Phase.RELOADING) == bool(outstanding)
+        if before in RELOAD_PHASES and after not in RELOAD_PHASES:
+            if after is Phase.DRAINING:  # confirmed as the new main: not ours to kill any more
+                assert isinstance(event, HandedOver) and event.attempt == outstanding
+            else:  # a reload that ends any other way takes its child with it
+                assert any(isinstance(a, KillSuccessor) and a.attempt == outstanding for a in actions), actions
+            outstanding = None
+        assert (m.phase in RELOAD_PHASES) == (outstanding is not None), (before, event, actions, outstanding)
         if isinstance(event, ReloadRequested) and event.requester is not None and m.phase is Phase.RELOADING \
                 and before is not Phase.RELOADING:
             current_requester = event.requester
@@ -356,5 +420,5 @@ def test_only_the_main_generation_notifies_and_one_spawn_at_a_time(sequence):
     for index, event in enumerate(sequence):  # everybody who asked got an answer, unless still waiting
         requester = f"req-{index}"
         if isinstance(event, ReloadRequested) and event.requester is not None:
-            if not (m.phase is Phase.RELOADING and requester == current_requester):
+            if not (m.phase in RELOAD_PHASES and requester == current_requester):
                 assert finals.get(requester) == 1, (requester, finals)

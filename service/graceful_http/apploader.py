@@ -105,7 +105,9 @@ def detect_interface(app) -> str:
 def _raised_while_importing(module_name: str, exc: BaseException) -> AppLoadError:
     where = ""
     frames = traceback.extract_tb(exc.__traceback__)
-    if frames:
+    if isinstance(exc, SyntaxError) and exc.filename:
+        where = f" ({exc.filename}:{exc.lineno})"
+    elif frames:
         last = frames[-1]
         where = f" ({last.filename}:{last.lineno})"
     details = "".join(traceback.format_exception(exc))

@@ -159,7 +159,7 @@ class ControlLayer:
 
     async def _observed(self, endpoint, scope, receive, send):
         """`endpoint`, with `Connection: close` while draining and/or an access-log line."""
-        close = not self.state.accepting
+        state = self.state
         started = time.perf_counter()
         status = None
 
@@ -167,7 +167,7 @@ class ControlLayer:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                if close:
+                if not state.accepting:  # decided when the response starts: draining may have begun
                     message = {**message, "headers": [*message.get("headers", ()), CONNECTION_CLOSE]}
             await send(message)
 

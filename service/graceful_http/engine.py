@@ -52,6 +52,21 @@ def tracked_protocol(base):
     return Tracked
 
 
+def _close_after_response(connection) -> None:
+    """Make a request in flight end its connection, telling the client if the response has not started.
+
+    httptools' cycle adds `Connection: close` itself when keep_alive is off;
+    h11 adds it when its connection state has keep-alive disabled.
+    """
+    cycle = getattr(connection, "cycle", None)
+    if cycle is None or cycle.response_complete or getattr(cycle, "response_started", True):
+        return
+    cycle.keep_alive = False
+    state = getattr(getattr(cycle, "conn", None), "_cstate", None)
+    if state is not None and hasattr(state, "process_keep_alive_disabled"):
+        state.process_keep_alive_disabled()
+
+
 def _busy(connection) -> bool:
     cycle = getattr(connection, "cycle", None)
     return cycle is not None and not cycle.response_complete
@@ -76,6 +91,7 @@ class Engine:
         self.server.lifespan = config.lifespan_class(config)
         self.sockets = sockets
         self.idle_grace = idle_grace
+        self._listeners_closed = False
 
     def describe(self) -> str:
         protocol = "httptools" if "HttpTools" in self.server.config.http_protocol_class.__name__ else "h11"
@@ -103,7 +119,25 @@ class Engine:
         return sum(1 for c in self.connections if _busy(c))
 
     def stop_accepting(self) -> None:
-        """Close our copies of the listeners; the kernel keeps the sockets for whoever else holds them."""
+        """Stop accepting now; close our copies of the listeners a loop turn later (in `drain`).
+
+        Closing an asyncio server at once drops the connections it accepted in
+        this same loop turn (their transports are still being attached): the
+        kernel resets them. So we only stop watching the listeners here.
+        Requests already in flight whose response has not started are told
+        `Connection: close`, so their clients move to the new generation too.
+        """
+        loop = asyncio.get_running_loop()
+        watched = [loop.remove_reader(sock.fileno()) for server in self.server.servers for sock in server.sockets or ()]
+        if not all(watched):  # not asyncio's selector loop (uvloop): its own close is safe
+            self._close_listeners()
+        for connection in list(self.connections):
+            _close_after_response(connection)
+
+    def _close_listeners(self) -> None:
+        if self._listeners_closed:
+            return
+        self._listeners_closed = True
         for server in self.server.servers:
             server.close()
         for sock in self.sockets:  # an event loop may have used a duplicate
@@ -116,11 +150,14 @@ class Engine:
         """
         served_before = self.total_requests
         closer = IdleCloser(self.idle_grace)
+        first = True
         while True:
-            # Sleep first: connections the loop accepted just before the listeners
-            # closed are registered a few loop turns later; exiting before would
-            # reset them with their request unread.
+            # Sleep first: connections the loop accepted just before we stopped
+            # are registered a few loop turns later.
             await asyncio.sleep(DRAIN_TICK)
+            if first:
+                self._close_listeners()
+                first = False
             now = time.monotonic()
             if not self.connections or now >= deadline:
                 break

@@ -235,10 +235,16 @@ class Generation:
 
     # -- the successor's progress
 
+    def _already_handed(self, attempt: int) -> bool:
+        """An event about the successor we are handing (or have handed) over to: never kill it."""
+        return attempt == self.state.attempt and self.state.phase in (Phase.HANDING_OVER, Phase.DRAINING)
+
     def _current(self, attempt: int) -> bool:
         return self.state.phase is Phase.RELOADING and attempt == self.state.attempt
 
     def _on_ChildStarted(self, event: ChildStarted) -> list[Action]:
+        if self._already_handed(event.attempt):
+            return []
         if not self._current(event.attempt):
             return [KillSuccessor(event.attempt, event.pid)]
         s = self.state
@@ -251,6 +257,8 @@ class Generation:
         ]
 
     def _on_ChildReady(self, event: ChildReady) -> list[Action]:
+        if self._already_handed(event.attempt):
+            return []
         if not self._current(event.attempt):
             return [KillSuccessor(event.attempt, event.pid)]
         s = self.state

@@ -27,10 +27,10 @@ def passed_fd_count(environ: Mapping[str, str], pid: int) -> int:
     if "LISTEN_FDS" not in environ:
         return 0
     count_text = environ["LISTEN_FDS"]
-    if not count_text.isdigit():
+    if not (count_text.isascii() and count_text.isdigit()):
         raise ListenFdsError(f"LISTEN_FDS={count_text!r} is not a number")
     pid_text = environ.get("LISTEN_PID", "")
-    if not pid_text.isdigit():
+    if not (pid_text.isascii() and pid_text.isdigit()):
         raise ListenFdsError(f"LISTEN_FDS is set but LISTEN_PID={pid_text!r} is not a process id")
     if int(pid_text) != pid:
         raise ListenFdsError(

@@ -70,7 +70,7 @@ def parse_bind(text: str, option: str = "--bind") -> BindAddress:
         host, sep, port_text = text.rpartition(":")
         if not sep or not host or ":" in host:
             raise SettingsError(f"invalid {option} {text!r}: {expected}")
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+    if not (port_text.isascii() and port_text.isdigit()) or not 0 < int(port_text) < 65536:
         raise SettingsError(f"invalid {option} {text!r}: port must be a number from 1 to 65535")
     return BindAddress(host=host, port=int(port_text))
 
