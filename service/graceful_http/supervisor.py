@@ -17,6 +17,7 @@ import select
 import signal
 import time
 
+from graceful_http import __version__
 from graceful_http import generation as g
 from graceful_http import logs
 from graceful_http.apploader import AppLoadError, load_asgi3
@@ -158,13 +159,13 @@ class Supervisor:
                 await pool.start()
             except WorkerStartFailed as exc:
                 raise StartError(str(exc)) from None
-            log.info("serving %s on %s", settings.app, pool.describe())
+            log.info("graceful-http %s serving %s on %s", __version__, settings.app, pool.describe())
         else:
             if settings.metrics:
                 self.metrics = Metrics(self.machine.state.generation)
             self.engines = build_engines(settings, self.listeners, self.control, self.metrics)
             await start_engines(self.engines)
-            log.info("serving %s on %s", settings.app, self.engines[0].describe())
+            log.info("graceful-http %s serving %s on %s", __version__, settings.app, self.engines[0].describe())
         for listener in self.listeners:
             log.info("listening on %s", listener.describe())
 
@@ -382,6 +383,9 @@ async def run_worker(settings: ServeSettings, link: WorkerLink) -> int:
         loop.add_signal_handler(signum, stopping.set)
     control = ControlState(request_reload=link.request_reload)
     try:
+        if link.main_version != __version__:
+            raise StartError(f"graceful-http {__version__} is installed but this generation runs {link.main_version}:"
+                             " a replacement worker would run other code; reload to start the new version")
         listeners = acquire(settings.binds)
         metrics = Metrics(generation, worker=link.index) if settings.metrics else None
         engines = build_engines(settings, listeners, control, metrics)

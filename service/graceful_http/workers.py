@@ -22,6 +22,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 
+from graceful_http import __version__
 from graceful_http.generation import Outcome
 from graceful_http.handoff import GENERATION_VARIABLE
 from graceful_http.spawn import WORKER_FD_VARIABLE, spawn_worker
@@ -29,6 +30,7 @@ from graceful_http.spawn import WORKER_FD_VARIABLE, spawn_worker
 log = logging.getLogger("graceful_http")
 
 WORKER_VARIABLE = "GRACEFUL_HTTP_WORKER"
+VERSION_VARIABLE = "GRACEFUL_HTTP_MAIN_VERSION"  # a worker must run the code its main runs
 STATS_INTERVAL = 1.0
 _NOT_FOR_WORKERS = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
 
@@ -120,6 +122,7 @@ class WorkerPool:
         environ = {k: v for k, v in os.environ.items() if k not in _NOT_FOR_WORKERS}
         environ[WORKER_VARIABLE] = str(index + 1)
         environ[GENERATION_VARIABLE] = str(self.generation)
+        environ[VERSION_VARIABLE] = __version__
         try:
             pid = spawn_worker([l.sock.fileno() for l in self.listeners], [l.name for l in self.listeners],
                                theirs.fileno(), environ)
@@ -233,9 +236,10 @@ def _describe_status(status: int) -> str:
 class WorkerLink:
     """A worker's channel to its main: readiness, stats, and reload requests."""
 
-    def __init__(self, sock: socket.socket, index: int):
+    def __init__(self, sock: socket.socket, index: int, main_version: str = __version__):
         self.sock = sock
         self.index = index
+        self.main_version = main_version
         self.reader = None
         self.writer = None
         self._replies: asyncio.Queue | None = None
@@ -248,7 +252,7 @@ class WorkerLink:
             return None
         fd = int(fd_text)
         os.set_inheritable(fd, False)
-        return cls(socket.socket(fileno=fd), int(index))
+        return cls(socket.socket(fileno=fd), int(index), environ.pop(VERSION_VARIABLE, __version__))
 
     async def connect(self) -> None:
         self.reader, self.writer = await asyncio.open_unix_connection(sock=self.sock)
