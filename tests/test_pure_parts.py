@@ -22,7 +22,7 @@ import pytest  # noqa: E402
 from hypothesis import given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from graceful_http import controlsocket, sdnotify  # noqa: E402
+from graceful_http import controlsocket, reloadclient, sdnotify  # noqa: E402
 from graceful_http.apploader import AppLoadError, load_app  # noqa: E402
 from graceful_http.control import peer_allowed  # noqa: E402
 from graceful_http.demo import DEFAULT_SLEEP, parse_sleep_seconds  # noqa: E402
@@ -559,10 +559,10 @@ def test_format_line():
 
 
 def test_parse_line():
-    assert controlsocket.parse_line("started 77 reloading: starting pid 77\n") == (
-        Outcome("started", "reloading: starting pid 77", 77))
-    assert controlsocket.parse_line("failed x detail") == Outcome("failed", "detail", None)
-    assert controlsocket.parse_line("refused 0 the service is stopping").pid == 0
+    assert reloadclient.parse_line("started 77 reloading: starting pid 77\n") == (
+        reloadclient.Outcome("started", "reloading: starting pid 77", 77))
+    assert reloadclient.parse_line("failed x detail") == reloadclient.Outcome("failed", "detail", None)
+    assert reloadclient.parse_line("refused 0 the service is stopping").pid == 0
 
 
 words = st.text(alphabet=st.characters(min_codepoint=33, max_codepoint=0x2FFF, blacklist_categories=("Cs", "Zs",
@@ -577,11 +577,11 @@ def test_control_line_round_trip(code, pid, detail):
     outcome = Outcome(code, detail, pid)
     line = controlsocket.format_line(outcome)
     assert line.endswith(b"\n") and line.count(b"\n") == 1
-    assert controlsocket.parse_line(line.decode()) == outcome
+    assert reloadclient.parse_line(line.decode()) == reloadclient.Outcome(code, detail, pid)
 
 
 @given(detail=st.text(max_size=60))
 def test_control_line_round_trip_normalises_whitespace(detail):
     line = controlsocket.format_line(Outcome("failed", detail, 3)).decode()
     assert line.count("\n") == 1
-    assert controlsocket.parse_line(line) == Outcome("failed", " ".join(detail.split()), 3)
+    assert reloadclient.parse_line(line) == reloadclient.Outcome("failed", " ".join(detail.split()), 3)

@@ -8,7 +8,6 @@ or connection errors.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import signal
 import sys
@@ -126,6 +125,8 @@ def serve_settings(args: argparse.Namespace) -> ServeSettings:
 
 
 def serve(args: argparse.Namespace) -> int:
+    import asyncio
+
     # Until our own handler is installed, a SIGHUP must not kill a starting generation.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
@@ -149,6 +150,8 @@ def serve(args: argparse.Namespace) -> int:
 
 def _use_fastest_event_loop() -> None:
     """uvloop when installed (as `uvicorn[standard]` brings), else asyncio's own loop."""
+    import asyncio
+
     try:
         import uvloop
     except ImportError:
@@ -171,7 +174,7 @@ def check(args: argparse.Namespace) -> int:
 
 
 def reload(args: argparse.Namespace) -> int:
-    from graceful_http.controlsocket import ControlError, request_reload
+    from graceful_http.reloadclient import ControlError, request_reload
     from graceful_http.pidfile import read_pid_file
 
     timeout = parse_seconds(args.timeout, "--timeout", minimum=0.1)

@@ -16,6 +16,7 @@ import os
 import select
 import signal
 import time
+from typing import TYPE_CHECKING
 
 from graceful_http import __version__
 from graceful_http import generation as g
@@ -23,7 +24,6 @@ from graceful_http import logs
 from graceful_http.apploader import AppLoadError, load_asgi3
 from graceful_http.control import ControlLayer, ControlPolicy, ControlState, not_found
 from graceful_http.controlsocket import ControlServer
-from graceful_http.engine import Engine, StartupFailed
 from graceful_http.handoff import GENERATION_VARIABLE, PredecessorEnd, SuccessorEnd
 from graceful_http.listenfds import ListenFdsError
 from graceful_http.metrics import CARRIED_VARIABLE, Metrics
@@ -33,6 +33,9 @@ from graceful_http.sdnotify import Notifier, watchdog_interval
 from graceful_http.settings import ServeSettings
 from graceful_http.spawn import spawn_successor
 from graceful_http.workers import WorkerLink, WorkerPool, WorkerStartFailed
+
+if TYPE_CHECKING:
+    from graceful_http.engine import Engine
 
 log = logging.getLogger("graceful_http")
 
@@ -86,6 +89,8 @@ def read_token(path: str | None) -> str | None:
 
 
 def build_engines(settings: ServeSettings, listeners, control: ControlState, metrics=None) -> list[Engine]:
+    from graceful_http.engine import Engine  # uvicorn: not needed by the main of a multi-worker generation
+
     """The HTTP engines of one serving process: the app's (with the control layer) and the control socket's."""
     try:
         token = read_token(settings.control_token_file)
@@ -111,6 +116,8 @@ def build_engines(settings: ServeSettings, listeners, control: ControlState, met
 
 
 async def start_engines(engines: list[Engine]) -> None:
+    from graceful_http.engine import StartupFailed
+
     try:
         for engine in engines:
             await engine.start()
