@@ -62,6 +62,9 @@ def load_asgi3(spec: str, app_dir: str = ".", *, factory: bool = False, interfac
                                "".join(traceback.format_exception(exc))) from None
         if not callable(app):
             raise AppLoadError(f"the factory {spec!r} returned a {type(app).__name__}, not an application")
+    elif _takes_no_arguments(app):
+        raise AppLoadError(f"{spec!r} takes no arguments, so it is no ASGI or WSGI app;"
+                           " if it is an app factory, add --factory")
     if interface == "auto":
         interface = detect_interface(app)
     if interface == "wsgi":
@@ -82,6 +85,17 @@ def load_asgi3(spec: str, app_dir: str = ".", *, factory: bool = False, interfac
 
 def _call_target(app):
     return app if inspect.isfunction(app) or inspect.ismethod(app) else getattr(app, "__call__", app)
+
+
+def _takes_no_arguments(app) -> bool:
+    """True for a function (or callable object) that accepts no positional argument: a factory, usually."""
+    if inspect.isclass(app):
+        return False
+    try:
+        parameters = inspect.signature(_call_target(app)).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return not any(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL) for p in parameters)
 
 
 def _is_coroutine_callable(app) -> bool:

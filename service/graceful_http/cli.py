@@ -65,10 +65,8 @@ def _add_serve_options(parser: argparse.ArgumentParser) -> None:
             continue
         metavar, help_text = SERVE_HELP[key]
         kwargs = {"dest": option.name, "default": argparse.SUPPRESS, "help": help_text}
-        if key == "access_log":
-            parser.add_argument("--access-log", action=argparse.BooleanOptionalAction, **kwargs)
-        elif metavar is None:
-            parser.add_argument(option.flag, action="store_true", **kwargs)
+        if metavar is None:  # a boolean: --x and --no-x, so the command line can undo what the file set
+            parser.add_argument(option.flag, action=argparse.BooleanOptionalAction, **kwargs)
         elif option.repeated:
             parser.add_argument(option.flag, action="append", metavar=metavar, **kwargs)
         else:
@@ -141,11 +139,29 @@ def serve(args: argparse.Namespace) -> int:
     _use_fastest_event_loop()
     link = WorkerLink.from_environ(os.environ)
     if link is not None:
-        return asyncio.run(run_worker(settings, link))
+        return _leave_threads_behind(asyncio.run(run_worker(settings, link)))
     if settings.workers > (os.cpu_count() or 1):
         print(f"graceful-http: warning: --workers {settings.workers} is more than the {os.cpu_count()} CPUs here",
               file=sys.stderr)
-    return asyncio.run(run(settings))
+    return _leave_threads_behind(asyncio.run(run(settings)))
+
+
+def _leave_threads_behind(code: int) -> int:
+    """Exit now if app threads still run: a sync handler (WSGI, or a Starlette `def` endpoint) cut at the
+    graceful timeout goes on in its thread pool, which the interpreter would join at exit, keeping this
+    generation alive past --graceful-timeout (forever, for a stuck handler) after it logged `exited`."""
+    import logging
+    import threading
+
+    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(code)
+    return code
 
 
 def _use_fastest_event_loop() -> None:
@@ -161,13 +177,15 @@ def _use_fastest_event_loop() -> None:
 
 def check(args: argparse.Namespace) -> int:
     from graceful_http.apploader import AppLoadError, load_asgi3
+    from graceful_http.supervisor import StartError, read_token
 
     try:
         settings = serve_settings(args)
+        read_token(settings.control_token_file)  # serve reads it before serving, too
         load_asgi3(settings.app, settings.app_dir, factory=settings.factory, interface=settings.interface)
     except SettingsError as exc:
         return _fail(EXIT_USAGE, str(exc))
-    except AppLoadError as exc:
+    except (AppLoadError, StartError) as exc:
         return _fail(EXIT_FAILED, str(exc))
     print("ok")
     return EXIT_OK

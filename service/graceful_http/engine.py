@@ -86,6 +86,11 @@ class Engine:
             proxy_headers=False,  # X-Forwarded-For must not decide who may reload
             server_header=False,
         )
+        # uvicorn 0.17.6 wraps the app in its per-message trace logger whenever the "uvicorn.error"
+        # logger has no level of its own, which log_config=None leaves it without.
+        error_logger = logging.getLogger("uvicorn.error")
+        if error_logger.level == logging.NOTSET:
+            error_logger.setLevel(logging.getLogger().getEffectiveLevel())
         config.load()
         self.server = uvicorn.Server(config)
         self.server.lifespan = config.lifespan_class(config)

@@ -174,6 +174,7 @@ class Generation:
         self.pid = pid
         self.ready_timeout = ready_timeout
         self.state = State(phase=Phase.STARTING, generation=generation)
+        self.traffic = (0, 0)  # (in flight, requests served), kept current by the supervisor for STATUS=
 
     @property
     def phase(self) -> Phase:
@@ -187,7 +188,11 @@ class Generation:
         handler = getattr(self, "_on_" + type(event).__name__)
         return handler(event)
 
-    def serving_status(self, in_flight: int = 0, total: int = 0) -> str:
+    def serving_status(self, in_flight: int | None = None, total: int | None = None) -> str:
+        if in_flight is None:
+            in_flight = self.traffic[0]
+        if total is None:
+            total = self.traffic[1]
         status = f"gen {self.state.generation} · pid {self.pid} · serving · {in_flight} in flight · {total} requests"
         if self.state.last_failure:
             status = f"reload failed: {self.state.last_failure} · {status}"

@@ -68,6 +68,22 @@ class Metrics:
         """The value of CARRIED_VARIABLE for a successor whose reload started at `reload_started` (monotonic)."""
         return f"{self._succeeded} {self._failed} {self._last:.6f} {reload_started:.6f}"
 
+    def reload_counts(self) -> str:
+        """The value of CARRIED_VARIABLE for this generation's workers: the counts, no handoff to time."""
+        return f"{self._succeeded} {self._failed} {self._last:.6f} 0"
+
+    def update_reload_counts(self, text: str) -> None:
+        """In a worker: take the counts its main sends (`reload_counts()`)."""
+        succeeded, failed, last, _ = parse_carried(text)
+        if succeeded > self._succeeded:
+            self.reloads.labels(result="succeeded").inc(succeeded - self._succeeded)
+            self._succeeded = succeeded
+        if failed > self._failed:
+            self.reloads.labels(result="failed").inc(failed - self._failed)
+            self._failed = failed
+        self._last = last
+        self.last_handoff.set(last)
+
     def render(self) -> tuple[bytes, str]:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 

@@ -236,6 +236,11 @@ def parse_config(text: str, path: str) -> dict[str, object]:
 
 
 def _line_of(text: str, key: str) -> int | None:
-    pattern = re.compile(rf"^\s*{re.escape(key)}\s*=", re.MULTILINE)
+    """The line defining top-level `key`: `key = …`, a dotted `key.sub = …`, or a `[key]`/`[key.sub]` table.
+
+    Only blanks may precede the key: any whitespace would run over blank lines and name the first of them.
+    """
+    name = "|".join(re.escape(form) for form in (key, f'"{key}"', f"'{key}'"))
+    pattern = re.compile(rf"^[ \t]*(?:(?:{name})[ \t]*[=.]|\[\[?[ \t]*(?:{name})[ \t]*[.\]])", re.MULTILINE)
     match = pattern.search(text)
     return text.count("\n", 0, match.start()) + 1 if match else None

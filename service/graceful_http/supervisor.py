@@ -158,9 +158,11 @@ class Supervisor:
         loop.add_signal_handler(signal.SIGHUP, self.dispatch, g.ReloadRequested("SIGHUP"))
         loop.add_signal_handler(signal.SIGTERM, self.dispatch, g.StopRequested("SIGTERM"))
         loop.add_signal_handler(signal.SIGINT, self.dispatch, g.StopRequested("SIGINT"))
+        if settings.metrics:  # counts reloads here; with workers, they serve the scrapes
+            self.metrics = Metrics(self.machine.state.generation)
         if settings.workers > 1:
             pool = WorkerPool(settings.workers, self.listeners, self.machine.state.generation,
-                              self.request_reload_now)
+                              self.request_reload_now, metrics=self.metrics)
             self.engines = [pool]
             try:
                 await pool.start()
@@ -168,8 +170,6 @@ class Supervisor:
                 raise StartError(str(exc)) from None
             log.info("graceful-http %s serving %s on %s", __version__, settings.app, pool.describe())
         else:
-            if settings.metrics:
-                self.metrics = Metrics(self.machine.state.generation)
             self.engines = build_engines(settings, self.listeners, self.control, self.metrics)
             await start_engines(self.engines)
             log.info("graceful-http %s serving %s on %s", __version__, settings.app, self.engines[0].describe())
@@ -202,6 +202,7 @@ class Supervisor:
         self._events.append(event)
         if self._dispatching:
             return
+        self.machine.traffic = (self.in_flight(), self.total_requests())  # for a STATUS= this event may send
         self._dispatching = True
         try:
             while self._events:
@@ -220,6 +221,11 @@ class Supervisor:
             self.metrics.reload_failed()
         elif isinstance(event, g.BecameMain) and event.handed_over:
             self.metrics.became_main_after_handoff()
+        else:
+            return
+        for engine in self.engines:
+            if isinstance(engine, WorkerPool):
+                engine.share_reload_counts()
 
     def request_reload_now(self, source: str) -> g.Outcome:
         """For `POST /graceful`: start a reload and say at once whether it started."""
@@ -395,6 +401,7 @@ async def run_worker(settings: ServeSettings, link: WorkerLink) -> int:
                              " a replacement worker would run other code; reload to start the new version")
         listeners = acquire(settings.binds)
         metrics = Metrics(generation, worker=link.index) if settings.metrics else None
+        link.metrics = metrics
         engines = build_engines(settings, listeners, control, metrics)
         await start_engines(engines)
     except (ListenerError, ListenFdsError, StartError) as exc:

@@ -8,7 +8,8 @@ shared sockets. A worker that dies is replaced, with a back-off so a crash
 loop does not spin; workers die with their main (PR_SET_PDEATHSIG).
 
 Channel lines, worker → main: `ready`, `failed <reason>`, `stats <in flight>
-<total>`, `reload <source>`, `drained <answered> <cut>`; main → worker: `outcome <code> <pid> <detail>`.
+<total>`, `reload <source>`, `drained <answered> <cut>`; main → worker: `outcome <code> <pid> <detail>`,
+`reloads <succeeded> <failed> <last handoff> 0` (for the metrics).
 Draining is SIGTERM: the worker stops accepting and drains lame-duck style.
 """
 
@@ -25,6 +26,7 @@ from dataclasses import dataclass, field
 from graceful_http import __version__
 from graceful_http.generation import Outcome
 from graceful_http.handoff import GENERATION_VARIABLE
+from graceful_http.metrics import CARRIED_VARIABLE
 from graceful_http.spawn import WORKER_FD_VARIABLE, spawn_worker
 
 log = logging.getLogger("graceful_http")
@@ -88,8 +90,9 @@ class Worker:
 class WorkerPool:
     """The main process's view of its workers; quacks like an Engine for the supervisor."""
 
-    def __init__(self, count: int, listeners, generation: int, request_reload):
+    def __init__(self, count: int, listeners, generation: int, request_reload, metrics=None):
         self.count = count
+        self.metrics = metrics  # the main's, for the reload counts every worker shows
         self.listeners = listeners
         self.generation = generation
         self.request_reload = request_reload
@@ -123,6 +126,8 @@ class WorkerPool:
         environ[WORKER_VARIABLE] = str(index + 1)
         environ[GENERATION_VARIABLE] = str(self.generation)
         environ[VERSION_VARIABLE] = __version__
+        if self.metrics is not None:
+            environ[CARRIED_VARIABLE] = self.metrics.reload_counts()
         try:
             pid = spawn_worker([l.sock.fileno() for l in self.listeners], [l.name for l in self.listeners],
                                theirs.fileno(), environ)
@@ -188,6 +193,12 @@ class WorkerPool:
                 except WorkerStartFailed as exc:
                     log.error("replacement worker failed: %s", exc)
 
+    def share_reload_counts(self) -> None:
+        """Tell every worker the reload counts (they changed: this generation became main, or a reload failed)."""
+        if self.metrics is not None:
+            for worker in self.workers.values():
+                worker.writer.write(f"reloads {self.metrics.reload_counts()}\n".encode())
+
     def in_flight(self) -> int:
         return sum(w.in_flight for w in self.workers.values())
 
@@ -242,6 +253,7 @@ class WorkerLink:
         self.main_version = main_version
         self.reader = None
         self.writer = None
+        self.metrics = None  # set by the worker when it serves metrics
         self._replies: asyncio.Queue | None = None
 
     @classmethod
@@ -264,6 +276,8 @@ class WorkerLink:
             word, _, detail = line.decode(errors="replace").strip().partition(" ")
             if word == "outcome":
                 await self._replies.put(decode_outcome(detail))
+            elif word == "reloads" and self.metrics is not None:
+                self.metrics.update_reload_counts(detail)
         # The main is gone: a worker never outlives its generation.
         os.kill(os.getpid(), signal.SIGTERM)
 

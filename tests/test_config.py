@@ -1,0 +1,429 @@
+"""The config file (`--config PATH`, TOML) and `graceful-http check` (issue 6).
+
+Three layers: the option table as `serve` parses it (in-process: every option
+settable in the file, every flag overriding it); `python -m graceful_http
+serve|check` as plain processes (what takes effect, precise one-line errors,
+exit codes); and the shipped units under real systemd in a container, where
+a config change takes effect with a reload under load and a bad config makes
+the reload fail while the old generation keeps serving.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import signal
+import sys
+import time
+
+import pytest
+
+from support.appfiles import APPS, app_source, require_packages
+from support.container import wait_until
+from support.load import Load, get, pid_of
+from support.serve_process import ENGINES, HOST, ServeProcess, free_port, run_cli
+from support.systemd_service import REPO, SERVICE, InstalledService
+
+SERVICE_DIR = REPO / "service"
+if str(SERVICE_DIR) not in sys.path:
+    sys.path.insert(0, str(SERVICE_DIR))
+
+from graceful_http import cli, settings  # noqa: E402
+
+CONFIG_PATH = "/etc/graceful-http/config.toml"
+
+
+def parse_serve(argv: list[str]) -> settings.ServeSettings:
+    return cli.serve_settings(cli.build_parser().parse_args(["serve", *argv]))
+
+
+def one_line(text: str) -> str:
+    lines = text.strip().splitlines()
+    assert len(lines) == 1, f"expected one line, got {len(lines)}:\n{text}"
+    return lines[0]
+
+
+# ---- every option, in the file and on the command line (in-process) -------------------------
+
+LOOPBACK = settings.ServeSettings().control_allow
+
+# config key: (TOML value, the settings value it gives, a flag overriding it, the settings value then)
+EVERY_OPTION = {
+    "app": ('"shop.asgi:application"', "shop.asgi:application", ["other.wsgi:app"], "other.wsgi:app"),
+    "app_dir": ('"/srv/shop"', "/srv/shop", ["--app-dir", "/srv/other"], "/srv/other"),
+    "factory": ("true", True, ["--no-factory"], False),
+    "interface": ('"wsgi"', "wsgi", ["--interface", "asgi3"], "asgi3"),
+    "bind": ('["127.0.0.1:8001", "[::1]:8002", "unix:/run/shop.sock"]',
+             (settings.BindAddress("127.0.0.1", 8001), settings.BindAddress("::1", 8002),
+              settings.BindAddress(path="/run/shop.sock")),
+             ["--bind", "0.0.0.0:80"], (settings.BindAddress("0.0.0.0", 80),)),
+    "workers": ("3", 3, ["--workers", "2"], 2),
+    "graceful_timeout": ("7.5", 7.5, ["--graceful-timeout", "3"], 3.0),
+    "ready_timeout": ("12", 12.0, ["--ready-timeout", "4"], 4.0),
+    "pid_file": ('"/run/shop.pid"', "/run/shop.pid", ["--pid-file", "/run/other.pid"], "/run/other.pid"),
+    "control_allow": ('["10.0.0.0/8", "2001:db8::/32"]',
+                      LOOPBACK + (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("2001:db8::/32")),
+                      ["--control-allow", "192.168.1.7"], LOOPBACK + (ipaddress.ip_network("192.168.1.7/32"),)),
+    "control_token_file": ('"/etc/shop/token"', "/etc/shop/token", ["--control-token-file", "/etc/t"], "/etc/t"),
+    "access_log": ("false", False, ["--access-log"], True),
+    "log_level": ('"debug"', "debug", ["--log-level", "error"], "error"),
+    "metrics": ("true", True, ["--no-metrics"], False),
+}
+FIELD = {key: option.name for key, option in settings.OPTIONS.items()}
+
+
+def test_every_serve_flag_has_a_config_key():
+    """`serve --help` and the config file offer the same settings (--config itself aside)."""
+    serve = cli.build_parser()._subparsers._group_actions[0].choices["serve"]
+    flags = {s for action in serve._actions for s in action.option_strings if s.startswith("--")}
+    flags -= {"--help", "--config"}
+    keys = {flag[2:].replace("-", "_") for flag in flags if not flag.startswith("--no-")}
+    assert keys | {"app"} == set(settings.OPTIONS), (sorted(keys), sorted(settings.OPTIONS))
+    assert set(EVERY_OPTION) == set(settings.OPTIONS), "this test must cover every option"
+
+
+@pytest.mark.parametrize("key", list(EVERY_OPTION))
+def test_every_option_is_settable_in_the_file_and_the_flag_overrides_it(key, tmp_path):
+    toml, from_file, flag, from_flag = EVERY_OPTION[key]
+    config = tmp_path / "config.toml"
+    config.write_text(f"# graceful-http\n{key} = {toml}\n")
+    assert getattr(parse_serve(["--config", str(config)]), FIELD[key]) == from_file
+    # The command line wins over the file...
+    assert getattr(parse_serve(["--config", str(config), *flag]), FIELD[key]) == from_flag
+    # ...whichever comes first on it.
+    assert getattr(parse_serve([*flag, "--config", str(config)]), FIELD[key]) == from_flag
+    # Other settings keep their defaults.
+    defaults = settings.ServeSettings()
+    loaded = parse_serve(["--config", str(config)])
+    for other in settings.OPTIONS.values():
+        if other.config_key != key:
+            assert getattr(loaded, other.name) == getattr(defaults, other.name), other.name
+
+
+def test_a_file_with_every_option_at_once(tmp_path):
+    config = tmp_path / "config.toml"
+    config.write_text("".join(f"{key} = {toml}\n" for key, (toml, *_) in EVERY_OPTION.items()))
+    loaded = parse_serve(["--config", str(config)])
+    assert {key: getattr(loaded, FIELD[key]) for key in EVERY_OPTION} == \
+        {key: value[1] for key, value in EVERY_OPTION.items()}
+
+
+def test_the_shipped_example_config_is_valid_commented_and_uncommented(tmp_path):
+    """packaging/config.toml: all commented out (so the defaults), and every example line valid."""
+    shipped = (REPO / "packaging" / "config.toml").read_text()
+    assert settings.parse_config(shipped, "config.toml") == {}
+    uncommented = re.sub(r"^# (\w+ = )", r"\1", shipped, flags=re.MULTILINE)
+    values = settings.parse_config(uncommented, "config.toml")
+    assert set(values) == {option.name for option in settings.OPTIONS.values()}, \
+        "the shipped example should show every setting"
+
+
+# ---- precise errors (plain processes) --------------------------------------------------------
+
+BAD_CONFIGS = {
+    # name: (file text, the one-line error after "<path>" or a regex of it)
+    "unknown key": ("workers = 2\n\nworkrs = 3\n", r"config\.toml:3: workrs: unknown setting \(known: access_log, app,"),
+    "unknown table": ("workers = 2\n[server]\nport = 80\n", r"config\.toml:2: server: unknown setting"),
+    "unknown dotted key": ("workers = 2\nserver.port = 80\n", r"config\.toml:2: server: unknown setting"),
+    "workers not a number": ('workers = "many"\n', r"config\.toml:1: workers 'many': expected a whole number"),
+    "workers a float": ("log_level = 'info'\nworkers = 2.5\n", r"config\.toml:2: workers 2\.5: expected a whole number"),
+    "boolean not a boolean": ('access_log = "yes"\n', r"config\.toml:1: access_log 'yes': expected true or false"),
+    "seconds not a number": ('graceful_timeout = "soon"\n',
+                             r"config\.toml:1: graceful_timeout 'soon': expected a number of seconds"),
+    "seconds negative": ("graceful_timeout = -1\n", r"config\.toml:1: graceful_timeout -1: must be a finite number"),
+    "bind not a string": ("bind = 8080\n", r"config\.toml:1: bind: expected a string or a list of strings, got 8080"),
+    "bind a bad address": ('bind = ["localhost"]\n', r"config\.toml:1: bind 'localhost': expected HOST:PORT"),
+    "log level unknown": ('log_level = "loud"\n',
+                          r"config\.toml:1: log_level 'loud': expected one of debug, info, warning, error"),
+    "interface unknown": ('interface = "asgi4"\n', r"config\.toml:1: interface 'asgi4': expected one of auto, asgi3"),
+    "control_allow not a network": ('control_allow = ["everyone"]\n',
+                                    r"config\.toml:1: control_allow 'everyone': expected an address or CIDR"),
+    "invalid TOML": ("workers = 2\n\nlog_level = = 'info'\n", r"config\.toml: invalid TOML: .*\(at line 3, column \d+\)"),
+    "duplicate key": ("workers = 2\nworkers = 3\n", r"config\.toml: invalid TOML: .*\(at line 2, column \d+\)"),
+    "unterminated string": ('app = "demo:app\n', r"config\.toml: invalid TOML: .*\(at line 1, column \d+\)"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CONFIGS))
+def test_a_bad_config_is_one_precise_line_and_exit_2(case, tmp_path):
+    text, expected = BAD_CONFIGS[case]
+    config = tmp_path / "config.toml"
+    config.write_text(text)
+    python = ENGINES["pypi"]
+    served = run_cli(python, "serve", "--config", str(config), "--bind", f"{HOST}:{free_port()}", cwd=tmp_path)
+    assert served.returncode == 2, (served.stdout, served.stderr)
+    assert re.search(expected, one_line(served.stderr)), served.stderr
+    assert str(config) in served.stderr, "the error names the file"
+    checked = run_cli(python, "check", "--config", str(config), cwd=tmp_path)
+    assert checked.returncode == 2, (checked.stdout, checked.stderr)
+    assert re.search(expected, one_line(checked.stderr)), checked.stderr
+    assert checked.stdout == ""
+
+
+def test_config_file_that_cannot_be_read(tmp_path):
+    python = ENGINES["pypi"]
+    missing = tmp_path / "nowhere.toml"
+    for command in (["serve", "--bind", f"{HOST}:{free_port()}"], ["check"]):
+        result = run_cli(python, *command, "--config", str(missing), cwd=tmp_path)
+        assert result.returncode == 2
+        assert f"cannot read config file {missing}: No such file or directory" in one_line(result.stderr)
+    latin1 = tmp_path / "latin1.toml"
+    latin1.write_bytes('app = "caf\xe9:app"\n'.encode("latin-1"))
+    result = run_cli(python, "check", "--config", str(latin1), cwd=tmp_path)
+    assert result.returncode == 2
+    assert f"config file {latin1} is not UTF-8 text" in one_line(result.stderr)
+
+
+# ---- check -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("engine", list(ENGINES))
+def test_check_loads_config_and_app_without_serving(engine, tmp_path):
+    require_packages(engine)
+    python = ENGINES[engine]
+    config = tmp_path / "config.toml"
+    port = free_port()
+    config.write_text(f'app = "i6_factory_app:create_app"\nfactory = true\napp_dir = "{APPS}"\n'
+                      f'bind = ["{HOST}:{port}"]\n')
+    result = run_cli(python, "check", "--config", str(config), cwd=tmp_path)
+    assert (result.returncode, result.stdout, result.stderr) == (0, "ok\n", "")
+    # It did not serve: nothing listens on the configured port.
+    with pytest.raises(OSError):
+        get(HOST, port, "/", timeout=2)
+    # No config at all: the demo app.
+    result = run_cli(python, "check", cwd=tmp_path)
+    assert (result.returncode, result.stdout) == (0, "ok\n"), result.stderr
+    # APP on the command line overrides the file's; its errors exit 1.
+    result = run_cli(python, "check", "i6_no_such_module:app", "--config", str(config), cwd=tmp_path)
+    assert result.returncode == 1
+    assert one_line(result.stderr) == "graceful-http: cannot import 'i6_no_such_module': no module named" \
+                                      " 'i6_no_such_module'"
+    # An app error named in the file exits 1 too.
+    config.write_text(f'app = "i6_flask_app:app"\ninterface = "asgi3"\napp_dir = "{APPS}"\n')
+    result = run_cli(python, "check", "--config", str(config), cwd=tmp_path)
+    assert result.returncode == 1
+    assert "'i6_flask_app:app' is not an ASGI 3 application" in one_line(result.stderr)
+
+
+def test_check_finds_what_serve_would_refuse_to_start_with(tmp_path):
+    """`check` loads everything `serve` loads before serving: here, the control token file."""
+    python = ENGINES["pypi"]
+    config = tmp_path / "config.toml"
+    config.write_text(f'control_token_file = "{tmp_path}/token"\n')
+    served = run_cli(python, "serve", "--config", str(config), "--bind", f"{HOST}:{free_port()}", cwd=tmp_path)
+    assert served.returncode == 1
+    assert "cannot read the control token file" in served.stderr
+    checked = run_cli(python, "check", "--config", str(config), cwd=tmp_path)
+    assert checked.returncode != 0, "`check` said ok, yet `serve` with the same config cannot start"
+    assert "cannot read the control token file" in one_line(checked.stderr)
+    (tmp_path / "token").write_text("short\n")
+    checked = run_cli(python, "check", "--config", str(config), cwd=tmp_path)
+    assert checked.returncode != 0, "`check` said ok, yet `serve` refuses a token this short"
+    assert "too short" in one_line(checked.stderr)
+
+
+# ---- what takes effect (plain processes) ------------------------------------------------------
+
+
+@pytest.mark.parametrize("engine", list(ENGINES))
+def test_a_config_with_every_observable_option_takes_effect(engine, tmp_path):
+    require_packages(engine)
+    python = ENGINES[engine]
+    port = free_port()
+    token = "s3cret-token-0123456789"
+    (tmp_path / "token").write_text(token + "\n")
+    config = tmp_path / "config.toml"
+    config.write_text(f'''# every setting that a plain process can show
+app = "i6_factory_app:create_flask"
+app_dir = "{APPS}"
+factory = true
+interface = "wsgi"
+bind = ["{HOST}:{port}"]
+workers = 2
+graceful_timeout = 7
+ready_timeout = 0.1
+pid_file = "{tmp_path}/graceful-http.pid"
+control_allow = ["192.0.2.0/24"]
+control_token_file = "{tmp_path}/token"
+access_log = false
+log_level = "info"
+metrics = true
+''')
+    with ServeProcess(python, tmp_path, "--config", str(config), port=port, bind=False) as server:
+        status, body, _ = server.wait_serving()
+        assert b"made by create_flask" in body  # app, app_dir, factory, interface, bind
+        main = server.pid
+        pid_file = tmp_path / "graceful-http.pid"
+        wait_until(lambda: pid_file.exists() and pid_file.read_text().strip() == str(main), timeout=10,
+                   what="the pid file to name the main")  # pid_file
+        children = wait_until(lambda: len(set(_children(main))) == 2 and set(_children(main)),
+                              timeout=10, what="two workers")
+        assert pid_of(body) in children  # workers = 2: a worker answered, not the main
+        status, body, _ = get(HOST, port, "/metrics")
+        assert status == 200 and b"graceful_http_generation 1.0" in body  # metrics
+        status, body, _ = get(HOST, port, "/graceful", method="POST")
+        assert status == 403 and b"needs the control token" in body  # control_token_file
+        import http.client
+
+        connection = http.client.HTTPConnection(HOST, port, timeout=10)
+        connection.request("POST", "/graceful", headers={"Authorization": f"Bearer {token}"})
+        response = connection.getresponse()
+        assert response.status == 202, response.read()
+        connection.close()
+        # ready_timeout = 0.1: no new generation (interpreter, uvicorn, Flask, two workers) is ready that soon.
+        server.wait_for_log("reload failed: new generation not ready within 0.1s (ready timeout)")
+        assert (tmp_path / "graceful-http.pid").read_text().strip() == str(main)
+        os.kill(main, signal.SIGTERM)
+        assert server.popen.wait(timeout=20) == 0
+        log = server.log()
+        assert re.search(r"finishing \d+ in-flight request\(s\), up to 7s", log), log  # graceful_timeout
+        assert '"GET / HTTP/1.1"' not in log  # access_log = false
+        assert "loaded i6_factory_app:create_flask (wsgi)" in log
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(p) for t in os.listdir(f"/proc/{pid}/task")
+                for p in open(f"/proc/{pid}/task/{t}/children").read().split()]
+    except OSError:
+        return []
+
+
+@pytest.mark.parametrize("engine", list(ENGINES))
+def test_flags_override_the_file_in_a_running_server(engine, tmp_path):
+    python = ENGINES[engine]
+    config = tmp_path / "config.toml"
+    config.write_text(f'log_level = "warning"\naccess_log = false\napp = "i6_no_such_module:app"\n'
+                      f'bind = ["{HOST}:1"]\n')
+    with ServeProcess(python, tmp_path, "--config", str(config), "--log-level", "info", "--access-log",
+                      "graceful_http.demo:app") as server:
+        status, body, _ = server.wait_serving("/flagged")
+        assert b"path:/flagged" in body
+        server.wait_for_log('"GET /flagged HTTP/1.1" 200')
+        assert "ready: generation 1" in server.log()
+        assert server.stop() == 0
+    # Without the flags, the file's log level hides the info lines and its access_log = false the requests.
+    config.write_text('log_level = "warning"\naccess_log = false\n')
+    with ServeProcess(python, tmp_path, "--config", str(config)) as server:
+        server.wait_serving("/quiet")
+        time.sleep(0.3)
+        assert server.stop() == 0
+        assert server.log() == "", server.log()
+
+
+# ---- under systemd --------------------------------------------------------------------------
+
+
+def container_name(test: str) -> str:
+    return f"gh-i6c-{test}-{os.getpid()}"[:60]
+
+
+def entries_of_generation(service: InstalledService, generation: int) -> list[dict]:
+    return [e for e in service.container.journal_json(SERVICE) if e.get("GENERATION") == str(generation)]
+
+
+@pytest.mark.systemd
+def test_config_changes_take_effect_with_a_reload_under_load():
+    require_packages("pypi")
+    with InstalledService(container_name("change"), "pypi", serve_args=f"--config {CONFIG_PATH}") as service:
+        c = service.container
+        service.write_app("i6_starlette_app", app_source("i6_starlette_app", GREETING="from starlette"))
+        service.write_app("i6_flask_app", app_source("i6_flask_app", GREETING="from flask"))
+        service.write_app("i6_factory_app", app_source("i6_factory_app"))
+        c.write_file(CONFIG_PATH, 'app = "i6_starlette_app:app"\naccess_log = true\nlog_level = "info"\n')
+        c.systemctl("start", SERVICE)
+        mains = [service.main_pid()]
+        assert get("127.0.0.1", service.port, "/")[1].startswith(b"from starlette")
+
+        def reload_with(config: str, answer: bytes) -> int:
+            c.write_file(CONFIG_PATH, config)
+            assert service.reload().returncode == 0
+            mains.append(service.main_pid())
+            assert mains[-1] != mains[-2]
+            wait_until(lambda: get("127.0.0.1", service.port, "/")[1].startswith(answer), timeout=10,
+                       what=f"{answer!r} after the reload")
+            load.wait_for_requests(50)
+            return len(mains)
+
+        with Load("127.0.0.1", service.port, clients=6, pause=0.005) as load:
+            load.wait_for_requests(100)
+            # 2: quieter logs.
+            reload_with('app = "i6_starlette_app:app"\naccess_log = false\nlog_level = "warning"\n', b"from starlette")
+            # 3: another app, named in the file (a WSGI one), with two workers.
+            reload_with('app = "i6_flask_app:app"\naccess_log = false\nlog_level = "warning"\nworkers = 2\n',
+                        b"from flask")
+            assert len(service.children(mains[-1])) == 2
+            # 4: a factory, back to one process and info logs with access lines.
+            reload_with('app = "i6_factory_app:create_app"\nfactory = true\n', b"made by create_app")
+            assert service.children(mains[-1]) == []
+            load.wait_for_requests(100)
+        assert load.result.failures == [], load.result.summary()
+
+        def access(entries):
+            return [e for e in entries if "REQUEST_METHOD" in e]
+
+        c.wait_for(lambda: access(entries_of_generation(service, 4)), what="access lines of generation 4")
+        gen1, gen2, gen3 = (entries_of_generation(service, g) for g in (1, 2, 3))
+        assert access(gen1), "generation 1 logs requests"
+        assert access(gen2) == [] and access(gen3) == [], "access_log = false took effect"
+        # log_level = "warning": nothing below warning from generations 2 and 3 (journal priority 4 = warning).
+        assert gen2 and all(int(e["PRIORITY"]) <= 4 for e in gen2 + gen3), \
+            sorted({(e["PRIORITY"], e["MESSAGE"][:60]) for e in gen2 + gen3 if int(e["PRIORITY"]) > 4})
+        assert any("i6 lifespan startup: from starlette" in e["MESSAGE"] for e in gen2)
+        assert any(e["MESSAGE"].startswith("ready") or "took over as main" in e["MESSAGE"] for e in gen1)
+        assert service.state()["NRestarts"] == "0"
+
+
+BAD_RELOAD_CONFIGS = {
+    "invalid TOML": ('app = "i6_starlette_app:app"\nworkers = = 2\n',
+                     rf"{CONFIG_PATH}: invalid TOML: .*\(at line 2, column \d+\)"),
+    "unknown key": ('app = "i6_starlette_app:app"\n\ngracefull_timeout = 5\n',
+                    rf"{CONFIG_PATH}:3: gracefull_timeout: unknown setting"),
+    "wrong type": ('app = "i6_starlette_app:app"\naccess_log = "off"\n',
+                   rf"(invalid )?{CONFIG_PATH}:2: access_log 'off': expected true or false"),
+    "file gone": (None, rf"cannot read config file {CONFIG_PATH}: No such file or directory"),
+}
+
+
+@pytest.mark.systemd
+@pytest.mark.parametrize("engine", ["pypi", "debian"])
+def test_a_bad_config_makes_the_reload_fail_and_the_old_generation_serve(engine):
+    require_packages(engine)
+    with InstalledService(container_name(f"badcfg-{engine}"), engine,
+                          serve_args=f"--config {CONFIG_PATH}") as service:
+        c = service.container
+        good = 'app = "i6_starlette_app:app"\n'
+        service.write_app("i6_starlette_app", app_source("i6_starlette_app", GREETING="still here"))
+        c.write_file(CONFIG_PATH, good)
+        c.systemctl("start", SERVICE)
+        serving = service.main_pid()
+        wrong = []  # what each bad config shows that it should not, collected so every case runs
+        with Load("127.0.0.1", service.port, clients=4, pause=0.01) as load:
+            load.wait_for_requests(50)
+            for case, (text, reason) in BAD_RELOAD_CONFIGS.items():
+                if text is None:
+                    c.run(f"rm {CONFIG_PATH}")
+                else:
+                    c.write_file(CONFIG_PATH, text)
+                result = service.reload(check=False)
+                assert result.returncode != 0, case
+                assert service.main_pid() == serving, case
+                assert get("127.0.0.1", service.port, "/")[1].startswith(b"still here"), case
+                status_text = c.show(SERVICE, "StatusText")["StatusText"]
+                if not re.match("reload failed: " + reason, status_text):
+                    wrong.append(f"{case}: StatusText {status_text[:200]!r} does not match {reason!r}")
+                status = c.systemctl("status", "--lines=0", SERVICE, check=False).stdout
+                if not re.search("reload failed: " + reason, status):
+                    wrong.append(f"{case}: `systemctl status` does not match {reason!r}")
+                if not re.search("reload failed: " + reason, service.journal()):
+                    wrong.append(f"{case}: the journal does not match {reason!r}")
+                load.wait_for_requests(20)
+            c.write_file(CONFIG_PATH, good)
+            assert service.reload().returncode == 0
+            assert service.main_pid() != serving
+            load.wait_for_requests(50)
+        assert load.result.failures == [], load.result.summary()
+        assert wrong == [], "\n".join(wrong)
+        state = service.state()
+        assert (state["ActiveState"], state["NRestarts"]) == ("active", "0")
