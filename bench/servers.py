@@ -301,7 +301,7 @@ class GracefulHttp(Standalone):
         """What `graceful-http reload` does, without its interpreter start: done when the control socket says so."""
         if str(SERVICE_DIR) not in sys.path:
             sys.path.insert(0, str(SERVICE_DIR))
-        from graceful_http.controlsocket import request_reload
+        from graceful_http.reloadclient import request_reload
 
         record = Reload(time.monotonic())
         outcome = request_reload(self.main_pid(), 60, lambda _: None)
