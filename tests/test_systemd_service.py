@@ -63,7 +63,7 @@ def test_reloads_under_load_follow_main_pid(engine, workers):
         assert len(serving(first)) == workers
         expected_cmdline = service.cmdline(first)
         assert expected_cmdline[1:] == ["-m", "graceful_http", "serve", "--app-dir", "/srv/app",
-                                        "--workers", str(workers)]
+                                        "--pid-file", "/run/graceful-http/main/pid", "--workers", str(workers)]
 
         pids = [first]
         with Load("127.0.0.1", service.port, clients=8, pause=0.005) as load:

@@ -102,6 +102,13 @@ async def _plain(send, status: int, text: str, headers: list[tuple[bytes, bytes]
 
 
 _OUTCOME_STATUS = {"started": 202, "refused": 409, "failed": 409, "done": 200}
+HTTP_VERSIONS = ("1.0", "1.1")
+
+
+def framed_twice(headers) -> bool:
+    """Content-Length and Transfer-Encoding both: answer (if at all), then close (RFC 9112, 6.1)."""
+    names = {name for name, _ in headers}
+    return b"transfer-encoding" in names and b"content-length" in names
 
 
 class ControlLayer:
@@ -116,6 +123,9 @@ class ControlLayer:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        if scope.get("http_version", "1.1") not in HTTP_VERSIONS:  # h11 takes any HTTP/d.d for 1.1
+            return await _plain(send, 505, "HTTP/1.0 and HTTP/1.1 only\n", [CONNECTION_CLOSE])
+        close = framed_twice(scope["headers"])
         path = scope["path"]
         if path == "/graceful":
             endpoint = self._graceful
@@ -123,11 +133,11 @@ class ControlLayer:
             endpoint = self._healthz
         elif path == "/metrics" and self.metrics is not None:
             endpoint = self._metrics
-        elif self.state.accepting and self._plain_path:
+        elif self.state.accepting and self._plain_path and not close:
             return await self.app(scope, receive, send)
         else:
             endpoint = self.app
-        return await self._observed(endpoint, scope, receive, send)
+        return await self._observed(endpoint, scope, receive, send, close)
 
     async def _graceful(self, scope, receive, send):
         if scope["method"] != "POST":
@@ -157,8 +167,8 @@ class ControlLayer:
                     "headers": [(b"content-type", content_type.encode()), (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
 
-    async def _observed(self, endpoint, scope, receive, send):
-        """`endpoint`, with `Connection: close` while draining and/or an access-log line."""
+    async def _observed(self, endpoint, scope, receive, send, close: bool = False):
+        """`endpoint`, with `Connection: close` while draining (or when `close`) and/or an access-log line."""
         state = self.state
         started = time.perf_counter()
         status = None
@@ -167,7 +177,7 @@ class ControlLayer:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                if not state.accepting:  # decided when the response starts: draining may have begun
+                if close or not state.accepting:  # decided when the response starts: draining may have begun
                     message = {**message, "headers": [*message.get("headers", ()), CONNECTION_CLOSE]}
             await send(message)
 

@@ -38,18 +38,111 @@ def _protocol_base():
         return H11Protocol
 
 
+# A client has this long to send a complete request head (from connecting, or from the end of the
+# previous response), and this many bytes for it: uvicorn's keep-alive timer only runs between requests
+# and any byte received cancels it, and httptools buffers a head of any size. (nginx: 60 s and 32 KiB.)
+HEAD_TIMEOUT = 10.0
+MAX_HEAD_BYTES = 64 * 1024
+HEAD_TOO_LARGE = (b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: text/plain; charset=utf-8\r\n"
+                  b"content-length: 32\r\nconnection: close\r\n\r\nrequest head larger than 64 KiB\n")
+
+
 def tracked_protocol(base):
-    """A protocol class that records when it last received bytes (to judge idleness)."""
+    """uvicorn's protocol, plus: when it last received bytes (to judge idleness), and limits on request heads."""
 
     class Tracked(base):
         last_data_at = 0.0
+        _head_timer = None
+        _head_bytes = 0
+
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self._await_head()
 
         def data_received(self, data):
             self.last_data_at = time.monotonic()
+            before = getattr(self, "cycle", None)
             super().data_received(data)
+            cycle = getattr(self, "cycle", None)
+            if self.transport.get_protocol() is not self or (cycle is not None and cycle is not before):
+                self._head_received()  # a request head is complete (or the connection was upgraded)
+            elif cycle is None or cycle.response_complete:  # still waiting for a head
+                self._head_bytes += len(data)
+                if self._head_bytes > MAX_HEAD_BYTES and not self.transport.is_closing():
+                    self._head_received()
+                    self.transport.write(HEAD_TOO_LARGE)
+                    self.transport.close()
+
+        def on_response_complete(self):
+            super().on_response_complete()
+            if not self.transport.is_closing() and self.transport.get_protocol() is self:
+                self._await_head()
+
+        def connection_lost(self, exc):
+            self._head_received()
+            super().connection_lost(exc)
+
+        def _await_head(self):
+            self._head_bytes = 0
+            if self._head_timer is None:
+                self._head_timer = self.loop.call_later(HEAD_TIMEOUT, self._head_timed_out)
+
+        def _head_received(self):
+            self._head_bytes = 0
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _head_timed_out(self):
+            self._head_timer = None
+            cycle = getattr(self, "cycle", None)
+            if (cycle is None or cycle.response_complete) and self.transport.get_protocol() is self:
+                self.transport.close()
 
     Tracked.__name__ = f"Tracked{base.__name__}"
     return Tracked
+
+
+class LifespanGuard:
+    """Report an exception raised by the app's lifespan startup as a failed startup.
+
+    uvicorn's lifespan "auto" mode reads any exception from the lifespan call
+    as "this app does not support lifespan" and serves anyway. That is right
+    for apps that reject the lifespan scope before taking a message (Django,
+    WSGI adapters), wrong for an app whose startup code raised after taking
+    `lifespan.startup`: a new generation would take over with its startup
+    not done. Such an exception becomes `lifespan.startup.failed`.
+    """
+
+    def __init__(self, app):
+        self.app = app
+        self.failure: str | None = None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "lifespan":
+            return await self.app(scope, receive, send)
+        starting = False
+
+        async def guarded_receive():
+            nonlocal starting
+            message = await receive()
+            starting = message["type"] == "lifespan.startup"
+            return message
+
+        async def guarded_send(message):
+            nonlocal starting
+            if message["type"] in ("lifespan.startup.complete", "lifespan.startup.failed"):
+                starting = False
+            await send(message)
+
+        try:
+            await self.app(scope, guarded_receive, guarded_send)
+        except (Exception, SystemExit) as exc:
+            if not starting:
+                raise
+            self.failure = f"the app's lifespan startup raised {type(exc).__name__}: {exc}"
+            log.error("the app's lifespan startup raised an exception", exc_info=exc)
+            await send({"type": "lifespan.startup.failed", "message": self.failure})
 
 
 def _close_after_response(connection) -> None:
@@ -76,6 +169,9 @@ class Engine:
     """One generation's HTTP server over already-listening sockets."""
 
     def __init__(self, app, sockets, *, idle_grace: float = 1.0, lifespan: bool = True):
+        self.lifespan_guard = LifespanGuard(app) if lifespan else None
+        if self.lifespan_guard is not None:
+            app = self.lifespan_guard
         config = uvicorn.Config(
             app=app,
             interface="asgi3",  # the control layer is ASGI 3; it adapts the user's app itself
@@ -108,9 +204,13 @@ class Engine:
         try:
             await self.server.startup(sockets=self.sockets)
         except SystemExit:  # newer uvicorn exits on a failed lifespan startup
-            raise StartupFailed("the app's lifespan startup failed") from None
+            raise StartupFailed(self._startup_failure()) from None
         if not self.server.started:
-            raise StartupFailed("the app's lifespan startup failed")
+            raise StartupFailed(self._startup_failure())
+
+    def _startup_failure(self) -> str:
+        guard = self.lifespan_guard
+        return (guard is not None and guard.failure) or "the app's lifespan startup failed"
 
     @property
     def connections(self):

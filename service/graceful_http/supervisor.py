@@ -298,9 +298,16 @@ class Supervisor:
         if self.notifier.enabled and not self.notifier.barrier():
             log.warning("systemd did not confirm the handover within 5s")
         if successor is None or not successor.alive():
+            if self.notifier.enabled:
+                # systemd may have made it the main process already. Once it has reaped it, it has also
+                # read PIDFile= (still naming us) and taken us back as main; only then will it hear us.
+                wait_until_reaped(action.pid)
             self.dispatch(g.HandOverFailed(action.attempt, f"new generation (pid {action.pid}) exited during the"
                                                            " handover"))
             return
+        if self.settings.pid_file:
+            # Before anyone is told: systemd re-reads PIDFile= when ExecReload exits.
+            write_pid_file(self.settings.pid_file, action.pid)
         successor.channel.tell_main()
         successor.close()
         self.successor = None
@@ -428,6 +435,20 @@ async def run_worker(settings: ServeSettings, link: WorkerLink) -> int:
     link.send("drained", f"{served} {cut}")
     await link.writer.drain()
     return 0
+
+
+def wait_until_reaped(pid: int, timeout: float = 2.0) -> bool:
+    """Wait (a few ms, typically) until the exited process `pid` is reaped by its parent (PID 1 here)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)  # a zombie still counts
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        time.sleep(0.001)
+    return False
 
 
 def report_start_failure(reason: str, exit_code: int = 1) -> int:

@@ -76,6 +76,15 @@ _CONTAINER_ENV = {
 
 _STOP_GRACE_SECONDS = 15
 
+# The host's cgroup v2 hierarchy, where a host without systemd as PID 1 has one
+# (hybrid layout). Without a group of its own, every container booted from here
+# sits at its root, so containers running the same unit at the same time share
+# /system.slice/UNIT there: each systemd reads the others' processes as pid 0,
+# and its kills of the unit's cgroup fail ("Failed to kill control group …:
+# Input/output error"), so a stop no longer signals or waits for the unit's
+# other processes.
+_UNIFIED = "/sys/fs/cgroup/unified"
+
 
 class ContainerError(RuntimeError):
     """The container failed to boot, or a command inside it failed."""
@@ -159,6 +168,7 @@ class SystemdContainer:
         self.init_pid: int | None = None
         self._nspawn: subprocess.Popen[bytes] | None = None
         self._log_path: str | None = None
+        self._cgroup: str | None = None
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -196,6 +206,8 @@ class SystemdContainer:
         ]
         cmd += [f"--bind-ro={host}:{inside}" for host, inside in self.binds_ro.items()]
         cmd.append("-b")
+        self._cgroup = _own_cgroup(self.name)
+        cgroup = self._cgroup
         try:
             # Own session: Ctrl-C in the test runner's terminal must not reach
             # nspawn directly; stop() shuts the container down in order.
@@ -205,6 +217,7 @@ class SystemdContainer:
                 stdout=fd,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                preexec_fn=(lambda: _join_cgroup(cgroup)) if cgroup else None,
             )
         finally:
             os.close(fd)
@@ -246,6 +259,8 @@ class SystemdContainer:
         finally:
             self._nspawn = None
             self.init_pid = None
+            _remove_cgroup(self._cgroup)
+            self._cgroup = None
             if self._log_path is not None:
                 try:
                     os.unlink(self._log_path)
@@ -494,6 +509,39 @@ class SystemdContainer:
         code = self._nspawn.poll()
         if code is not None:
             raise ContainerError(f"systemd-nspawn for {self.name} exited with status {code}")
+
+
+def _own_cgroup(name: str) -> str | None:
+    """A fresh cgroup v2 group for one container, or None where there is no such hierarchy to use."""
+    if not os.path.exists(os.path.join(_UNIFIED, "cgroup.procs")):
+        return None
+    path = os.path.join(_UNIFIED, f"test-container-{name}-{os.getpid()}")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError:
+        return None
+    return path
+
+
+def _join_cgroup(path: str) -> None:  # in the forked child, before exec
+    with open(os.path.join(path, "cgroup.procs"), "w") as file:
+        file.write(str(os.getpid()))
+
+
+def _remove_cgroup(path: str | None) -> None:
+    """Remove the container's group and what its systemd made inside (all empty once it is gone)."""
+    if path is None:
+        return
+    for root, dirs, _ in os.walk(path, topdown=False):
+        for name in dirs:
+            try:
+                os.rmdir(os.path.join(root, name))
+            except OSError:
+                pass
+    try:
+        os.rmdir(path)
+    except OSError:
+        pass
 
 
 def _describe(

@@ -77,11 +77,14 @@ class InstalledService:
 
     def drop_in(self) -> str:
         command = f"{self.python} -m graceful_http"
+        # A PIDFile= in the shipped unit is only true if the service writes it: keep that.
+        pid_file = re.search(r"^PIDFile=(\S+)", (UNITS / SERVICE).read_text(), re.MULTILINE)
+        pid_file_arg = f"--pid-file {pid_file.group(1)} " if pid_file else ""
         return (
             "[Service]\n"
             f"Environment=PYTHONPATH={CODE_DIR} PYTHONDONTWRITEBYTECODE=1\n"
             "ExecStart=\n"
-            f"ExecStart={command} serve --app-dir {APP_DIR} {self.serve_args}\n"
+            f"ExecStart={command} serve --app-dir {APP_DIR} {pid_file_arg}{self.serve_args}\n"
             "ExecReload=\n"
             f"ExecReload={command} reload\n"
             # The load in these tests logs thousands of access lines a second;
