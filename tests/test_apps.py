@@ -22,7 +22,7 @@ import pytest
 from support.appfiles import APPS, app_source, require_packages
 from support.container import wait_until
 from support.load import Load, get, pid_of
-from support.serve_process import ENGINES, HOST, ServeProcess, free_port, run_cli
+from support.serve_process import ENGINES, HOST, ServeProcess, alive, free_port, run_cli
 from support.systemd_service import SERVICE, InstalledService
 
 
@@ -314,14 +314,6 @@ def test_bad_apps_make_the_reload_fail_and_the_old_generation_serve(engine):
 # ---- WSGI requests across a handover (standalone) -------------------------------------------
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as file:
-            return file.read().rpartition(")")[2].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 @pytest.mark.parametrize("engine", list(ENGINES))
 def test_wsgi_requests_in_flight_finish_and_the_graceful_timeout_holds(engine, tmp_path):
     """A blocking WSGI handler runs in a thread: the handover lets it finish, and the graceful timeout
@@ -357,7 +349,7 @@ def test_wsgi_requests_in_flight_finish_and_the_graceful_timeout_holds(engine, t
         status, body, _ = answers["quick"]
         assert status == 200 and pid_of(body) == first, "the request in flight finished in the old generation"
         server.wait_for_log("graceful timeout (2s) reached: cut 1 request(s)")
-        wait_until(lambda: not _alive(first), timeout=8,
+        wait_until(lambda: not alive(first), timeout=8,
                    what=f"the old generation (pid {first}) to exit at its graceful timeout, not when its"
                         " stuck WSGI handler returns")
         assert time.monotonic() - handed_over < 10

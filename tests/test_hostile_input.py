@@ -35,6 +35,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from support.load import Load, pid_of
+from support.serve_process import marked_processes
 
 REPO = Path(__file__).resolve().parents[1]
 SERVICE_DIR = REPO / "service"
@@ -87,13 +88,6 @@ os.execv(sys.argv[2], sys.argv[2:])
 def with_fds_command(python: str, fds: list[int], command: list[str]) -> list[str]:
     return [python, "-c", WITH_FDS, ",".join(map(str, fds)), *command]
 
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as file:
-            return file.read().rpartition(")")[2].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
 
 
 def wait_until(predicate, timeout: float, what: str, diagnostics=lambda: ""):
@@ -154,17 +148,8 @@ class Server:
         return "--- server log (tail) ---\n" + "\n".join(self.log().splitlines()[-lines:])
 
     def processes(self) -> set[int]:
-        needle = f"{MARKER}={self.marker}".encode()
-        found = set()
-        for entry in os.listdir("/proc"):
-            if entry.isdigit():
-                try:
-                    with open(f"/proc/{entry}/environ", "rb") as file:
-                        if needle in file.read().split(b"\0") and alive(int(entry)):
-                            found.add(int(entry))
-                except OSError:
-                    pass
-        return found
+        """Live processes carrying this server's marker: every generation, whoever started it."""
+        return marked_processes(MARKER, self.marker)
 
     def stop(self) -> None:
         for pid in self.processes() | ({self.popen.pid} if self.popen.poll() is None else set()):

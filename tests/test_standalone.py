@@ -15,7 +15,6 @@ import collections
 import http.client
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -27,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from support.load import Load, get, pid_of
+from support.serve_process import alive, marked_processes
 
 REPO = Path(__file__).resolve().parents[1]
 SERVICE_DIR = REPO / "service"
@@ -63,14 +63,6 @@ def free_port() -> int:
         sock.bind((HOST, 0))
         return sock.getsockname()[1]
 
-
-def alive(pid: int) -> bool:
-    """True while `pid` runs (a zombie waiting to be reaped counts as gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as file:
-            return file.read().rpartition(")")[2].split()[0] != "Z"
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return False
 
 
 def cmdline(pid: int) -> list[str]:
@@ -171,18 +163,7 @@ class Server:
 
     def processes(self) -> set[int]:
         """Live processes carrying this server's marker: every generation, whoever started it."""
-        needle = f"{MARKER}={self.marker}".encode()
-        found = set()
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            try:
-                with open(f"/proc/{entry}/environ", "rb") as file:
-                    if needle in file.read().split(b"\0") and alive(int(entry)):
-                        found.add(int(entry))
-            except OSError:
-                continue
-        return found
+        return marked_processes(MARKER, self.marker)
 
     def get_pid(self, path: str = "/") -> int:
         status, body, _ = get(HOST, self.port, path, timeout=10)

@@ -58,12 +58,28 @@ def run_cli(python: str, *args: str, cwd: str | Path | None = None, timeout: flo
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """True while `pid` runs (a zombie waiting to be reaped counts as gone)."""
     try:
         with open(f"/proc/{pid}/stat") as file:
             return file.read().rpartition(")")[2].split()[0] != "Z"
     except (OSError, IndexError):
         return False
+
+
+def marked_processes(name: str, value: str) -> set[int]:
+    """Live processes whose environment has name=value: every generation and worker a test started."""
+    needle = f"{name}={value}".encode()
+    found = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/environ", "rb") as file:
+                    if needle in file.read().split(b"\0") and alive(int(entry)):
+                        found.add(int(entry))
+            except OSError:
+                continue
+    return found
 
 
 class ServeProcess:
@@ -122,17 +138,7 @@ class ServeProcess:
         return self.popen.wait(timeout=timeout)
 
     def processes(self) -> set[int]:
-        needle = f"{MARKER}={self.marker}".encode()
-        found = set()
-        for entry in os.listdir("/proc"):
-            if entry.isdigit():
-                try:
-                    with open(f"/proc/{entry}/environ", "rb") as file:
-                        if needle in file.read().split(b"\0") and _alive(int(entry)):
-                            found.add(int(entry))
-                except OSError:
-                    continue
-        return found
+        return marked_processes(MARKER, self.marker)
 
     def kill_all(self) -> None:
         for pid in self.processes():
