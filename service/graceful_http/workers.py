@@ -101,7 +101,6 @@ class WorkerPool:
         self.replaced = 0
         self.accepting = True
         self._tasks: set[asyncio.Task] = set()
-        self._child_watcher = None
         self._total_of_dead = 0
 
     def describe(self) -> str:
