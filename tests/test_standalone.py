@@ -189,6 +189,11 @@ class Server:
             return pid if pid not in (None, old) else None
         new = wait_until(changed, timeout, f"the pid file to name a successor of {old}", self.log_tail)
         assert alive(new), f"new main {new} is not running\n{self.log_tail()}"
+        # The old main names it in the pid file just before telling it that it is main; until it has
+        # heard, it refuses reloads ("still starting"). Wait for it to say it took over.
+        took_over = re.compile(rf"took over as main: generation \d+ \(pid {new}\) serving")
+        wait_until(lambda: took_over.search(self.log()),
+                   timeout, f"pid {new} to take over as main", self.log_tail)
         return new
 
     def wait_gone(self, pid: int, timeout: float = 20) -> None:
