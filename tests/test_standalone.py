@@ -435,6 +435,22 @@ def test_second_reload_during_a_reload_is_refused(server, how):
     assert server.get_pid() == new
 
 
+def test_a_reload_is_accepted_the_moment_the_previous_one_is_done(server):
+    """"done" means the new generation acts as main (its control socket accepts reloads): a script may
+    reload again at once, with no "still starting" refusal and no connection refused."""
+    from graceful_http.reloadclient import request_reload
+
+    pids = [server.start()]
+    for _ in range(5):
+        outcome = request_reload(pids[-1], 30, lambda progress: None)
+        assert outcome.code == "done", (outcome, server.log_tail())
+        assert outcome.pid not in pids
+        pids.append(outcome.pid)
+    assert server.main_pid() == pids[-1]
+    assert server.get_pid() == pids[-1]
+    assert "refused" not in server.log(), server.log_tail()
+
+
 # ---- (f) failed reloads keep the old generation serving -------------------------------
 
 

@@ -133,17 +133,17 @@ def serve(args: argparse.Namespace) -> int:
         from graceful_http.supervisor import report_start_failure
 
         return report_start_failure(str(exc), EXIT_USAGE)
-    from graceful_http.supervisor import run, run_worker
+    from graceful_http.supervisor import run_worker, serve as serve_generation
     from graceful_http.workers import WorkerLink
 
     _use_fastest_event_loop()
     link = WorkerLink.from_environ(os.environ)
-    if link is not None:
+    if link is not None:  # a replacement worker, forked and exec'd by its main
         return _leave_threads_behind(asyncio.run(run_worker(settings, link)))
     if settings.workers > (os.cpu_count() or 1):
         print(f"graceful-http: warning: --workers {settings.workers} is more than the {os.cpu_count()} CPUs here",
               file=sys.stderr)
-    return _leave_threads_behind(asyncio.run(run(settings)))
+    return _leave_threads_behind(serve_generation(settings))
 
 
 def _leave_threads_behind(code: int) -> int:

@@ -38,6 +38,13 @@ def _protocol_base():
         return H11Protocol
 
 
+def preload() -> None:
+    """Import now what starting an Engine imports (for workers forked from a main that doesn't serve)."""
+    import uvicorn.lifespan.on  # noqa: F401
+
+    _protocol_base()
+
+
 # A client has this long to send a complete request head (from connecting, or from the end of the
 # previous response), and this many bytes for it: uvicorn's keep-alive timer only runs between requests
 # and any byte received cancels it, and httptools buffers a head of any size. (nginx: 60 s and 32 KiB.)

@@ -65,7 +65,7 @@ class StopRequested:
 
 @dataclass(frozen=True)
 class HandedOver:
-    """systemd has processed MAINPID=<successor> and the successor is alive and told."""
+    """systemd has processed MAINPID=<successor>, and the successor has confirmed it serves as main."""
 
     attempt: int
 
@@ -122,8 +122,8 @@ class KillSuccessor:
 class HandOver:
     """Make `pid` the main process (MAINPID+READY, barrier), then tell it so.
 
-    The supervisor answers with HandedOver, or HandOverFailed if the
-    successor died meanwhile.
+    The supervisor answers with HandedOver once the successor confirms it
+    serves as main, or HandOverFailed if the successor died meanwhile.
     """
 
     attempt: int

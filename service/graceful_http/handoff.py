@@ -5,7 +5,9 @@ GRACEFUL_HTTP_HANDOFF_FD) and says `ready` once it accepts connections, or
 `failed <reason>` if it cannot start. The old main then makes it the main
 process in systemd's eyes and answers `main`; only after that may the
 successor talk to systemd (NotifyAccess=main would drop its messages and log
-a warning otherwise).
+a warning otherwise). The successor confirms with `serving` once it acts as
+main (it accepts reload requests), and only then does the old main report
+the reload done: whoever hears "done" may reload again at once.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from graceful_http.spawn import HANDOFF_FD_VARIABLE
 READY = "ready"
 FAILED = "failed"
 MAIN = "main"
+SERVING = "serving"
+CONFIRM_TIMEOUT = 5.0
 GENERATION_VARIABLE = "GRACEFUL_HTTP_GENERATION"
 
 
@@ -59,7 +63,7 @@ class SuccessorEnd:
             pass  # the old generation is gone; nobody to tell
 
     async def report_ready_and_wait_until_main(self) -> bool:
-        """True once the old main has handed over; False if it went away first."""
+        """True once the old main has handed over (then `confirm_serving`); False if it went away first."""
         loop = asyncio.get_running_loop()
         self.sock.setblocking(False)
         try:
@@ -68,13 +72,25 @@ class SuccessorEnd:
             while not data.endswith(b"\n"):
                 chunk = await loop.sock_recv(self.sock, 256)
                 if not chunk:
+                    self.close()
                     return False
                 data += chunk
-            return decode(data)[0] == MAIN
         except OSError:
+            self.close()
             return False
-        finally:
-            self.sock.close()
+        return decode(data)[0] == MAIN
+
+    def confirm_serving(self) -> None:
+        """Tell the old main we act as main now, and close the channel."""
+        try:
+            self.sock.setblocking(True)
+            self.sock.sendall(encode(SERVING))
+        except OSError:
+            pass
+        self.close()
+
+    def close(self) -> None:
+        self.sock.close()
 
 
 class PredecessorEnd:
@@ -116,10 +132,18 @@ class PredecessorEnd:
 
     def tell_main(self) -> None:
         try:
-            self.mine.setblocking(True)
-            self.mine.sendall(encode(MAIN))
+            self.mine.send(encode(MAIN))  # a few bytes into an empty socket buffer: never blocks
         except OSError:
-            pass
+            pass  # it is gone: waiting for its confirmation will say so
+
+    async def serving_confirmed(self, timeout: float = CONFIRM_TIMEOUT) -> bool:
+        """True once the successor says it serves as main (milliseconds after `tell_main`); False if it
+        closed the channel or said nothing within `timeout`."""
+        try:
+            word, _ = await asyncio.wait_for(self.next_message(), timeout)
+        except asyncio.TimeoutError:
+            return False
+        return word == SERVING
 
     def close(self) -> None:
         self.mine.close()

@@ -7,7 +7,7 @@ import socket
 import stat
 from dataclasses import dataclass
 
-from graceful_http.listenfds import passed_fd_count
+from graceful_http.listenfds import LISTEN_FDS_START, passed_fd_count
 from graceful_http.settings import BindAddress
 
 OWN_SOCKET_NAME = "http"
@@ -46,16 +46,17 @@ def inherited(environ) -> list[Listener]:
     from systemd import daemon
 
     expected = passed_fd_count(environ, os.getpid())
+    for fd in range(LISTEN_FDS_START, LISTEN_FDS_START + expected):
+        try:
+            os.fstat(fd)
+        except OSError:  # systemd-python would raise a bare EBADF
+            raise ListenerError(f"LISTEN_FDS={expected} but fd {fd} is not open") from None
     passed = daemon.listen_fds_with_names(unset_environment=True)
     for variable in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
         environ.pop(variable, None)  # a new generation gets them fresh
     listeners = []
     for fd, name in sorted(passed.items()):
-        try:
-            mode = os.fstat(fd).st_mode
-        except OSError:
-            raise ListenerError(f"LISTEN_FDS={expected} but fd {fd} is not open") from None
-        if not stat.S_ISSOCK(mode):
+        if not stat.S_ISSOCK(os.fstat(fd).st_mode):
             raise ListenerError(f"fd {fd} ({name}) passed in LISTEN_FDS is not a socket")
         sock = socket.socket(fileno=fd)
         if sock.type != socket.SOCK_STREAM:

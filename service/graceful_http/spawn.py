@@ -9,6 +9,12 @@ private channel fd named in an environment variable.
 A new generation is double-forked so that it is not our child: systemd 252
 treats a MAINPID that is not its own child as alien and would SIGKILL it on
 stop instead of letting it drain. A worker stays our child, and dies with us.
+
+A generation's first workers are forked without exec (`fork_worker`), from a
+main that has imported the HTTP engine but not yet started an event loop: a
+worker then starts in milliseconds instead of paying for an interpreter and
+its imports. A worker that replaces a dead one is forked and exec'd, because
+by then the main's event loop is running and a fork would inherit it.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import fcntl
 import os
 import signal
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from graceful_http.listenfds import LISTEN_FDS_START, successor_environ
 
@@ -84,11 +90,50 @@ def spawn_worker(
     pid = os.fork()
     if pid == 0:  # pragma: no cover - runs in the forked child
         try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+            _die_with_parent()
         finally:
             _exec_with_sockets(listen_fds, names, channel_fd, WORKER_FD_VARIABLE, environ, command)
     return pid
+
+
+def fork_worker(child: Callable[[], int]) -> int:
+    """Fork a worker that runs `child()` and exits with its result; return its pid.
+
+    Call only before this process starts an event loop (the child would
+    inherit it). The worker gets SIGTERM if we die, like an exec'd one.
+    """
+    parent = os.getpid()
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 70  # pragma: no cover - runs in the forked child; EX_SOFTWARE unless child() returns
+    try:  # pragma: no cover
+        _die_with_parent()
+        if os.getppid() != parent:  # the main died before the line above took effect
+            os._exit(0)
+        code = child()
+    except BaseException as exc:  # pragma: no cover
+        os.write(2, f"graceful-http: worker {os.getpid()} failed: {exc!r}\n".encode())
+    finally:  # pragma: no cover - never return into the main's code
+        _flush_and_exit(code)
+
+
+def _die_with_parent() -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
+def _flush_and_exit(code: int) -> None:  # pragma: no cover - runs in a forked child
+    """os._exit after flushing what the child logged: no atexit handlers, no joining app threads."""
+    import logging
+
+    try:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except BaseException:
+        pass
+    os._exit(code)
 
 
 def _exec_with_sockets(listen_fds, names, channel_fd, channel_variable, environ, command) -> None:  # pragma: no cover

@@ -15,6 +15,7 @@ import logging
 import os
 import select
 import signal
+import socket
 import time
 from typing import TYPE_CHECKING
 
@@ -24,15 +25,15 @@ from graceful_http import logs
 from graceful_http.apploader import AppLoadError, load_asgi3
 from graceful_http.control import ControlLayer, ControlPolicy, ControlState, not_found
 from graceful_http.controlsocket import ControlServer
-from graceful_http.handoff import GENERATION_VARIABLE, PredecessorEnd, SuccessorEnd
+from graceful_http.handoff import CONFIRM_TIMEOUT, GENERATION_VARIABLE, PredecessorEnd, SuccessorEnd
 from graceful_http.listenfds import ListenFdsError
 from graceful_http.metrics import CARRIED_VARIABLE, Metrics
 from graceful_http.listeners import CONTROL_SOCKET_NAME, ListenerError, acquire
 from graceful_http.pidfile import remove_pid_file, write_pid_file
 from graceful_http.sdnotify import Notifier, watchdog_interval
 from graceful_http.settings import ServeSettings
-from graceful_http.spawn import spawn_successor
-from graceful_http.workers import WorkerLink, WorkerPool, WorkerStartFailed
+from graceful_http.spawn import fork_worker, spawn_successor
+from graceful_http.workers import WorkerLink, WorkerPool, WorkerStartFailed, worker_environ
 
 if TYPE_CHECKING:
     from graceful_http.engine import Engine
@@ -58,6 +59,16 @@ class Successor:
 
     def alive(self) -> bool:
         return not select.select([self.pidfd], [], [], 0)[0]
+
+    async def exited_within(self, timeout: float) -> bool:
+        """Wait until it exits (its closed channel may precede its exit by a moment), up to `timeout`."""
+        exited = asyncio.Event()
+        asyncio.get_running_loop().add_reader(self.pidfd, exited.set)
+        try:
+            await asyncio.wait_for(exited.wait(), timeout)
+        except asyncio.TimeoutError:
+            return False
+        return True
 
     def kill(self) -> None:
         try:
@@ -126,7 +137,8 @@ async def start_engines(engines: list[Engine]) -> None:
 
 
 class Supervisor:
-    def __init__(self, settings: ServeSettings, generation: int, successor_end: SuccessorEnd | None):
+    def __init__(self, settings: ServeSettings, generation: int, successor_end: SuccessorEnd | None,
+                 listeners=(), metrics: Metrics | None = None):
         self.settings = settings
         self.pid = os.getpid()
         self.machine = g.Generation(generation, self.pid, settings.ready_timeout)
@@ -135,7 +147,7 @@ class Supervisor:
         self.watchdog = watchdog_interval(os.environ, self.pid)
         self.control = ControlState(request_reload=self.request_reload_now)
         self.control_server = ControlServer(self.start_reload)
-        self.listeners = []
+        self.listeners = list(listeners)
         self.engines: list[Engine] = []
         self.successor: Successor | None = None
         self.finished = asyncio.Event()
@@ -143,29 +155,24 @@ class Supervisor:
         self._dispatching = False
         self._main_tasks: list[asyncio.Task] = []
         self._last_status = ""
-        self.metrics: Metrics | None = None  # only where this process serves HTTP itself
+        self.metrics = metrics  # counts reloads here; with workers, they serve the scrapes
 
     # ---- start -----------------------------------------------------------
 
-    async def start(self) -> None:
-        """Listen, start serving (here, or in worker processes). Raises StartError with a one-line reason."""
+    async def start(self, forked: list[tuple[int, socket.socket]] = ()) -> None:
+        """Start serving (here, or in worker processes, some `forked` already). Raises StartError with a
+        one-line reason."""
         settings = self.settings
-        try:
-            self.listeners = acquire(settings.binds)
-        except (ListenerError, ListenFdsError) as exc:
-            raise StartError(str(exc)) from None
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGHUP, self.dispatch, g.ReloadRequested("SIGHUP"))
         loop.add_signal_handler(signal.SIGTERM, self.dispatch, g.StopRequested("SIGTERM"))
         loop.add_signal_handler(signal.SIGINT, self.dispatch, g.StopRequested("SIGINT"))
-        if settings.metrics:  # counts reloads here; with workers, they serve the scrapes
-            self.metrics = Metrics(self.machine.state.generation)
         if settings.workers > 1:
             pool = WorkerPool(settings.workers, self.listeners, self.machine.state.generation,
                               self.request_reload_now, metrics=self.metrics)
             self.engines = [pool]
             try:
-                await pool.start()
+                await pool.start(forked)
             except WorkerStartFailed as exc:
                 raise StartError(str(exc)) from None
             log.info("graceful-http %s serving %s on %s", __version__, settings.app, pool.describe())
@@ -183,6 +190,8 @@ class Supervisor:
             if not handed_over:
                 log.warning("the previous generation went away before handing over; serving as main")
         if self.machine.phase is not g.Phase.STARTING:
+            if self.successor_end is not None:
+                self.successor_end.close()
             return  # stopped while waiting
         if self.settings.pid_file:
             write_pid_file(self.settings.pid_file, self.pid)
@@ -191,6 +200,8 @@ class Supervisor:
         except OSError as exc:
             log.warning("no control socket for `graceful-http reload` (%s); SIGHUP still reloads", exc)
         self.dispatch(g.BecameMain(handed_over=handed_over))
+        if handed_over:
+            self.successor_end.confirm_serving()  # now the old main may report the reload done
         self._main_tasks.append(asyncio.create_task(self._update_status()))
         if self.watchdog:
             self._main_tasks.append(asyncio.create_task(self._ping_watchdog(self.watchdog)))
@@ -305,10 +316,27 @@ class Supervisor:
             self.dispatch(g.HandOverFailed(action.attempt, f"new generation (pid {action.pid}) exited during the"
                                                            " handover"))
             return
-        if self.settings.pid_file:
-            # Before anyone is told: systemd re-reads PIDFile= when ExecReload exits.
-            write_pid_file(self.settings.pid_file, action.pid)
         successor.channel.tell_main()
+        asyncio.get_running_loop().create_task(self._await_serving(successor, action))
+
+    async def _await_serving(self, successor: Successor, action: g.HandOver) -> None:
+        """The handover ends when the successor confirms it serves as main: it has written the pid file
+        and accepts reloads, so whoever hears "done" may reload again at once. Until then PIDFile= still
+        names us, which is what systemd must find if the successor dies now."""
+        confirmed = await successor.channel.serving_confirmed()
+        if self.successor is not successor:
+            return  # stopped meanwhile: it was killed
+        if not confirmed and await successor.exited_within(1.0):
+            if self.notifier.enabled:
+                wait_until_reaped(action.pid)  # as above: then systemd has taken us back as main
+            self.dispatch(g.HandOverFailed(action.attempt, f"new generation (pid {action.pid}) exited during the"
+                                                           " handover"))
+            return
+        if not confirmed:
+            log.warning("the new generation (pid %d) did not confirm it serves as main within %gs;"
+                        " considering it main", action.pid, CONFIRM_TIMEOUT)
+            if self.settings.pid_file:
+                write_pid_file(self.settings.pid_file, action.pid)  # it has not: systemd re-reads it
         successor.close()
         self.successor = None
         self.dispatch(g.HandedOver(action.attempt))
@@ -393,9 +421,48 @@ class Supervisor:
         self.finished.set()
 
 
-async def run_worker(settings: ServeSettings, link: WorkerLink) -> int:
-    """A worker of a multi-worker generation: serve until SIGTERM, then drain and exit."""
-    generation = int(os.environ.pop(GENERATION_VARIABLE, "1") or 1)
+def fork_workers(settings: ServeSettings, listeners, generation: int, metrics: Metrics | None,
+                 successor_end: SuccessorEnd | None) -> list[tuple[int, socket.socket]]:
+    """Fork the generation's workers before the main's event loop starts; return (pid, channel) of each.
+
+    The engine (uvicorn, uvloop, httptools) is imported once, here, so a worker
+    starts by loading the app instead of by starting an interpreter.
+    """
+    from graceful_http.engine import preload
+
+    preload()
+    environ = worker_environ(os.environ, metrics)
+    forked: list[tuple[int, socket.socket]] = []
+    for index in range(1, settings.workers + 1):
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+
+        def worker(index=index, theirs=theirs, mine=mine) -> int:  # pragma: no cover - in the forked child
+            for channel in [mine, *(other for _, other in forked)]:
+                channel.close()
+            if successor_end is not None:
+                successor_end.sock.close()  # the channel to the previous generation is the main's
+            os.environ.clear()
+            os.environ.update(environ)
+            return asyncio.run(run_worker(settings, WorkerLink(theirs, index), listeners, generation))
+
+        try:
+            pid = fork_worker(worker)
+        except OSError:
+            mine.close()
+            raise
+        finally:
+            theirs.close()
+        forked.append((pid, mine))
+    return forked
+
+
+async def run_worker(settings: ServeSettings, link: WorkerLink, listeners=None, generation: int | None = None) -> int:
+    """A worker of a multi-worker generation: serve until SIGTERM, then drain and exit.
+
+    A forked worker gets its main's `listeners`; an exec'd one finds them at fd 3….
+    """
+    if generation is None:
+        generation = int(os.environ.pop(GENERATION_VARIABLE, "1") or 1)
     logs.setup(generation, settings.log_level, worker=link.index)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -406,7 +473,8 @@ async def run_worker(settings: ServeSettings, link: WorkerLink) -> int:
         if link.main_version != __version__:
             raise StartError(f"graceful-http {__version__} is installed but this generation runs {link.main_version}:"
                              " a replacement worker would run other code; reload to start the new version")
-        listeners = acquire(settings.binds)
+        if listeners is None:
+            listeners = acquire(settings.binds)
         metrics = Metrics(generation, worker=link.index) if settings.metrics else None
         link.metrics = metrics
         engines = build_engines(settings, listeners, control, metrics)
@@ -461,19 +529,38 @@ def report_start_failure(reason: str, exit_code: int = 1) -> int:
     return exit_code
 
 
-async def run(settings: ServeSettings) -> int:
-    """Serve until handed over or stopped. Returns the process exit code."""
+def serve(settings: ServeSettings) -> int:
+    """A generation's main process: take the sockets, fork the workers, then run until handed over or
+    stopped. Returns the process exit code."""
     successor_end = SuccessorEnd.from_environ(os.environ)
     generation = successor_end.generation if successor_end else 1
     logs.setup(generation, settings.log_level)
-    supervisor = Supervisor(settings, generation, successor_end)
     try:
-        await supervisor.start()
+        listeners = acquire(settings.binds)
+    except (ListenerError, ListenFdsError) as exc:
+        return _cannot_start(str(exc), successor_end)
+    metrics = Metrics(generation) if settings.metrics else None
+    forked = []
+    if settings.workers > 1:
+        try:
+            forked = fork_workers(settings, listeners, generation, metrics, successor_end)
+        except OSError as exc:
+            return _cannot_start(f"cannot fork a worker: {exc.strerror or exc}", successor_end)
+    return asyncio.run(run(Supervisor(settings, generation, successor_end, listeners, metrics), forked))
+
+
+async def run(supervisor: Supervisor, forked: list[tuple[int, socket.socket]]) -> int:
+    try:
+        await supervisor.start(forked)
     except StartError as exc:
-        log.error("cannot start: %s", exc)
-        if successor_end is not None:
-            successor_end.report_failed(str(exc))
-        return 1
+        return _cannot_start(str(exc), supervisor.successor_end)
     await supervisor.become_main()
     await supervisor.finished.wait()
     return 0
+
+
+def _cannot_start(reason: str, successor_end: SuccessorEnd | None) -> int:
+    log.error("cannot start: %s", reason)
+    if successor_end is not None:
+        successor_end.report_failed(reason)
+    return 1

@@ -7,6 +7,9 @@ single-process generation would. Each worker runs its own event loop on the
 shared sockets. A worker that dies is replaced, with a back-off so a crash
 loop does not spin; workers die with their main (PR_SET_PDEATHSIG).
 
+The first N workers are forked from the main before its event loop starts
+(see `spawn.fork_worker`); replacements are forked and exec'd.
+
 Channel lines, worker → main: `ready`, `failed <reason>`, `stats <in flight>
 <total>`, `reload <source>`, `drained <answered> <cut>`; main → worker: `outcome <code> <pid> <detail>`,
 `reloads <succeeded> <failed> <last handoff> 0` (for the metrics).
@@ -60,6 +63,15 @@ class RestartBackoff:
         return self._delay
 
 
+def worker_environ(environ, metrics=None) -> dict[str, str]:
+    """A worker's environment: no systemd notification variables (only the main talks to systemd), and
+    the reload counts of its main for its metrics."""
+    result = {k: v for k, v in environ.items() if k not in _NOT_FOR_WORKERS}
+    if metrics is not None:
+        result[CARRIED_VARIABLE] = metrics.reload_counts()
+    return result
+
+
 def encode_outcome(outcome: Outcome) -> bytes:
     return f"outcome {outcome.code} {outcome.pid or 0} {' '.join(outcome.detail.split())}\n".encode()
 
@@ -106,9 +118,12 @@ class WorkerPool:
     def describe(self) -> str:
         return f"{self.count} worker processes"
 
-    async def start(self) -> None:
-        """Start every worker and wait until all are ready (or one fails)."""
-        for index in range(self.count):
+    async def start(self, forked: list[tuple[int, socket.socket]] = ()) -> None:
+        """Take over the workers forked before the event loop started (pid, channel), start the rest,
+        and wait until all are ready (or one fails)."""
+        for index, (pid, channel) in enumerate(forked):
+            await self._adopt(index, pid, channel)
+        for index in range(len(forked), self.count):
             await self._spawn(index)
         waits = [worker.ready for worker in self.workers.values()]
         for future in asyncio.as_completed(waits):
@@ -120,19 +135,21 @@ class WorkerPool:
                 raise
 
     async def _spawn(self, index: int) -> Worker:
+        """Fork and exec a worker (a replacement: the event loop is running, so no plain fork)."""
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        environ = {k: v for k, v in os.environ.items() if k not in _NOT_FOR_WORKERS}
+        environ = worker_environ(os.environ, self.metrics)
         environ[WORKER_VARIABLE] = str(index + 1)
         environ[GENERATION_VARIABLE] = str(self.generation)
         environ[VERSION_VARIABLE] = __version__
-        if self.metrics is not None:
-            environ[CARRIED_VARIABLE] = self.metrics.reload_counts()
         try:
             pid = spawn_worker([l.sock.fileno() for l in self.listeners], [l.name for l in self.listeners],
                                theirs.fileno(), environ)
         finally:
             theirs.close()
-        reader, writer = await asyncio.open_unix_connection(sock=mine)
+        return await self._adopt(index, pid, mine)
+
+    async def _adopt(self, index: int, pid: int, channel: socket.socket) -> Worker:
+        reader, writer = await asyncio.open_unix_connection(sock=channel)
         worker = Worker(index, pid, reader, writer)
         self.workers[pid] = worker
         self._track(asyncio.create_task(self._listen(worker)))
