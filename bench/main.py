@@ -210,7 +210,14 @@ HANDOFF_ROWS = {
     "sighup-wN": "graceful-http standalone, workers={n}: SIGHUP → new pid in the pid file",
     "floor-uvicorn-systemd": "floor, measured again between the `systemctl reload`s below",
     "systemd-w1": "graceful-http under systemd, workers=1: `systemctl reload` returns (timed inside the container)",
+    "systemd-w1-before": "… of which: until the request reaches graceful-http (systemd, then the ExecReload="
+                         " process starts)",
+    "systemd-w1-service": "… of which: from the request reaching graceful-http to the new generation holding MAINPID"
+                          " and serving (journal)",
     "systemd-wN": "graceful-http under systemd, workers={n}: `systemctl reload` returns (timed inside the container)",
+    "systemd-wN-before": "… of which: until the request reaches graceful-http",
+    "systemd-wN-service": "… of which: from the request reaching graceful-http to the new generation holding MAINPID"
+                          " and serving (journal)",
     "systemd-noop": "context: the same unit with `ExecReload=/bin/true`: `systemctl reload` returns (systemd's and"
                     " the sandbox's share)",
     "python-pass": "context: `python -c pass`",
@@ -342,14 +349,18 @@ def systemd_handoff(plan: Plan, graceful) -> dict:
             graceful.set_workers(workers)
         for _ in range(plan.handoff_reloads):
             samples["floor-uvicorn-systemd"].append(time_first_answer("uvicorn"))
-            samples[key].append(graceful.timed_reload_inside())
+            times = graceful.timed_reload_inside()
+            samples[key].append(times["total"])
+            for part in ("before", "service"):
+                if part in times:
+                    samples[f"{key}-{part}"].append(times[part])
             time.sleep(0.3)  # the old generation drains and exits
         say(f"handoff: systemctl reload, workers={workers}: median {statistics.median(samples[key]) * 1000:.0f} ms")
     # The reference: the same unit and sandbox with a no-op ExecReload (systemd's own share of a reload).
     graceful.set_exec_reload("/bin/true")
     try:
         for _ in range(plan.handoff_reloads):
-            samples["systemd-noop"].append(graceful.timed_reload_inside())
+            samples["systemd-noop"].append(graceful.timed_reload_inside()["total"])
     finally:
         graceful.set_exec_reload(None)
     if graceful.workers != plan.reload_workers:
@@ -481,9 +492,11 @@ def targets(results: dict) -> list[dict]:
         n = results["settings"]["reload_workers"]
         short = {"sighup-w1": "standalone, workers=1, SIGHUP",
                  "control-w1": "standalone, workers=1, control socket (`graceful-http reload` minus its start)",
-                 "systemd-w1": "under systemd, workers=1, `systemctl reload`",
+                 "systemd-w1": "under systemd, workers=1, `systemctl reload` returns",
+                 "systemd-w1-service": "under systemd, workers=1, from the request reaching graceful-http",
                  "sighup-wN": f"standalone, workers={n}, SIGHUP",
-                 "systemd-wN": f"under systemd, workers={n}, `systemctl reload`"}
+                 "systemd-wN": f"under systemd, workers={n}, `systemctl reload` returns",
+                 "systemd-wN-service": f"under systemd, workers={n}, from the request reaching graceful-http"}
         for key, title in short.items():
             value = (handoff.get(key) or {}).get("median_ms")
             floor = floor_for(handoff, key)

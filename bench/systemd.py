@@ -8,6 +8,7 @@ One container holds both:
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import sys
@@ -137,14 +138,36 @@ class SystemdGraceful(_InContainer):
         wait_serving(self.port)
         self.workers = workers
 
-    def timed_reload_inside(self) -> float:
-        """One `systemctl reload`, timed inside the container (nsenter's own start is not in the figure)."""
+    def timed_reload_inside(self) -> dict[str, float]:
+        """One `systemctl reload`, timed inside the container (nsenter's own start is not in the figure).
+
+        Seconds: "total" until `systemctl reload` returns; from the journal's timestamps (the same clock),
+        "before" until graceful-http logged the request, "service" from there until the new generation
+        logged that it took over as main (MAINPID is then its own).
+        """
+        cursor = self.container.run("journalctl -q -n 0 --show-cursor", check=False).stdout
+        after = cursor.strip().rpartition("cursor: ")[2]
         script = (f"s=$(date +%s%N); systemctl reload {SERVICE} || echo FAIL; e=$(date +%s%N); "
-                  "echo $(( (e - s) / 1000 ))")
+                  "echo $(( s / 1000 )) $(( e / 1000 ))")
         out = self.container.run(script, timeout=120).stdout
         if "FAIL" in out:
             raise BenchError(f"systemctl reload failed inside the container:\n{out}\n{self.log_tail()}")
-        return int(out.split()[-1]) / 1e6
+        started, ended = (int(field) for field in out.split()[-2:])
+        times = {"total": (ended - started) / 1e6}
+        journal = self.container.run(f"journalctl -u {SERVICE} -o json --after-cursor={shlex.quote(after)}",
+                                     check=False).stdout
+        requested = took_over = None
+        for line in journal.splitlines():
+            entry = json.loads(line)
+            message, at = str(entry.get("MESSAGE", "")), int(entry["__REALTIME_TIMESTAMP"])
+            if requested is None and message.startswith("reload requested by"):
+                requested = at
+            elif took_over is None and message.startswith("took over as main"):
+                took_over = at
+        if requested is not None and took_over is not None:
+            times["before"] = (requested - started) / 1e6
+            times["service"] = (took_over - requested) / 1e6
+        return times
 
     def set_exec_reload(self, command: str | None) -> None:
         """Replace ExecReload= (None: back to graceful-http's), for the no-op reference."""

@@ -617,3 +617,23 @@ def test_reload_without_a_running_service_is_one_line_and_exit_2(server, tmp_pat
     assert result.returncode == 2
     assert result.stderr.startswith("graceful-http: reload: cannot reach graceful-http pid 999999999")
     assert "Traceback" not in result.stderr
+
+
+def test_reload_refuses_a_control_socket_squatted_by_another_process(server):
+    """The control socket's name is derived from the pid, and abstract names are first come, first served:
+    `reload` must notice that another process holds it, and not believe its answers."""
+    from graceful_http.reloadclient import address_for
+
+    bystander = subprocess.Popen(["sleep", "60"])
+    squatter = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        squatter.bind(address_for(bystander.pid))
+        squatter.listen()
+        result = server.run("reload", "--pid", str(bystander.pid))
+        assert result.returncode == 2, result
+        assert result.stderr == (f"graceful-http: reload: the control socket of pid {bystander.pid} is held by pid"
+                                 f" {os.getpid()}, not by pid {bystander.pid}\n")
+    finally:
+        squatter.close()
+        bystander.kill()
+        bystander.wait()

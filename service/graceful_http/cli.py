@@ -11,40 +11,37 @@ import argparse
 import os
 import signal
 import sys
+from typing import TYPE_CHECKING
 
 from graceful_http import __version__
-from graceful_http.settings import (
-    DEFAULT_APP,
-    DEFAULT_BIND,
-    INTERFACES,
-    LOG_LEVELS,
-    OPTIONS,
-    ServeSettings,
-    SettingsError,
-    build_settings,
-    parse_config,
-    parse_seconds,
-    parse_value,
-)
+
+if TYPE_CHECKING:
+    from graceful_http.settings import ServeSettings
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+COMMANDS = ("serve", "check", "reload")
+DEFAULT_RELOAD_TIMEOUT = 120.0
 
-SERVE_HELP = {
-    "app_dir": ("DIR", "directory put first on the import path for APP (default: the working directory)"),
-    "factory": (None, "APP is a factory: call it (with no arguments) to get the app"),
-    "interface": ("KIND", f"{' | '.join(INTERFACES)}: how to call APP (default: auto, which detects WSGI apps)"),
-    "bind": ("ADDR", f"HOST:PORT, [V6]:PORT or unix:PATH; repeatable; used only when no sockets were passed"
-                     f" (default: {DEFAULT_BIND})"),
-    "workers": ("N", "worker processes per generation (default: 1)"),
-    "graceful_timeout": ("S", "how long a draining generation may finish its requests (default: 30)"),
-    "ready_timeout": ("S", "how long a new generation may take to become ready (default: 30)"),
-    "pid_file": ("PATH", "keep the current main pid in PATH"),
-    "control_allow": ("CIDR", "also allow POST /graceful from these networks (default: loopback and unix sockets)"),
-    "control_token_file": ("PATH", "require the token in PATH (Authorization: Bearer) for POST /graceful"),
-    "access_log": (None, "log one line per request (default: on)"),
-    "log_level": ("LEVEL", f"{' | '.join(LOG_LEVELS)} (default: info)"),
-    "metrics": (None, "serve Prometheus metrics at GET /metrics (default: off)"),
-}
+
+def _serve_help() -> dict[str, tuple[str | None, str]]:
+    from graceful_http.settings import DEFAULT_BIND, INTERFACES, LOG_LEVELS
+
+    return {
+        "app_dir": ("DIR", "directory put first on the import path for APP (default: the working directory)"),
+        "factory": (None, "APP is a factory: call it (with no arguments) to get the app"),
+        "interface": ("KIND", f"{' | '.join(INTERFACES)}: how to call APP (default: auto, which detects WSGI apps)"),
+        "bind": ("ADDR", f"HOST:PORT, [V6]:PORT or unix:PATH; repeatable; used only when no sockets were passed"
+                         f" (default: {DEFAULT_BIND})"),
+        "workers": ("N", "worker processes per generation (default: 1)"),
+        "graceful_timeout": ("S", "how long a draining generation may finish its requests (default: 30)"),
+        "ready_timeout": ("S", "how long a new generation may take to become ready (default: 30)"),
+        "pid_file": ("PATH", "keep the current main pid in PATH"),
+        "control_allow": ("CIDR", "also allow POST /graceful from these networks (default: loopback and unix sockets)"),
+        "control_token_file": ("PATH", "require the token in PATH (Authorization: Bearer) for POST /graceful"),
+        "access_log": (None, "log one line per request (default: on)"),
+        "log_level": ("LEVEL", f"{' | '.join(LOG_LEVELS)} (default: info)"),
+        "metrics": (None, "serve Prometheus metrics at GET /metrics (default: off)"),
+    }
 
 
 class _Parser(argparse.ArgumentParser):
@@ -55,6 +52,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_serve_options(parser: argparse.ArgumentParser) -> None:
+    from graceful_http.settings import DEFAULT_APP, OPTIONS
+
+    serve_help = _serve_help()
     parser.add_argument("app", nargs="?", default=argparse.SUPPRESS, metavar="APP",
                         help=f"the app as module:attribute (default: {DEFAULT_APP})")
     parser.add_argument("--config", metavar="PATH",
@@ -63,7 +63,7 @@ def _add_serve_options(parser: argparse.ArgumentParser) -> None:
     for key, option in OPTIONS.items():
         if key == "app":
             continue
-        metavar, help_text = SERVE_HELP[key]
+        metavar, help_text = serve_help[key]
         kwargs = {"dest": option.name, "default": argparse.SUPPRESS, "help": help_text}
         if metavar is None:  # a boolean: --x and --no-x, so the command line can undo what the file set
             parser.add_argument(option.flag, action=argparse.BooleanOptionalAction, **kwargs)
@@ -73,23 +73,32 @@ def _add_serve_options(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(option.flag, metavar=metavar, **kwargs)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(commands: tuple[str, ...] = COMMANDS) -> argparse.ArgumentParser:
+    """The command line, or only some of its commands (`main` builds just `reload`'s for a reload)."""
     parser = _Parser(prog="graceful-http",
                      description="A socket-activated HTTP service and app server whose reloads nobody notices.")
     parser.add_argument("--version", action="version", version=f"graceful-http {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
 
-    serve = commands.add_parser("serve", help="serve an app (default: the demo app)",
-                                description="Serve an ASGI or WSGI app on the sockets systemd passed,"
-                                            " or on --bind addresses.")
-    _add_serve_options(serve)
+    if "serve" in commands:
+        serve = subparsers.add_parser("serve", help="serve an app (default: the demo app)",
+                                      description="Serve an ASGI or WSGI app on the sockets systemd passed,"
+                                                  " or on --bind addresses.")
+        _add_serve_options(serve)
 
-    check = commands.add_parser("check", help="load the settings and the app without serving (like nginx -t)",
-                                description="Load the config file and the app as `serve` would, without serving:"
-                                            " exit 0 and print `ok`, or exit 1 with the error.")
-    _add_serve_options(check)
+    if "check" in commands:
+        check = subparsers.add_parser("check", help="load the settings and the app without serving (like nginx -t)",
+                                      description="Load the config file and the app as `serve` would, without"
+                                                  " serving: exit 0 and print `ok`, or exit 1 with the error.")
+        _add_serve_options(check)
 
-    reload = commands.add_parser("reload", help="hand over to a new generation and wait until it serves",
+    if "reload" in commands:
+        _add_reload_command(subparsers)
+    return parser
+
+
+def _add_reload_command(subparsers) -> None:
+    reload = subparsers.add_parser("reload", help="hand over to a new generation and wait until it serves",
                                  description="Ask the running service for a reload and wait for the outcome."
                                              " Exit 0 and print the new main pid when the new generation serves;"
                                              " exit 1 with the reason when it failed (the old one keeps serving);"
@@ -97,12 +106,14 @@ def build_parser() -> argparse.ArgumentParser:
     target = reload.add_mutually_exclusive_group()
     target.add_argument("--pid", type=int, help="the main pid (default: $MAINPID, as systemd sets for ExecReload=)")
     target.add_argument("--pid-file", metavar="PATH", help="read the main pid from PATH")
-    reload.add_argument("--timeout", default="120", metavar="S", help="give up after S seconds (default: 120)")
-    return parser
+    reload.add_argument("--timeout", metavar="S",
+                        help=f"give up after S seconds (default: {DEFAULT_RELOAD_TIMEOUT:g})")
 
 
 def serve_settings(args: argparse.Namespace) -> ServeSettings:
     """Defaults, then the config file, then the command line."""
+    from graceful_http.settings import OPTIONS, SettingsError, build_settings, parse_config, parse_value
+
     from_file = {}
     if args.config:
         try:
@@ -124,6 +135,8 @@ def serve_settings(args: argparse.Namespace) -> ServeSettings:
 
 def serve(args: argparse.Namespace) -> int:
     import asyncio
+
+    from graceful_http.settings import SettingsError
 
     # Until our own handler is installed, a SIGHUP must not kill a starting generation.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
@@ -177,6 +190,7 @@ def _use_fastest_event_loop() -> None:
 
 def check(args: argparse.Namespace) -> int:
     from graceful_http.apploader import AppLoadError, load_asgi3
+    from graceful_http.settings import SettingsError
     from graceful_http.supervisor import StartError, read_token
 
     try:
@@ -195,7 +209,14 @@ def reload(args: argparse.Namespace) -> int:
     from graceful_http.reloadclient import ControlError, request_reload
     from graceful_http.pidfile import read_pid_file
 
-    timeout = parse_seconds(args.timeout, "--timeout", minimum=0.1)
+    timeout = DEFAULT_RELOAD_TIMEOUT
+    if args.timeout is not None:
+        from graceful_http.settings import SettingsError, parse_seconds
+
+        try:
+            timeout = parse_seconds(args.timeout, "--timeout", minimum=0.1)
+        except SettingsError as exc:
+            return _fail(EXIT_USAGE, str(exc))
     if args.pid is not None:
         pid = args.pid
     elif args.pid_file:
@@ -228,7 +249,10 @@ def _fail(code: int, message: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    # `reload` is ExecReload=, started for every `systemctl reload`: it builds only its own parser and
+    # imports nothing of the server, which keeps its start-up (part of every reload) short.
+    parser = build_parser(("reload",) if argv[:1] == ["reload"] else COMMANDS)
     args = parser.parse_args(argv)
     try:
         if args.command == "serve":
@@ -236,7 +260,5 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "check":
             return check(args)
         return reload(args)
-    except SettingsError as exc:
-        return _fail(EXIT_USAGE, str(exc))
     except KeyboardInterrupt:
         return 130

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import struct
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -29,6 +30,11 @@ def address_for(pid: int) -> bytes:
     return f"\0graceful-http/{namespace}/{pid}".encode()
 
 
+def peer_pid(sock: socket.socket) -> int:
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", creds)[0]
+
+
 def parse_line(line: str) -> Outcome:
     code, _, rest = line.strip().partition(" ")
     pid_text, _, detail = rest.partition(" ")
@@ -45,6 +51,9 @@ def request_reload(pid: int, timeout: float, on_progress: Callable[[Outcome], No
         except OSError as exc:
             raise ControlError(f"cannot reach graceful-http pid {pid}: {exc.strerror or exc}"
                                " (is it running, and is it the main process?)") from None
+        # Abstract socket names are first come, first served: make sure pid itself answers.
+        if (holder := peer_pid(sock)) != pid:
+            raise ControlError(f"the control socket of pid {pid} is held by pid {holder}, not by pid {pid}")
         sock.sendall(b"reload\n")
         reader = sock.makefile("r", encoding="utf-8", errors="replace")
         for line in reader:
