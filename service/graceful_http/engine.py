@@ -38,11 +38,27 @@ def _protocol_base():
         return H11Protocol
 
 
-def preload() -> None:
-    """Import now what starting an Engine imports (for workers forked from a main that doesn't serve)."""
-    import uvicorn.lifespan.on  # noqa: F401
+def uvicorn_config(app, lifespan: bool) -> uvicorn.Config:
+    return uvicorn.Config(
+        app=app,
+        interface="asgi3",  # the control layer is ASGI 3; it adapts the user's app itself
+        http=tracked_protocol(_protocol_base()),
+        lifespan="auto" if lifespan else "off",
+        access_log=False,
+        log_config=None,
+        proxy_headers=False,  # X-Forwarded-For must not decide who may reload
+        server_header=False,
+    )
 
-    _protocol_base()
+
+def preload() -> None:
+    """Import now what starting an Engine imports (its protocols, lifespan, websockets: about as long again
+    as importing uvicorn), for workers forked from a main that does not serve itself."""
+    uvicorn_config(_no_app, lifespan=True).load()
+
+
+async def _no_app(scope, receive, send) -> None:  # pragma: no cover - never called
+    raise RuntimeError("preload's placeholder app")
 
 
 # A client has this long to send a complete request head (from connecting, or from the end of the
@@ -172,6 +188,18 @@ def _busy(connection) -> bool:
     return cycle is not None and not cycle.response_complete
 
 
+class OneLineProtocolErrors(logging.Filter):
+    """A malformed request is the client's error, worth one line: uvicorn 0.17.6 logs a traceback of its
+    parser for each one, which lets any client fill the journal."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and str(record.msg).startswith("Invalid HTTP request"):
+            record.msg = "invalid HTTP request received: %s"
+            record.args = (record.exc_info[1],)
+            record.exc_info = record.exc_text = None
+        return True
+
+
 class Engine:
     """One generation's HTTP server over already-listening sockets."""
 
@@ -179,21 +207,14 @@ class Engine:
         self.lifespan_guard = LifespanGuard(app) if lifespan else None
         if self.lifespan_guard is not None:
             app = self.lifespan_guard
-        config = uvicorn.Config(
-            app=app,
-            interface="asgi3",  # the control layer is ASGI 3; it adapts the user's app itself
-            http=tracked_protocol(_protocol_base()),
-            lifespan="auto" if lifespan else "off",
-            access_log=False,
-            log_config=None,
-            proxy_headers=False,  # X-Forwarded-For must not decide who may reload
-            server_header=False,
-        )
+        config = uvicorn_config(app, lifespan)
         # uvicorn 0.17.6 wraps the app in its per-message trace logger whenever the "uvicorn.error"
         # logger has no level of its own, which log_config=None leaves it without.
         error_logger = logging.getLogger("uvicorn.error")
         if error_logger.level == logging.NOTSET:
             error_logger.setLevel(logging.getLogger().getEffectiveLevel())
+        if not any(isinstance(f, OneLineProtocolErrors) for f in error_logger.filters):
+            error_logger.addFilter(OneLineProtocolErrors())
         config.load()
         self.server = uvicorn.Server(config)
         self.server.lifespan = config.lifespan_class(config)

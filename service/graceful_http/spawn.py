@@ -19,7 +19,6 @@ by then the main's event loop is running and a fork would inherit it.
 
 from __future__ import annotations
 
-import ctypes
 import fcntl
 import os
 import signal
@@ -119,6 +118,8 @@ def fork_worker(child: Callable[[], int]) -> int:
 
 
 def _die_with_parent() -> None:
+    import ctypes  # here, in a new worker: a generation without workers never needs it
+
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
