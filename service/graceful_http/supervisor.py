@@ -154,6 +154,7 @@ class Supervisor:
         self._events: collections.deque = collections.deque()
         self._dispatching = False
         self._main_tasks: list[asyncio.Task] = []
+        self._draining: asyncio.Task | None = None
         self._last_status = ""
         self.metrics = metrics  # counts reloads here; with workers, they serve the scrapes
 
@@ -317,7 +318,7 @@ class Supervisor:
                                                            " handover"))
             return
         successor.channel.tell_main()
-        asyncio.get_running_loop().create_task(self._await_serving(successor, action))
+        successor.watcher = asyncio.get_running_loop().create_task(self._await_serving(successor, action))
 
     async def _await_serving(self, successor: Successor, action: g.HandOver) -> None:
         """The handover ends when the successor confirms it serves as main: it has written the pid file
@@ -348,7 +349,7 @@ class Supervisor:
             task.cancel()
         for engine in self.engines:
             engine.stop_accepting()
-        asyncio.get_running_loop().create_task(self._drain_and_finish())
+        self._draining = asyncio.get_running_loop().create_task(self._drain_and_finish())  # kept: tasks are weak
 
     # ---- tasks -----------------------------------------------------------
 
