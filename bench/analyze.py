@@ -129,6 +129,8 @@ def median_of_runs(runs: list[dict]) -> dict:
         "p99_ms": ms(med("p99")),
         "max_ms": ms(med("max")),
         "cpu_us_per_request": round(med("cpu_us_per_request"), 2) if med("cpu_us_per_request") else None,
+        "server_cpus": round(med("server_cpus"), 2) if med("server_cpus") is not None else None,
+        "wrk_cpus": round(med("wrk_cpus"), 2) if med("wrk_cpus") is not None else None,
         "runs_req_s": [round(r["req_s"]) for r in runs],
         "runs_p99_ms": [ms(r["p99"]) for r in runs],
         "errors": sum(r["socket_errors"] + r["non_2xx_3xx"] for r in runs),

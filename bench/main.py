@@ -19,6 +19,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -162,9 +163,13 @@ def steady_section(plan: Plan, raw: Path) -> list[dict]:
         for run in range(plan.steady_runs):
             for server in servers:
                 pids = marked_pids(server.tag)
-                cpu_before = cpu_seconds(pids)
+                cpu_before, load_before = cpu_seconds(pids), children_cpu_seconds()
                 result = wrk.run(url(server), plan.steady_duration, CONNECTIONS)
-                result["cpu_us_per_request"] = (cpu_seconds(pids) - cpu_before) / result["requests"] * 1e6
+                server_cpu = cpu_seconds(pids) - cpu_before
+                result["cpu_us_per_request"] = server_cpu / result["requests"] * 1e6
+                # CPUs busy on average: what the server and the load generator (wrk, our child) each took.
+                result["server_cpus"] = server_cpu / plan.steady_duration
+                result["wrk_cpus"] = (children_cpu_seconds() - load_before) / plan.steady_duration
                 runs[id(server)].append(result)
                 say(f"steady: {server.name} workers={server.workers} run {run + 1}/{plan.steady_runs}: "
                     f"{result['req_s']:.0f} req/s, p99 {result['p99'] * 1000:.2f} ms, "
@@ -188,6 +193,12 @@ def steady_section(plan: Plan, raw: Path) -> list[dict]:
         row["cpu_vs_uvicorn"] = (round(row["cpu_us_per_request"] / base["cpu_us_per_request"], 3)
                                  if base["cpu_us_per_request"] else None)
     return rows
+
+
+def children_cpu_seconds() -> float:
+    """CPU time of our reaped children (wrk, once it has finished)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _timed_reload(server: GracefulHttp, method: str) -> float:
@@ -532,6 +543,25 @@ def _table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
+def workers_paragraph(results: dict) -> list[str]:
+    """How req/s grows with workers here, and why: how many CPUs the servers and wrk kept busy."""
+    cpus = results["machine"]["cpus"]
+    lines = []
+    for name in ("graceful-http", "uvicorn", "gunicorn"):
+        rows = {r["workers"]: r for r in results["steady"] if r["server"] == name}
+        if 1 in rows and 2 in rows and rows[1]["req_s"]:
+            one, two = rows[1], rows[2]
+            lines.append(f"- {name}: {one['req_s']:,.0f} → {two['req_s']:,.0f} req/s from 1 to 2 workers"
+                         f" ({two['req_s'] / one['req_s']:.2f}×); busy CPUs: server {one.get('server_cpus', 0):.2f} →"
+                         f" {two.get('server_cpus', 0):.2f}, wrk {one.get('wrk_cpus', 0):.2f} →"
+                         f" {two.get('wrk_cpus', 0):.2f}.")
+    if not lines:
+        return []
+    return [f"**Workers.** This machine has {cpus} CPUs and the load generator runs on it too: a second worker"
+            " can only use what wrk (one thread) leaves, so req/s cannot double here; near-linear growth needs"
+            " spare cores beyond the load generator's.", "", *lines]
+
+
 def markdown(results: dict) -> str:
     v, m, s = results["versions"], results["machine"], results["settings"]
     parts = [f"# graceful-http benchmark ({results['kind']} run, {results['started']})", ""]
@@ -553,7 +583,7 @@ def markdown(results: dict) -> str:
         parts.append(_table(["server", "workers", "pids answering", "req/s", "p50 ms", "p99 ms", "req/s vs uvicorn",
                              "p99 vs uvicorn", "server CPU µs/request", "CPU vs uvicorn", "runs (req/s)", "errors"],
                             rows))
-        parts.append("")
+        parts += ["", *workers_paragraph(results), ""]
     if results.get("reloads"):
         parts += [f"## Reloads under load (every {s['reload_interval']} s, {s['reload_duration']} s runs, "
                   f"{s['reload_workers']} workers where the server has workers)", "",
