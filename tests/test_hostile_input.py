@@ -21,12 +21,9 @@ import contextlib
 import http.client
 import os
 import re
-import signal
 import socket
 import subprocess
-import sys
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,13 +32,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from support.load import Load, pid_of
-from support.serve_process import marked_processes
+from support.serve_process import ENGINES, HOST, ServeProcess, clean_environ, free_port, run_cli, wait_until
 
-REPO = Path(__file__).resolve().parents[1]
-SERVICE_DIR = REPO / "service"
-HOST = "127.0.0.1"
-ENGINES = {"pypi": sys.executable, "debian": "/usr/bin/python3"}
-MARKER = "GRACEFUL_HTTP_HOSTILE_TEST"
 NGINX = "/usr/sbin/nginx"
 TOKEN = "s3cret-token-for-tests-0123456789"
 
@@ -50,114 +42,6 @@ QUICK = 3.0
 # How long a connection that never completes its request head may be kept open.
 HEAD_TIMEOUT_BOUND = 15.0
 ONE_MIB = 1 << 20
-
-
-# ---- processes ---------------------------------------------------------------------------------
-
-
-def free_port(host: str = HOST) -> int:
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
-
-
-def clean_environ(**extra: str) -> dict[str, str]:
-    environ = {k: v for k, v in os.environ.items()
-               if not k.startswith(("LISTEN_", "GRACEFUL_HTTP_", "WATCHDOG_"))
-               and k not in ("NOTIFY_SOCKET", "MAINPID", "JOURNAL_STREAM", "PYTHONHOME", "INVOCATION_ID")}
-    environ.update(PYTHONPATH=str(SERVICE_DIR), PYTHONDONTWRITEBYTECODE="1", **extra)
-    return environ
-
-
-# Runs as the would-be server: puts the fds named in argv[1] at 3, 4, … (as systemd does), sets
-# LISTEN_PID=<its own pid> when asked to ("self"), and execs the rest of argv, keeping its pid.
-WITH_FDS = """\
-import fcntl, os, sys
-fds = [int(fd) for fd in sys.argv[1].split(",") if fd]
-moved = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 64) for fd in fds]
-for index, fd in enumerate(moved):
-    os.dup2(fd, 3 + index)
-for fd in moved:
-    os.close(fd)
-if os.environ.get("LISTEN_PID") == "self":
-    os.environ["LISTEN_PID"] = str(os.getpid())
-os.execv(sys.argv[2], sys.argv[2:])
-"""
-
-
-def with_fds_command(python: str, fds: list[int], command: list[str]) -> list[str]:
-    return [python, "-c", WITH_FDS, ",".join(map(str, fds)), *command]
-
-
-
-def wait_until(predicate, timeout: float, what: str, diagnostics=lambda: ""):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}\n{diagnostics()}")
-        time.sleep(0.02)
-
-
-class Server:
-    """A graceful-http started by a test (every generation of it: they all carry a marker variable)."""
-
-    def __init__(self, python: str, directory: Path, *args: str, port: int | None = None,
-                 pass_fds: list[int] | None = None, environ: dict[str, str] | None = None):
-        self.python = python
-        self.directory = directory
-        self.port = port or free_port()
-        self.pid_file = directory / f"server-{uuid.uuid4().hex[:8]}.pid"
-        self.log_path = directory / f"server-{uuid.uuid4().hex[:8]}.log"
-        self.marker = uuid.uuid4().hex
-        command = [python, "-m", "graceful_http", "serve", "--pid-file", str(self.pid_file), *args]
-        if pass_fds is not None:
-            command = with_fds_command(python, pass_fds, command)
-        with open(self.log_path, "ab") as log:
-            self.popen = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                          env=clean_environ(**{MARKER: self.marker}, **(environ or {})),
-                                          cwd=directory, start_new_session=True, pass_fds=pass_fds or ())
-
-    def wait_serving(self, timeout: float = 30) -> int:
-        def serving():
-            if self.popen.poll() is not None:
-                raise AssertionError(f"server exited with {self.popen.returncode}\n{self.log_tail()}")
-            try:
-                return self.main_pid() == self.popen.pid and request(self.port, "GET", "/")[0] == 200
-            except OSError:
-                return False
-        wait_until(serving, timeout, f"the server to serve on port {self.port}", self.log_tail)
-        return self.popen.pid
-
-    def main_pid(self) -> int | None:
-        try:
-            text = self.pid_file.read_text().strip()
-        except FileNotFoundError:
-            return None
-        return int(text) if text.isdigit() else None
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def log_tail(self, lines: int = 30) -> str:
-        return "--- server log (tail) ---\n" + "\n".join(self.log().splitlines()[-lines:])
-
-    def processes(self) -> set[int]:
-        """Live processes carrying this server's marker: every generation, whoever started it."""
-        return marked_processes(MARKER, self.marker)
-
-    def stop(self) -> None:
-        for pid in self.processes() | ({self.popen.pid} if self.popen.poll() is None else set()):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.popen.wait(timeout=10)
-        wait_until(lambda: not self.processes(), 10, "the test's server processes to be gone")
 
 
 # Tracebacks that uvicorn itself logs about clients' protocol errors (uvicorn 0.17.6 logs "Invalid HTTP request
@@ -182,12 +66,10 @@ def unexpected_tracebacks(log: str) -> list[str]:
 
 @contextlib.contextmanager
 def running(python: str, directory: Path, *args: str, **kwargs):
-    server = Server(python, directory, *args, **kwargs)
-    try:
-        server.wait_serving()
+    """A server with a pid file of ours, serving; every generation of it killed at the end."""
+    with ServeProcess(python, directory, *args, pid_file=True, **kwargs) as server:
+        server.wait_serving(timeout=30)
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(params=list(ENGINES), scope="module")
@@ -205,9 +87,7 @@ def server(engine, tmp_path_factory):
     directory = tmp_path_factory.mktemp(f"hostile-{engine}")
     token_file = directory / "token"
     token_file.write_text(TOKEN + "\n")
-    port = free_port()
-    with running(ENGINES[engine], directory, "--bind", f"{HOST}:{port}", "--control-token-file",
-                 str(token_file), port=port) as instance:
+    with running(ENGINES[engine], directory, "--control-token-file", str(token_file)) as instance:
         yield instance
     assert unexpected_tracebacks(instance.log()) == []
 
@@ -281,7 +161,7 @@ def assert_refused_quickly(result: Exchange, bound: float = QUICK, allowed=(400,
 
 
 @contextlib.contextmanager
-def bystander(server: Server):
+def bystander(server: ServeProcess):
     """A well-behaved client for the length of the block: every one of its requests must be answered."""
     with Load(HOST, server.port, clients=2, pause=0.01) as load:
         load.wait_for_requests(20)
@@ -364,6 +244,18 @@ def test_oversized_request_head_is_refused(server, shape):
 def test_invalid_content_length_is_refused(server, name):
     with bystander(server):
         assert_refused_quickly(exchange(server.port, post(INVALID_CONTENT_LENGTH[name])))
+
+
+def test_a_malformed_request_is_logged_as_one_line(server):
+    """A client's malformed request is the client's error: one log line, no traceback (uvicorn 0.17.6 logs
+    its parser's traceback for each one, which would let any client fill the journal)."""
+    before = len(server.log())
+    with bystander(server):
+        assert_refused_quickly(exchange(server.port, b"GARBAGE\r\n\r\n"))
+    wait_until(lambda: "nvalid HTTP request received" in server.log()[before:], 10,
+               "the malformed request to be logged", server.log_tail)
+    logged = server.log()[before:]
+    assert "Traceback" not in logged, logged
 
 
 def test_content_length_with_chunked_closes_the_connection(server):
@@ -570,19 +462,13 @@ def graceful(port: int, method: str = "POST", headers=None, host: str = HOST, so
     return request(port, method, "/graceful", headers=headers, host=host, source=source)
 
 
-def wait_reloaded(server: Server, old: int) -> int:
-    return wait_until(lambda: (lambda pid: pid if pid not in (None, old) else None)(server.main_pid()), 30,
-                      f"a new generation to replace {old}", server.log_tail)
-
-
 def test_graceful_answers_only_post(engine, tmp_path):
-    port = free_port()
-    with running(ENGINES[engine], tmp_path, "--bind", f"{HOST}:{port}", port=port) as server:
+    with running(ENGINES[engine], tmp_path) as server:
         for method in ("GET", "HEAD", "PUT", "DELETE", "OPTIONS", "PATCH"):
             status, body, headers = graceful(server.port, method)
             assert status == 405, (method, status, body)
             assert headers.get("allow") == "POST", (method, headers)
-        assert server.main_pid() == server.popen.pid  # none of those reloaded
+        assert server.main_pid() == server.pid  # none of those reloaded
 
 
 def test_control_allow_decides_who_may_reload(engine, tmp_path):
@@ -591,24 +477,25 @@ def test_control_allow_decides_who_may_reload(engine, tmp_path):
     local_port, outside_port = free_port(), free_port(outside)
     common = ["--bind", f"{HOST}:{local_port}", "--bind", f"{outside}:{outside_port}"]
 
-    with running(ENGINES[engine], tmp_path, *common, port=local_port) as server:
+    with running(ENGINES[engine], tmp_path, *common, port=local_port, bind=False) as server:
         status, body, _ = graceful(outside_port, host=outside, source=outside)
         assert status == 403 and f"reload not allowed from {outside}".encode() in body, (status, body)
-        assert server.main_pid() == server.popen.pid
+        assert server.main_pid() == server.pid
         status, body, _ = graceful(local_port)
         assert status == 202, (status, body)
-        wait_reloaded(server, server.popen.pid)
+        server.wait_new_main(server.pid, timeout=30)
 
-    with running(ENGINES[engine], tmp_path, *common, "--control-allow", f"{outside}/32", port=local_port) as server:
+    with running(ENGINES[engine], tmp_path, *common, "--control-allow", f"{outside}/32", port=local_port,
+                 bind=False) as server:
         status, body, _ = graceful(outside_port, host=outside, source=outside)
         assert status == 202, (status, body)
-        wait_reloaded(server, server.popen.pid)
+        server.wait_new_main(server.pid, timeout=30)
 
     with running(ENGINES[engine], tmp_path, *common, "--control-allow", "198.51.100.0/24",
-                 port=local_port) as server:
+                 port=local_port, bind=False) as server:
         status, body, _ = graceful(outside_port, host=outside, source=outside)
         assert status == 403, (status, body)
-        assert server.main_pid() == server.popen.pid
+        assert server.main_pid() == server.pid
 
 
 AUTHORIZATIONS_REFUSED = {
@@ -626,9 +513,8 @@ AUTHORIZATIONS_REFUSED = {
 def test_control_token_is_required_when_configured(engine, tmp_path):
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN + "\n")
-    port = free_port()
-    with running(ENGINES[engine], tmp_path, "--bind", f"{HOST}:{port}", "--control-token-file", str(token_file),
-                 port=port) as server:
+    with running(ENGINES[engine], tmp_path, "--control-token-file", str(token_file)) as server:
+        port = server.port
         for name, value in AUTHORIZATIONS_REFUSED.items():
             status, body, _ = graceful(port, headers={"Authorization": value} if value is not None else None)
             assert status in (403, 400, 431), (name, status, body)
@@ -637,10 +523,10 @@ def test_control_token_is_required_when_configured(engine, tmp_path):
         raw = exchange(port, b"POST /graceful HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xff\xfe\x00\r\n"
                              b"Content-Length: 0\r\n\r\n")
         assert raw.status in (400, 403), raw.data[:200]
-        assert server.main_pid() == server.popen.pid  # nothing above reloaded
+        assert server.main_pid() == server.pid  # nothing above reloaded
         status, body, _ = graceful(port, headers={"Authorization": f"bearer  {TOKEN}"})
         assert status == 202, (status, body)
-        new = wait_reloaded(server, server.popen.pid)
+        new = server.wait_new_main(server.pid, timeout=30)
         # The token file is read by every generation: the new one wants it too.
         status, body, _ = graceful(port)
         assert status == 403
@@ -704,13 +590,14 @@ def nginx_and_service(engine, tmp_path):
     control.bind(control_path)
     control.listen(64)
     upstream_port = upstream.getsockname()[1]
-    service = Server(ENGINES[engine], tmp_path, port=upstream_port, pass_fds=[upstream.fileno(), control.fileno()],
-                     environ={"LISTEN_FDS": "2", "LISTEN_PID": "self", "LISTEN_FDNAMES": "http:control"})
+    service = ServeProcess(ENGINES[engine], tmp_path, port=upstream_port, bind=False, pid_file=True,
+                           pass_fds=[upstream.fileno(), control.fileno()],
+                           environ={"LISTEN_FDS": "2", "LISTEN_PID": "self", "LISTEN_FDNAMES": "http:control"})
     nginx_port = free_port()
     (tmp_path / "nginx.conf").write_text(NGINX_CONF.format(dir=tmp_path, upstream=upstream_port, port=nginx_port))
     nginx = None
     try:
-        service.wait_serving()
+        service.start().wait_serving(timeout=30)
         upstream.close()
         control.close()  # the service holds them now
         nginx = subprocess.Popen([NGINX, "-c", str(tmp_path / "nginx.conf"), "-p", str(tmp_path)],
@@ -731,7 +618,7 @@ def nginx_and_service(engine, tmp_path):
                 nginx.wait(timeout=10)
             if nginx.poll() is None:
                 nginx.kill()
-        service.stop()
+        service.kill_all()
 
 
 def unix_post(path: str, target: str = "/graceful") -> tuple[int, bytes]:
@@ -752,7 +639,7 @@ def test_graceful_relayed_by_nginx_is_refused_by_the_shipped_setup(nginx_and_ser
     """Behind a proxy every request comes from 127.0.0.1: with the admins' control socket present, the public
     listener refuses POST /graceful, proxied or not; the control socket takes it; nothing fails meanwhile."""
     service, nginx_port, control_path = nginx_and_service
-    first = service.popen.pid
+    first = service.pid
     status, body, _ = request(nginx_port, "GET", "/")
     assert status == 200 and pid_of(body) == first, body
 
@@ -769,7 +656,7 @@ def test_graceful_relayed_by_nginx_is_refused_by_the_shipped_setup(nginx_and_ser
         load.wait_for_requests(100)
         status, body = unix_post(control_path)
         assert status == 202, (status, body)
-        new = wait_reloaded(service, first)
+        new = service.wait_new_main(first, timeout=30)
         wait_until(lambda: load.result.pids[new] > 0, 20, f"nginx to relay answers from pid {new}")
         load.wait_for_requests(100)
     assert load.result.failures == [], load.result.summary()
@@ -783,8 +670,7 @@ def test_graceful_relayed_by_nginx_with_the_token(engine, tmp_path):
     port = free_port()
     nginx_port = free_port()
     (tmp_path / "nginx.conf").write_text(NGINX_CONF.format(dir=tmp_path, upstream=port, port=nginx_port))
-    with running(ENGINES[engine], tmp_path, "--bind", f"{HOST}:{port}", "--control-token-file", str(token_file),
-                 port=port) as server:
+    with running(ENGINES[engine], tmp_path, "--control-token-file", str(token_file), port=port) as server:
         nginx = subprocess.Popen([NGINX, "-c", str(tmp_path / "nginx.conf"), "-p", str(tmp_path)],
                                  stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                  start_new_session=True)
@@ -793,7 +679,7 @@ def test_graceful_relayed_by_nginx_with_the_token(engine, tmp_path):
             assert request(nginx_port, "POST", "/graceful")[0] == 403
             status, body, _ = request(nginx_port, "POST", "/graceful", headers={"Authorization": f"Bearer {TOKEN}"})
             assert status == 202, (status, body)
-            wait_reloaded(server, server.popen.pid)
+            server.wait_new_main(server.pid, timeout=30)
         finally:
             nginx.terminate()
             nginx.wait(timeout=10)
@@ -811,24 +697,12 @@ def _get_ok(port: int) -> bool:
 def serve_fails(engine: str, directory: Path, *args: str, fds: list[int] | None = None,
                 environ: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """`serve ARGS` must end at once with a non-zero status and exactly one line on stderr, no traceback."""
-    command = [ENGINES[engine], "-m", "graceful_http", "serve", *args]
-    if fds is not None:
-        command = with_fds_command(ENGINES[engine], fds, command)
-    process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, env=clean_environ(**(environ or {})), cwd=directory,
-                               start_new_session=True, pass_fds=fds or ())
-    try:
-        stdout, stderr = process.communicate(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        stdout, stderr = process.communicate()
-        raise AssertionError(f"serve {args} did not exit: {stdout}\n{stderr}")
-    result = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    assert process.returncode != 0, (args, environ, stderr)
-    assert "Traceback" not in stderr, stderr
-    assert len(lines) == 1, (args, environ, stderr)
-    assert stdout == "", stdout
+    result = run_cli(ENGINES[engine], "serve", *args, cwd=directory, timeout=20, fds=fds, environ=environ)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode != 0, (args, environ, result.stderr)
+    assert "Traceback" not in result.stderr, result.stderr
+    assert len(lines) == 1, (args, environ, result.stderr)
+    assert result.stdout == "", result.stdout
     return result
 
 

@@ -20,20 +20,14 @@ import socket
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import pytest
 
 from support.load import Load, get, pid_of
-from support.serve_process import alive, marked_processes
+from support.serve_process import ENGINES, HOST, ServeProcess, alive, clean_environ, wait_until
 
-REPO = Path(__file__).resolve().parents[1]
-SERVICE_DIR = REPO / "service"
-HOST = "127.0.0.1"
-ENGINES = {"pypi": sys.executable, "debian": "/usr/bin/python3"}
 DEBIAN_UVICORN = "0.17.6"
-MARKER = "GRACEFUL_HTTP_STANDALONE_TEST"
 WRK = "/usr/bin/wrk"
 
 WORKING_APP = '''
@@ -58,27 +52,9 @@ HANGING_APP = "import time\n\ntime.sleep(3600)\n"
 # ---- helpers ---------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
-
-
-
 def cmdline(pid: int) -> list[str]:
     with open(f"/proc/{pid}/cmdline", "rb") as file:
         return [part.decode() for part in file.read().split(b"\0")[:-1]]
-
-
-def wait_until(predicate, timeout: float, what: str, diagnostics=lambda: ""):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}\n{diagnostics()}")
-        time.sleep(0.01)
 
 
 def established_server_side(port: int) -> int:
@@ -96,128 +72,11 @@ def established_server_side(port: int) -> int:
     return count
 
 
-class Server:
-    """One graceful-http service (all its generations) started by a test."""
-
-    def __init__(self, python: str, directory: Path):
-        self.python = python
-        self.directory = directory
-        self.port = free_port()
-        self.pid_file = directory / "graceful-http.pid"
-        self.log_path = directory / "server.log"
-        self.marker = uuid.uuid4().hex
-        self.popen: subprocess.Popen | None = None
-        self.args: list[str] = []
-        environ = {k: v for k, v in os.environ.items()
-                   if not k.startswith(("LISTEN_", "GRACEFUL_HTTP_"))
-                   and k not in ("NOTIFY_SOCKET", "MAINPID", "JOURNAL_STREAM", "PYTHONHOME")}
-        environ.update(PYTHONPATH=str(SERVICE_DIR), PYTHONDONTWRITEBYTECODE="1")
-        self.tool_environ = environ  # for `reload` and one-off commands: no marker
-        self.serve_environ = {**environ, MARKER: self.marker}
-
-    # -- starting and looking
-
-    def serve_command(self, *extra: str, app: str | None = None) -> list[str]:
-        command = [self.python, "-m", "graceful_http", "serve", "--bind", f"{HOST}:{self.port}",
-                   "--pid-file", str(self.pid_file), *extra]
-        if app:
-            command.append(app)
-        return command
-
-    def start(self, *extra: str, app: str | None = None, timeout: float = 20) -> int:
-        self.args = self.serve_command(*extra, app=app)
-        with open(self.log_path, "ab") as log:
-            self.popen = subprocess.Popen(self.args, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                          env=self.serve_environ, cwd=self.directory, start_new_session=True)
-        pid = self.popen.pid
-
-        def serving():
-            if self.popen.poll() is not None:
-                raise AssertionError(f"server exited with {self.popen.returncode}\n{self.log_tail()}")
-            if self.main_pid() != pid:
-                return False
-            try:
-                status, body, _ = get(HOST, self.port, "/", timeout=5)
-            except OSError:
-                return False
-            return status == 200 and pid_of(body) == pid
-
-        wait_until(serving, timeout, f"pid {pid} to serve on port {self.port}", self.log_tail)
-        return pid
-
-    def main_pid(self) -> int | None:
-        try:
-            text = self.pid_file.read_text().strip()
-        except FileNotFoundError:
-            return None
-        return int(text) if text.isdigit() else None
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def log_tail(self, lines: int = 40) -> str:
-        return "--- server log (tail) ---\n" + "\n".join(self.log().splitlines()[-lines:])
-
-    def processes(self) -> set[int]:
-        """Live processes carrying this server's marker: every generation, whoever started it."""
-        return marked_processes(MARKER, self.marker)
-
-    def get_pid(self, path: str = "/") -> int:
-        status, body, _ = get(HOST, self.port, path, timeout=10)
-        assert status == 200, (status, body)
-        return pid_of(body)
-
-    # -- reloading
-
-    def run(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-        return subprocess.run([self.python, "-m", "graceful_http", *args], capture_output=True, text=True,
-                              env=self.tool_environ, cwd=self.directory, timeout=timeout, stdin=subprocess.DEVNULL)
-
-    def reload_cli(self, timeout: float = 60) -> subprocess.CompletedProcess:
-        return self.run("reload", "--pid-file", str(self.pid_file), "--timeout", "30", timeout=timeout)
-
-    def post_graceful(self) -> tuple[int, bytes]:
-        status, body, _ = get(HOST, self.port, "/graceful", method="POST", timeout=10)
-        return status, body
-
-    def wait_new_main(self, old: int, timeout: float = 20) -> int:
-        def changed():
-            pid = self.main_pid()
-            return pid if pid not in (None, old) else None
-        new = wait_until(changed, timeout, f"the pid file to name a successor of {old}", self.log_tail)
-        assert alive(new), f"new main {new} is not running\n{self.log_tail()}"
-        # The old main names it in the pid file just before telling it that it is main; until it has
-        # heard, it refuses reloads ("still starting"). Wait for it to say it took over.
-        took_over = re.compile(rf"took over as main: generation \d+ \(pid {new}\) serving")
-        wait_until(lambda: took_over.search(self.log()),
-                   timeout, f"pid {new} to take over as main", self.log_tail)
-        return new
-
-    def wait_gone(self, pid: int, timeout: float = 20) -> None:
-        if self.popen is not None and pid == self.popen.pid:
-            self.popen.poll()  # reap our own child so it does not linger as a zombie
-        wait_until(lambda: not alive(pid), timeout, f"pid {pid} to exit", self.log_tail)
-
-    # -- teardown
-
-    def cleanup(self) -> None:
-        for pid in self.processes() | ({self.popen.pid} if self.popen and self.popen.poll() is None else set()):
-            try:
-                if os.getpgid(pid) == pid:
-                    os.killpg(pid, signal.SIGKILL)  # every generation leads its own session
-                else:
-                    os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        if self.popen is not None:
-            try:
-                self.popen.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                pass
-        wait_until(lambda: not self.processes(), 10, "the test's server processes to be gone")
+def start(server: ServeProcess, *args: str) -> int:
+    """Start `server` with ARGS; its pid, once the pid file names it and it answers GET / itself."""
+    _, body, _ = server.start(*args).wait_serving()
+    assert pid_of(body) == server.pid, f"GET / answered by {pid_of(body)}, not {server.pid}\n{server.log_tail()}"
+    return server.pid
 
 
 @pytest.fixture(params=list(ENGINES))
@@ -230,11 +89,11 @@ def engine(request) -> str:
 
 @pytest.fixture
 def server(engine, tmp_path):
-    instance = Server(ENGINES[engine], tmp_path)
+    instance = ServeProcess(ENGINES[engine], tmp_path, pid_file=True)
     try:
         yield instance
     finally:
-        instance.cleanup()
+        instance.kill_all()
 
 
 def starting_pid(stderr: str) -> int:
@@ -250,7 +109,7 @@ def starting_pid(stderr: str) -> int:
 def test_engine_runs_the_expected_uvicorn(engine, server):
     result = subprocess.run(
         [server.python, "-c", "import uvicorn, graceful_http.engine; print(uvicorn.__version__, uvicorn.__file__)"],
-        capture_output=True, text=True, env=server.tool_environ, timeout=60)
+        capture_output=True, text=True, env=clean_environ(), timeout=60)
     assert result.returncode == 0, result.stderr
     version, location = result.stdout.split()
     if engine == "debian":
@@ -268,7 +127,7 @@ def test_engine_runs_the_expected_uvicorn(engine, server):
 
 
 def test_get_answers_with_its_pid(server):
-    pid = server.start()
+    pid = start(server)
     status, body, headers = get(HOST, server.port, "/hello")
     assert status == 200
     assert pid_of(body) == pid
@@ -289,7 +148,7 @@ def test_reload_under_load_loses_nothing(server, how):
     loop) this fails intermittently with `ConnectionResetError` on a new connection: Engine.stop_accepting
     closes the asyncio.Server while connections accepted in the same loop turn are not yet attached
     (asyncio's Server._attach asserts, the accepted socket is dropped, the kernel sends RST)."""
-    pids = [server.start()]
+    pids = [start(server)]
     with Load(HOST, server.port, clients=8) as load:
         load.wait_for_requests(100)
         for _ in range(RELOADS_UNDER_LOAD):
@@ -330,7 +189,7 @@ def test_reload_under_load_loses_nothing(server, how):
 
 
 def test_long_request_started_before_a_reload_finishes_on_the_old_generation(server):
-    old = server.start()
+    old = start(server)
     connection = http.client.HTTPConnection(HOST, server.port, timeout=30)
     try:
         connection.request("GET", "/")  # the connection now belongs to the old generation
@@ -362,7 +221,7 @@ def test_response_in_flight_at_handover_closes_the_connection(server):
     """KNOWN SERVICE BUG (fails): a response that was in flight when draining began is sent
     without `Connection: close` (ControlLayer decides at request start), so a keep-alive client
     reuses a connection the draining generation closes after its idle grace: RemoteDisconnected."""
-    old = server.start()
+    old = start(server)
     connection = http.client.HTTPConnection(HOST, server.port, timeout=30)
     try:
         connection.request("GET", "/")
@@ -392,9 +251,9 @@ def test_response_in_flight_at_handover_closes_the_connection(server):
 
 
 def test_command_line_is_the_same_after_reloads(server):
-    first = server.start()
+    first = start(server)
     original = cmdline(first)
-    assert original == server.args
+    assert original == server.command
     pid = first
     for _ in range(3):
         result = server.reload_cli()
@@ -410,16 +269,14 @@ def test_command_line_is_the_same_after_reloads(server):
 
 @pytest.mark.parametrize("how", ["SIGHUP", "POST /graceful"])
 def test_second_reload_during_a_reload_is_refused(server, how):
-    old = server.start()
+    old = start(server)
     if how == "SIGHUP":
         os.kill(old, signal.SIGHUP)
         # The second signal must arrive while the first reload is under way, not be merged
         # with the first by the kernel: wait until the first one has been acted upon.
-        wait_until(lambda: "reload requested by SIGHUP: starting generation 2" in server.log(), 10,
-                   "the first SIGHUP to start a reload", server.log_tail)
+        server.wait_for_log("reload requested by SIGHUP: starting generation 2", timeout=10)
         os.kill(old, signal.SIGHUP)
-        wait_until(lambda: "reload requested by SIGHUP refused: reload already in progress" in server.log(), 10,
-                   "the second SIGHUP to be refused", server.log_tail)
+        server.wait_for_log("reload requested by SIGHUP refused: reload already in progress", timeout=10)
     else:
         first = server.post_graceful()
         second = server.post_graceful()
@@ -440,7 +297,7 @@ def test_a_reload_is_accepted_the_moment_the_previous_one_is_done(server):
     reload again at once, with no "still starting" refusal and no connection refused."""
     from graceful_http.reloadclient import request_reload
 
-    pids = [server.start()]
+    pids = [start(server)]
     for _ in range(5):
         outcome = request_reload(pids[-1], 30, lambda progress: None)
         assert outcome.code == "done", (outcome, server.log_tail())
@@ -459,7 +316,7 @@ def test_failed_reloads_keep_the_old_generation_serving(server, tmp_path):
     app_dir.mkdir()
     module = app_dir / "webapp.py"
     module.write_text(WORKING_APP.format(version="v1"))
-    old = server.start("--ready-timeout", "2", "--app-dir", str(app_dir), app="webapp:app")
+    old = start(server, "--ready-timeout", "2", "--app-dir", str(app_dir), "webapp:app")
     assert get(HOST, server.port, "/version")[:2] == (200, b"v1")
 
     # an app that raises at import
@@ -507,7 +364,7 @@ def test_failed_reloads_keep_the_old_generation_serving(server, tmp_path):
 
 
 def test_sigterm_finishes_the_request_in_flight_and_exits_0(server):
-    pid = server.start()
+    pid = start(server)
     connection = http.client.HTTPConnection(HOST, server.port, timeout=30)
     try:
         connection.request("GET", "/")
@@ -546,7 +403,7 @@ def test_wrk_sees_no_errors_during_20_reloads(server):
     bound: once the reloads are done wrk gets SIGINT, after which it prints its usual report."""
     if not os.access(WRK, os.X_OK):
         pytest.fail(f"wrk is required for this test and is not installed at {WRK} (apt-get install wrk)")
-    pids = [server.start("--no-access-log")]
+    pids = [start(server, "--no-access-log")]
     # -d is an upper bound: wrk is stopped with SIGINT (it then prints its report) once the reloads are done
     wrk = subprocess.Popen([WRK, "-t2", "-c50", "-d120s", f"http://{HOST}:{server.port}/"],
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)

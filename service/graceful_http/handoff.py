@@ -6,8 +6,9 @@ GRACEFUL_HTTP_HANDOFF_FD) and says `ready` once it accepts connections, or
 process in systemd's eyes and answers `main`; only after that may the
 successor talk to systemd (NotifyAccess=main would drop its messages and log
 a warning otherwise). The successor confirms with `serving` once it acts as
-main (it accepts reload requests), and only then does the old main report
-the reload done: whoever hears "done" may reload again at once.
+main (it accepts reload requests); only then does the old main write the
+pid file, stop accepting and report the reload done, so whoever sees the pid
+file change or hears "done" may reload again at once.
 """
 
 from __future__ import annotations

@@ -194,7 +194,7 @@ class Supervisor:
             if self.successor_end is not None:
                 self.successor_end.close()
             return  # stopped while waiting
-        if self.settings.pid_file:
+        if self.settings.pid_file and not handed_over:  # after a handover, the old main writes it
             write_pid_file(self.settings.pid_file, self.pid)
         try:
             await self.control_server.start(self.pid)
@@ -321,9 +321,10 @@ class Supervisor:
         successor.watcher = asyncio.get_running_loop().create_task(self._await_serving(successor, action))
 
     async def _await_serving(self, successor: Successor, action: g.HandOver) -> None:
-        """The handover ends when the successor confirms it serves as main: it has written the pid file
-        and accepts reloads, so whoever hears "done" may reload again at once. Until then PIDFile= still
-        names us, which is what systemd must find if the successor dies now."""
+        """The handover ends when the successor confirms it serves as main (it accepts reloads). Only then
+        do we name it in the pid file and, in the same step, stop accepting: whoever sees the pid file
+        change or hears "done" may reload again at once, and reaches the new main. Until then PIDFile=
+        still names us, which is what systemd must find if the successor dies now."""
         confirmed = await successor.channel.serving_confirmed()
         if self.successor is not successor:
             return  # stopped meanwhile: it was killed
@@ -336,8 +337,8 @@ class Supervisor:
         if not confirmed:
             log.warning("the new generation (pid %d) did not confirm it serves as main within %gs;"
                         " considering it main", action.pid, CONFIRM_TIMEOUT)
-            if self.settings.pid_file:
-                write_pid_file(self.settings.pid_file, action.pid)  # it has not: systemd re-reads it
+        if self.settings.pid_file:
+            write_pid_file(self.settings.pid_file, action.pid)  # systemd re-reads it when ExecReload exits
         successor.close()
         self.successor = None
         self.dispatch(g.HandedOver(action.attempt))
