@@ -240,8 +240,8 @@ def test_metrics_with_workers_count_reloads_too():
                           serve_args=f"{APP}:app --metrics --workers 2") as service:
         main = started(service)
         samples = scrape(service)
-        worker_label = {labels for (name, labels) in samples if name == "graceful_http_requests_in_flight"}
-        assert worker_label in ({(("worker", "1"),)}, {(("worker", "2"),)}), worker_label
+        worker_labels = {labels for (name, labels) in samples if name == "graceful_http_requests_in_flight"}
+        assert worker_labels == {(("worker", "1"),), (("worker", "2"),)}, "a scrape shows every worker"
         for generation in (2, 3):
             service.reload()
             wait_until(lambda: value(scrape(service), "graceful_http_generation") == generation, timeout=10,

@@ -433,7 +433,81 @@ def test_wrk_sees_no_errors_during_20_reloads(server):
     wait_until(lambda: server.processes() == {pids[-1]}, 20, "every old generation to exit", server.log_tail)
 
 
-# ---- (i) bad input ---------------------------------------------------------------------
+# ---- (i) metrics with workers ----------------------------------------------------------
+
+
+def scrape(server: ServeProcess) -> dict[tuple[str, tuple], float]:
+    """GET /metrics on a fresh connection (whichever worker accepts it): {(sample, labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    status, body, _ = get(HOST, server.port, "/metrics")
+    assert status == 200, (status, body)
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(body.decode()) for sample in family.samples}
+
+
+def requests_by_worker(samples: dict[tuple[str, tuple], float]) -> dict[str, float]:
+    counts: dict[str, float] = collections.Counter()
+    for (name, labels), value in samples.items():
+        if name == "graceful_http_requests_total":
+            counts[dict(labels)["worker"]] += value
+    return counts
+
+
+def test_with_workers_every_scrape_counts_every_workers_requests(engine, tmp_path):
+    """A scrape lands on one worker; it must still count the whole generation's requests, and the files the
+    workers share them in must not outlive their generation."""
+    shared = tmp_path / "tmp"
+    shared.mkdir()
+    with ServeProcess(ENGINES[engine], tmp_path, "--workers", "2", "--metrics", pid_file=True,
+                      environ={"TMPDIR": str(shared)}) as server:
+        server.wait_serving()
+        first = server.main_pid()
+        workers = set()
+        for _ in range(500):  # new connections, until both workers have answered one
+            workers.add(server.get_pid())
+            if len(workers) == 2:
+                break
+        assert len(workers) == 2, f"500 new connections all went to pid {workers}"
+        before = scrape(server)
+        for _ in range(10):
+            assert get(HOST, server.port, "/")[0] == 200
+        scrapes = [scrape(server) for _ in range(10)]
+        for samples in scrapes:
+            assert set(requests_by_worker(samples)) == {"1", "2"}, samples
+        # The 10 requests and the first scrape (counted once it was answered), whichever worker took them.
+        assert sum(requests_by_worker(scrapes[0]).values()) - sum(requests_by_worker(before).values()) == 11
+        assert value_of(scrapes[0], "graceful_http_requests_in_flight", worker="1") + \
+            value_of(scrapes[0], "graceful_http_requests_in_flight", worker="2") == 1, "only the scrape itself"
+        assert len(list(shared.iterdir())) == 1, "one shared directory per generation"
+
+        # A worker killed and replaced (fork+exec): what it counted stays counted, its in-flight gauge goes.
+        counted = sum(requests_by_worker(scrape(server)).values())
+        os.kill(workers.pop(), signal.SIGKILL)
+        server.wait_for_log("replacing it in")
+        wait_until(lambda: len(re.findall(r"worker \d started as pid", server.log())) == 3, 20,
+                   "the replacement worker", server.log_tail)
+        wait_until(lambda: server.get_pid() not in workers, 20, "the replacement worker to answer", server.log_tail)
+        after = scrape(server)
+        assert set(requests_by_worker(after)) == {"1", "2"}, after
+        assert sum(requests_by_worker(after).values()) >= counted + 1
+        assert sum(value for (name, _), value in after.items() if name == "graceful_http_requests_in_flight") == 1
+
+        server.post_graceful()
+        second = server.wait_new_main(first)
+        server.wait_gone(first)
+        assert value_of(scrape(server), "graceful_http_reloads_total", result="succeeded") == 1
+        assert len(list(shared.iterdir())) == 1, "the old generation's directory went with it"
+        os.kill(second, signal.SIGTERM)
+        server.wait_gone(second)
+    assert list(shared.iterdir()) == []
+
+
+def value_of(samples: dict[tuple[str, tuple], float], name: str, **labels: str) -> float:
+    return samples[(name, tuple(sorted(labels.items())))]
+
+
+# ---- (j) bad input ---------------------------------------------------------------------
 
 
 def test_unknown_flag_is_a_usage_error(server):

@@ -1,51 +1,86 @@
 """Prometheus metrics (`--metrics`, served at GET /metrics by the control layer).
 
-Counters of requests reset with each generation (and, with `--workers`, each
-worker counts its own requests: a scrape sees the process that answered it,
-labelled by `worker`); `graceful_http_generation` tells the scraper which
-generation it is looking at, so rate() over a reset is read correctly.
-Reload counts and the last handoff duration are carried from one generation
-to the next, so they survive the handoffs they count.
+Counters of requests reset with each generation; `graceful_http_generation`
+tells the scraper which generation it is looking at, so rate() over a reset is
+read correctly. Reload counts and the last handoff duration are carried from
+one generation to the next, so they survive the handoffs they count.
+
+With `--workers`, a scrape is answered by whichever worker the connection
+lands on, so the generation's processes share their metrics through
+prometheus_client's multiprocess files, in a directory the main makes for its
+generation and removes when the generation exits: every scrape sees every
+worker's requests (labelled by `worker`) and the reload counts the main keeps.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import MutableMapping
 
 CARRIED_VARIABLE = "GRACEFUL_HTTP_RELOADS"  # "succeeded failed last_handoff_seconds reload_started_monotonic"
+SHARED_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client's own name for it
+_USERS_SHARED_DIR_VARIABLE = "GRACEFUL_HTTP_USERS_PROMETHEUS_MULTIPROC_DIR"
 
 
 class Metrics:
-    def __init__(self, generation: int, worker: int | None = None, environ: MutableMapping[str, str] = os.environ):
+    """One process's metrics: a single-process generation's (everything), a multi-worker generation's
+    main (the generation and its reloads) or one of its workers (the requests it answers)."""
+
+    def __init__(self, generation: int, worker: int | None = None, environ: MutableMapping[str, str] = os.environ,
+                 shared_dir: str | None = None):
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+        self.shared_dir = shared_dir
         self.registry = CollectorRegistry(auto_describe=True)
+        self._scrape_registry = self.registry
+        if shared_dir is not None:
+            _write_metrics_to(shared_dir)
+            from prometheus_client.multiprocess import MultiProcessCollector
+
+            self._scrape_registry = CollectorRegistry()
+            MultiProcessCollector(self._scrape_registry, path=shared_dir)
+        self.serves_requests = shared_dir is None or worker is not None
+        self.keeps_reloads = worker is None
         labels = {"worker": str(worker or 0)}
         self._labels = labels
-        self.requests = Counter("graceful_http_requests", "HTTP requests answered, by status class",
-                                ["worker", "status_class"], registry=self.registry)
-        self.in_flight = Gauge("graceful_http_requests_in_flight", "HTTP requests being answered",
-                               ["worker"], registry=self.registry).labels(**labels)
-        self.duration = Histogram("graceful_http_request_duration_seconds", "Time to answer an HTTP request",
-                                  ["worker"], registry=self.registry).labels(**labels)
+        if self.serves_requests:
+            self.requests = Counter("graceful_http_requests", "HTTP requests answered, by status class",
+                                    ["worker", "status_class"], registry=self.registry)
+            self.in_flight = Gauge("graceful_http_requests_in_flight", "HTTP requests being answered",
+                                   ["worker"], registry=self.registry, multiprocess_mode="livesum").labels(**labels)
+            self.duration = Histogram("graceful_http_request_duration_seconds", "Time to answer an HTTP request",
+                                      ["worker"], registry=self.registry).labels(**labels)
+        self.cut = Counter("graceful_http_drain_cut_requests", "Requests cut at the graceful timeout by this process",
+                           registry=self.registry)
+        if not self.keeps_reloads:
+            return
         Gauge("graceful_http_generation", "The generation serving this scrape (1 for the first start)",
-              registry=self.registry).set(generation)
+              registry=self.registry, multiprocess_mode="max").set(generation)
         Gauge("graceful_http_generation_start_time_seconds", "When this generation started (unix time)",
-              registry=self.registry).set(time.time())
+              registry=self.registry, multiprocess_mode="max").set(time.time())
         self.reloads = Counter("graceful_http_reloads", "Reloads since the service started, by result",
                                ["result"], registry=self.registry)
         self.last_handoff = Gauge("graceful_http_last_handoff_seconds",
                                   "From the reload request to this generation serving as main",
-                                  registry=self.registry)
-        self.cut = Counter("graceful_http_drain_cut_requests", "Requests cut at the graceful timeout by this process",
-                           registry=self.registry)
+                                  registry=self.registry, multiprocess_mode="max")
         self._succeeded, self._failed, self._last, self._reload_started = parse_carried(
             environ.pop(CARRIED_VARIABLE, ""))
         self.reloads.labels(result="succeeded").inc(self._succeeded)
         self.reloads.labels(result="failed").inc(self._failed)
         self.last_handoff.set(self._last)
+
+    @classmethod
+    def for_main_of_workers(cls, generation: int, environ: MutableMapping[str, str] = os.environ) -> "Metrics":
+        """The main's metrics in a multi-worker generation: make the generation's shared directory and name
+        it in `environ`, which the workers inherit (a user's own value is put back for the next generation)."""
+        shared_dir = tempfile.mkdtemp(prefix=f"graceful-http-metrics-gen{generation}-")
+        if SHARED_DIR_VARIABLE in environ and _USERS_SHARED_DIR_VARIABLE not in environ:
+            environ[_USERS_SHARED_DIR_VARIABLE] = environ[SHARED_DIR_VARIABLE]
+        environ[SHARED_DIR_VARIABLE] = shared_dir
+        return cls(generation, environ=environ, shared_dir=shared_dir)
 
     def observe(self, status: int | None, seconds: float) -> None:
         status_class = f"{status // 100}xx" if status else "5xx"
@@ -64,30 +99,46 @@ class Metrics:
         self._failed += 1
         self.reloads.labels(result="failed").inc()
 
-    def carried_for_successor(self, reload_started: float) -> str:
-        """The value of CARRIED_VARIABLE for a successor whose reload started at `reload_started` (monotonic)."""
-        return f"{self._succeeded} {self._failed} {self._last:.6f} {reload_started:.6f}"
+    def successor_environ(self, environ: MutableMapping[str, str], reload_started: float) -> None:
+        """Prepare the environment of a successor whose reload started at `reload_started` (monotonic): the
+        counts to carry on, and not this generation's shared directory."""
+        environ[CARRIED_VARIABLE] = f"{self._succeeded} {self._failed} {self._last:.6f} {reload_started:.6f}"
+        if self.shared_dir is not None:
+            users = environ.pop(_USERS_SHARED_DIR_VARIABLE, None)
+            if users is None:
+                environ.pop(SHARED_DIR_VARIABLE, None)
+            else:
+                environ[SHARED_DIR_VARIABLE] = users
 
-    def reload_counts(self) -> str:
-        """The value of CARRIED_VARIABLE for this generation's workers: the counts, no handoff to time."""
-        return f"{self._succeeded} {self._failed} {self._last:.6f} 0"
+    def process_exited(self, pid: int) -> None:
+        """A worker exited: its requests stay counted, its in-flight gauge goes."""
+        if self.shared_dir is not None:
+            from prometheus_client.multiprocess import mark_process_dead
 
-    def update_reload_counts(self, text: str) -> None:
-        """In a worker: take the counts its main sends (`reload_counts()`)."""
-        succeeded, failed, last, _ = parse_carried(text)
-        if succeeded > self._succeeded:
-            self.reloads.labels(result="succeeded").inc(succeeded - self._succeeded)
-            self._succeeded = succeeded
-        if failed > self._failed:
-            self.reloads.labels(result="failed").inc(failed - self._failed)
-            self._failed = failed
-        self._last = last
-        self.last_handoff.set(last)
+            mark_process_dead(pid, self.shared_dir)
+
+    def remove_shared_dir(self) -> None:
+        """The generation has exited: its shared directory goes with it."""
+        if self.shared_dir is not None:
+            shutil.rmtree(self.shared_dir, ignore_errors=True)
 
     def render(self) -> tuple[bytes, str]:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        return generate_latest(self._scrape_registry), CONTENT_TYPE_LATEST
+
+
+def _write_metrics_to(shared_dir: str) -> None:
+    """Make prometheus_client keep this process's values in files in `shared_dir` (its multiprocess mode).
+
+    prometheus_client picks its value class when it is first imported, from the
+    environment; this process may have imported it before the directory existed.
+    """
+    from prometheus_client import values
+
+    os.environ[SHARED_DIR_VARIABLE] = shared_dir
+    if not getattr(values.ValueClass, "_multiprocess", False):
+        values.ValueClass = values.MultiProcessValue()
 
 
 def parse_carried(text: str) -> tuple[int, int, float, float]:

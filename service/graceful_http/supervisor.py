@@ -27,7 +27,7 @@ from graceful_http.control import ControlLayer, ControlPolicy, ControlState, not
 from graceful_http.controlsocket import ControlServer
 from graceful_http.handoff import CONFIRM_TIMEOUT, GENERATION_VARIABLE, PredecessorEnd, SuccessorEnd
 from graceful_http.listenfds import ListenFdsError
-from graceful_http.metrics import CARRIED_VARIABLE, Metrics
+from graceful_http.metrics import SHARED_DIR_VARIABLE, Metrics
 from graceful_http.listeners import CONTROL_SOCKET_NAME, ListenerError, acquire
 from graceful_http.pidfile import remove_pid_file, write_pid_file
 from graceful_http.sdnotify import Notifier, watchdog_interval
@@ -233,11 +233,6 @@ class Supervisor:
             self.metrics.reload_failed()
         elif isinstance(event, g.BecameMain) and event.handed_over:
             self.metrics.became_main_after_handoff()
-        else:
-            return
-        for engine in self.engines:
-            if isinstance(engine, WorkerPool):
-                engine.share_reload_counts()
 
     def request_reload_now(self, source: str) -> g.Outcome:
         """For `POST /graceful`: start a reload and say at once whether it started."""
@@ -272,7 +267,7 @@ class Supervisor:
         environ = dict(os.environ)
         environ[GENERATION_VARIABLE] = str(action.generation)
         if self.metrics is not None:
-            environ[CARRIED_VARIABLE] = self.metrics.carried_for_successor(reload_started=time.monotonic())
+            self.metrics.successor_environ(environ, reload_started=time.monotonic())
         try:
             pid = spawn_successor(
                 [listener.sock.fileno() for listener in self.listeners],
@@ -423,7 +418,7 @@ class Supervisor:
         self.finished.set()
 
 
-def fork_workers(settings: ServeSettings, listeners, generation: int, metrics: Metrics | None,
+def fork_workers(settings: ServeSettings, listeners, generation: int,
                  successor_end: SuccessorEnd | None) -> list[tuple[int, socket.socket]]:
     """Fork the generation's workers before the main's event loop starts; return (pid, channel) of each.
 
@@ -433,7 +428,7 @@ def fork_workers(settings: ServeSettings, listeners, generation: int, metrics: M
     from graceful_http.engine import preload
 
     preload()
-    environ = worker_environ(os.environ, metrics)
+    environ = worker_environ(os.environ)
     forked: list[tuple[int, socket.socket]] = []
     for index in range(1, settings.workers + 1):
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -477,8 +472,9 @@ async def run_worker(settings: ServeSettings, link: WorkerLink, listeners=None, 
                              " a replacement worker would run other code; reload to start the new version")
         if listeners is None:
             listeners = acquire(settings.binds)
-        metrics = Metrics(generation, worker=link.index) if settings.metrics else None
-        link.metrics = metrics
+        metrics = None
+        if settings.metrics:
+            metrics = Metrics(generation, worker=link.index, shared_dir=os.environ.get(SHARED_DIR_VARIABLE))
         engines = build_engines(settings, listeners, control, metrics)
         await start_engines(engines)
     except (ListenerError, ListenFdsError, StartError) as exc:
@@ -541,14 +537,23 @@ def serve(settings: ServeSettings) -> int:
         listeners = acquire(settings.binds)
     except (ListenerError, ListenFdsError) as exc:
         return _cannot_start(str(exc), successor_end)
-    metrics = Metrics(generation) if settings.metrics else None
-    forked = []
-    if settings.workers > 1:
+    metrics = None
+    if settings.metrics:
         try:
-            forked = fork_workers(settings, listeners, generation, metrics, successor_end)
+            metrics = Metrics.for_main_of_workers(generation) if settings.workers > 1 else Metrics(generation)
         except OSError as exc:
-            return _cannot_start(f"cannot fork a worker: {exc.strerror or exc}", successor_end)
-    return asyncio.run(run(Supervisor(settings, generation, successor_end, listeners, metrics), forked))
+            return _cannot_start(f"cannot make the directory the workers share metrics in: {exc}", successor_end)
+    try:
+        forked = []
+        if settings.workers > 1:
+            try:
+                forked = fork_workers(settings, listeners, generation, successor_end)
+            except OSError as exc:
+                return _cannot_start(f"cannot fork a worker: {exc.strerror or exc}", successor_end)
+        return asyncio.run(run(Supervisor(settings, generation, successor_end, listeners, metrics), forked))
+    finally:
+        if metrics is not None:
+            metrics.remove_shared_dir()
 
 
 async def run(supervisor: Supervisor, forked: list[tuple[int, socket.socket]]) -> int:

@@ -11,8 +11,9 @@ The first N workers are forked from the main before its event loop starts
 (see `spawn.fork_worker`); replacements are forked and exec'd.
 
 Channel lines, worker → main: `ready`, `failed <reason>`, `stats <in flight>
-<total>`, `reload <source>`, `drained <answered> <cut>`; main → worker: `outcome <code> <pid> <detail>`,
-`reloads <succeeded> <failed> <last handoff> 0` (for the metrics).
+<total>`, `reload <source>`, `drained <answered> <cut>`; main → worker: `outcome <code> <pid> <detail>`.
+With `--metrics`, the main and its workers share their metrics through files
+(see `metrics`), not through the channel.
 Draining is SIGTERM: the worker stops accepting and drains lame-duck style.
 """
 
@@ -29,7 +30,6 @@ from dataclasses import dataclass, field
 from graceful_http import __version__
 from graceful_http.generation import Outcome
 from graceful_http.handoff import GENERATION_VARIABLE
-from graceful_http.metrics import CARRIED_VARIABLE
 from graceful_http.spawn import WORKER_FD_VARIABLE, spawn_worker
 
 log = logging.getLogger("graceful_http")
@@ -63,13 +63,9 @@ class RestartBackoff:
         return self._delay
 
 
-def worker_environ(environ, metrics=None) -> dict[str, str]:
-    """A worker's environment: no systemd notification variables (only the main talks to systemd), and
-    the reload counts of its main for its metrics."""
-    result = {k: v for k, v in environ.items() if k not in _NOT_FOR_WORKERS}
-    if metrics is not None:
-        result[CARRIED_VARIABLE] = metrics.reload_counts()
-    return result
+def worker_environ(environ) -> dict[str, str]:
+    """A worker's environment: no systemd notification variables (only the main talks to systemd)."""
+    return {k: v for k, v in environ.items() if k not in _NOT_FOR_WORKERS}
 
 
 def encode_outcome(outcome: Outcome) -> bytes:
@@ -104,7 +100,7 @@ class WorkerPool:
 
     def __init__(self, count: int, listeners, generation: int, request_reload, metrics=None):
         self.count = count
-        self.metrics = metrics  # the main's, for the reload counts every worker shows
+        self.metrics = metrics  # the main's: told when a worker exits
         self.listeners = listeners
         self.generation = generation
         self.request_reload = request_reload
@@ -137,7 +133,7 @@ class WorkerPool:
     async def _spawn(self, index: int) -> Worker:
         """Fork and exec a worker (a replacement: the event loop is running, so no plain fork)."""
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        environ = worker_environ(os.environ, self.metrics)
+        environ = worker_environ(os.environ)
         environ[WORKER_VARIABLE] = str(index + 1)
         environ[GENERATION_VARIABLE] = str(self.generation)
         environ[VERSION_VARIABLE] = __version__
@@ -191,6 +187,8 @@ class WorkerPool:
         _, status = os.waitpid(worker.pid, 0)
         del self.workers[worker.pid]
         self._total_of_dead += worker.total
+        if self.metrics is not None:
+            self.metrics.process_exited(worker.pid)
         worker.writer.close()
         how = _describe_status(status)
         if not worker.ready.done():
@@ -208,12 +206,6 @@ class WorkerPool:
                     await replacement.ready
                 except WorkerStartFailed as exc:
                     log.error("replacement worker failed: %s", exc)
-
-    def share_reload_counts(self) -> None:
-        """Tell every worker the reload counts (they changed: this generation became main, or a reload failed)."""
-        if self.metrics is not None:
-            for worker in self.workers.values():
-                worker.writer.write(f"reloads {self.metrics.reload_counts()}\n".encode())
 
     def in_flight(self) -> int:
         return sum(w.in_flight for w in self.workers.values())
@@ -269,7 +261,6 @@ class WorkerLink:
         self.main_version = main_version
         self.reader = None
         self.writer = None
-        self.metrics = None  # set by the worker when it serves metrics
         self._replies: asyncio.Queue | None = None
 
     @classmethod
@@ -292,8 +283,6 @@ class WorkerLink:
             word, _, detail = line.decode(errors="replace").strip().partition(" ")
             if word == "outcome":
                 await self._replies.put(decode_outcome(detail))
-            elif word == "reloads" and self.metrics is not None:
-                self.metrics.update_reload_counts(detail)
         # The main is gone: a worker never outlives its generation.
         os.kill(os.getpid(), signal.SIGTERM)
 
