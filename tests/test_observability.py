@@ -14,11 +14,12 @@ import threading
 import time
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from support.appfiles import app_source, require_packages
 from support.container import wait_until
 from support.load import Load, get, pid_of
+from support.prometheus import Samples, value
+from support.prometheus import scrape as scrape_metrics
 from support.systemd_service import SERVICE, InstalledService
 
 pytestmark = pytest.mark.systemd
@@ -162,21 +163,8 @@ def test_no_access_log_means_no_access_lines():
 # ---- metrics --------------------------------------------------------------------------------
 
 
-def scrape(service: InstalledService) -> dict[tuple[str, tuple], float]:
-    """GET /metrics, parsed as Prometheus text: {(sample name, sorted labels): value}."""
-    status, body, headers = get("127.0.0.1", service.port, "/metrics")
-    assert status == 200, body
-    # prometheus_client's own format: 0.0.4 (Debian's 0.16), 1.0.0 (newer); Prometheus reads both.
-    assert re.match(r"text/plain; version=(0\.0\.4|1\.0\.0)", headers["content-type"]), headers
-    samples = {}
-    for family in text_string_to_metric_families(body.decode()):
-        for sample in family.samples:
-            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return samples
-
-
-def value(samples, name: str, **labels) -> float:
-    return samples[(name, tuple(sorted(labels.items())))]
+def scrape(service: InstalledService) -> Samples:
+    return scrape_metrics("127.0.0.1", service.port)
 
 
 @pytest.mark.parametrize("engine", ["pypi", "debian"])

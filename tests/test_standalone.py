@@ -25,6 +25,8 @@ from pathlib import Path
 import pytest
 
 from support.load import Load, get, pid_of
+from support.prometheus import Samples, value
+from support.prometheus import scrape as scrape_metrics
 from support.serve_process import ENGINES, HOST, ServeProcess, alive, clean_environ, wait_until
 
 DEBIAN_UVICORN = "0.17.6"
@@ -436,21 +438,16 @@ def test_wrk_sees_no_errors_during_20_reloads(server):
 # ---- (i) metrics with workers ----------------------------------------------------------
 
 
-def scrape(server: ServeProcess) -> dict[tuple[str, tuple], float]:
-    """GET /metrics on a fresh connection (whichever worker accepts it): {(sample, labels): value}."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    status, body, _ = get(HOST, server.port, "/metrics")
-    assert status == 200, (status, body)
-    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
-            for family in text_string_to_metric_families(body.decode()) for sample in family.samples}
+def scrape(server: ServeProcess) -> Samples:
+    """GET /metrics on a fresh connection: whichever worker accepts it answers."""
+    return scrape_metrics(HOST, server.port)
 
 
-def requests_by_worker(samples: dict[tuple[str, tuple], float]) -> dict[str, float]:
+def requests_by_worker(samples: Samples) -> dict[str, float]:
     counts: dict[str, float] = collections.Counter()
-    for (name, labels), value in samples.items():
+    for (name, labels), count in samples.items():
         if name == "graceful_http_requests_total":
-            counts[dict(labels)["worker"]] += value
+            counts[dict(labels)["worker"]] += count
     return counts
 
 
@@ -477,8 +474,8 @@ def test_with_workers_every_scrape_counts_every_workers_requests(engine, tmp_pat
             assert set(requests_by_worker(samples)) == {"1", "2"}, samples
         # The 10 requests and the first scrape (counted once it was answered), whichever worker took them.
         assert sum(requests_by_worker(scrapes[0]).values()) - sum(requests_by_worker(before).values()) == 11
-        assert value_of(scrapes[0], "graceful_http_requests_in_flight", worker="1") + \
-            value_of(scrapes[0], "graceful_http_requests_in_flight", worker="2") == 1, "only the scrape itself"
+        assert value(scrapes[0], "graceful_http_requests_in_flight", worker="1") + \
+            value(scrapes[0], "graceful_http_requests_in_flight", worker="2") == 1, "only the scrape itself"
         assert len(list(shared.iterdir())) == 1, "one shared directory per generation"
 
         # A worker killed and replaced (fork+exec): what it counted stays counted, its in-flight gauge goes.
@@ -491,20 +488,16 @@ def test_with_workers_every_scrape_counts_every_workers_requests(engine, tmp_pat
         after = scrape(server)
         assert set(requests_by_worker(after)) == {"1", "2"}, after
         assert sum(requests_by_worker(after).values()) >= counted + 1
-        assert sum(value for (name, _), value in after.items() if name == "graceful_http_requests_in_flight") == 1
+        assert sum(gauge for (name, _), gauge in after.items() if name == "graceful_http_requests_in_flight") == 1
 
         server.post_graceful()
         second = server.wait_new_main(first)
         server.wait_gone(first)
-        assert value_of(scrape(server), "graceful_http_reloads_total", result="succeeded") == 1
+        assert value(scrape(server), "graceful_http_reloads_total", result="succeeded") == 1
         assert len(list(shared.iterdir())) == 1, "the old generation's directory went with it"
         os.kill(second, signal.SIGTERM)
         server.wait_gone(second)
     assert list(shared.iterdir()) == []
-
-
-def value_of(samples: dict[tuple[str, tuple], float], name: str, **labels: str) -> float:
-    return samples[(name, tuple(sorted(labels.items())))]
 
 
 # ---- (j) bad input ---------------------------------------------------------------------

@@ -42,11 +42,9 @@ class Metrics:
 
             self._scrape_registry = CollectorRegistry()
             MultiProcessCollector(self._scrape_registry, path=shared_dir)
-        self.serves_requests = shared_dir is None or worker is not None
-        self.keeps_reloads = worker is None
         labels = {"worker": str(worker or 0)}
         self._labels = labels
-        if self.serves_requests:
+        if shared_dir is None or worker is not None:  # a main with workers answers no requests
             self.requests = Counter("graceful_http_requests", "HTTP requests answered, by status class",
                                     ["worker", "status_class"], registry=self.registry)
             self.in_flight = Gauge("graceful_http_requests_in_flight", "HTTP requests being answered",
@@ -55,7 +53,7 @@ class Metrics:
                                       ["worker"], registry=self.registry).labels(**labels)
         self.cut = Counter("graceful_http_drain_cut_requests", "Requests cut at the graceful timeout by this process",
                            registry=self.registry)
-        if not self.keeps_reloads:
+        if worker is not None:  # the reloads are the main's
             return
         Gauge("graceful_http_generation", "The generation serving this scrape (1 for the first start)",
               registry=self.registry, multiprocess_mode="max").set(generation)
@@ -73,14 +71,13 @@ class Metrics:
         self.last_handoff.set(self._last)
 
     @classmethod
-    def for_main_of_workers(cls, generation: int, environ: MutableMapping[str, str] = os.environ) -> "Metrics":
-        """The main's metrics in a multi-worker generation: make the generation's shared directory and name
-        it in `environ`, which the workers inherit (a user's own value is put back for the next generation)."""
+    def for_main_of_workers(cls, generation: int) -> "Metrics":
+        """The main's metrics in a multi-worker generation: make the generation's shared directory, which
+        the workers inherit through our environment (a user's own value is put back for the next generation)."""
         shared_dir = tempfile.mkdtemp(prefix=f"graceful-http-metrics-gen{generation}-")
-        if SHARED_DIR_VARIABLE in environ and _USERS_SHARED_DIR_VARIABLE not in environ:
-            environ[_USERS_SHARED_DIR_VARIABLE] = environ[SHARED_DIR_VARIABLE]
-        environ[SHARED_DIR_VARIABLE] = shared_dir
-        return cls(generation, environ=environ, shared_dir=shared_dir)
+        if SHARED_DIR_VARIABLE in os.environ and _USERS_SHARED_DIR_VARIABLE not in os.environ:
+            os.environ[_USERS_SHARED_DIR_VARIABLE] = os.environ[SHARED_DIR_VARIABLE]
+        return cls(generation, shared_dir=shared_dir)
 
     def observe(self, status: int | None, seconds: float) -> None:
         status_class = f"{status // 100}xx" if status else "5xx"
@@ -129,7 +126,8 @@ class Metrics:
 
 
 def _write_metrics_to(shared_dir: str) -> None:
-    """Make prometheus_client keep this process's values in files in `shared_dir` (its multiprocess mode).
+    """Make prometheus_client keep this process's values in files in `shared_dir` (its multiprocess mode);
+    it reads the directory from the environment, which this process's workers inherit.
 
     prometheus_client picks its value class when it is first imported, from the
     environment; this process may have imported it before the directory existed.
