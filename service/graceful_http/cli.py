@@ -136,27 +136,33 @@ def serve_settings(args: argparse.Namespace) -> ServeSettings:
 def serve(args: argparse.Namespace) -> int:
     import asyncio
 
+    from graceful_http.inherited import Inherited, Role
     from graceful_http.settings import SettingsError
 
     # Until our own handler is installed, a SIGHUP must not kill a starting generation.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    inherited = Inherited.from_environ(os.environ)  # which process this is: decided here, once
     try:
         settings = serve_settings(args)
     except SettingsError as exc:
-        from graceful_http.supervisor import report_start_failure
+        from graceful_http import logs
+        from graceful_http.handoff import PredecessorLink
+        from graceful_http.serving import report_start_failure
 
-        return report_start_failure(str(exc), EXIT_USAGE)
-    from graceful_http.supervisor import run_worker, serve as serve_generation
-    from graceful_http.workers import WorkerLink
-
+        logs.setup(inherited.generation)
+        return report_start_failure(str(exc), PredecessorLink.from_inherited(inherited), EXIT_USAGE)
     _use_fastest_event_loop()
-    link = WorkerLink.from_environ(os.environ)
-    if link is not None:  # a replacement worker, forked and exec'd by its main
-        return _leave_threads_behind(asyncio.run(run_worker(settings, link)))
+    if inherited.role is Role.WORKER:  # a replacement worker, forked and exec'd by its main
+        from graceful_http.worker_process import run_worker
+        from graceful_http.workers import MainLink
+
+        return _leave_threads_behind(asyncio.run(run_worker(settings, MainLink.from_inherited(inherited), inherited)))
     if settings.workers > (os.cpu_count() or 1):
         print(f"graceful-http: warning: --workers {settings.workers} is more than the {os.cpu_count()} CPUs here",
               file=sys.stderr)
-    return _leave_threads_behind(serve_generation(settings))
+    from graceful_http.main_process import serve as serve_generation
+
+    return _leave_threads_behind(serve_generation(settings, inherited))
 
 
 def _leave_threads_behind(code: int) -> int:
@@ -191,7 +197,7 @@ def _use_fastest_event_loop() -> None:
 def check(args: argparse.Namespace) -> int:
     from graceful_http.apploader import AppLoadError, load_asgi3
     from graceful_http.settings import SettingsError
-    from graceful_http.supervisor import StartError, read_token
+    from graceful_http.serving import StartError, read_token
 
     try:
         settings = serve_settings(args)

@@ -1,13 +1,8 @@
 """The local control socket that `graceful-http reload` talks to.
 
 Each main process listens on an abstract unix socket named after its pid
-(and pid namespace), so `ExecReload=graceful-http reload` finds it from
-$MAINPID alone, with nothing on disk to clean up. Only root and the service's
-own user may use it (checked with SO_PEERCRED).
-
-Protocol: the client sends `reload`; the server answers with lines
-`started <pid> <detail>` (progress), then one final line
-`done|failed|refused <pid> <detail>` once the handoff is over.
+(`wire.control_address`). Only root and the service's own user may use it
+(checked with SO_PEERCRED). The lines it speaks are in `wire`.
 """
 
 from __future__ import annotations
@@ -15,21 +10,10 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-import struct
 from collections.abc import Callable
 
-from graceful_http.generation import Outcome
-from graceful_http.reloadclient import FINAL_CODES, address_for
-
-
-def format_line(outcome: Outcome) -> bytes:
-    detail = " ".join(outcome.detail.split())
-    return f"{outcome.code} {outcome.pid or 0} {detail}\n".encode()
-
-
-def _peer_uid(sock: socket.socket) -> int:
-    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    return struct.unpack("3i", creds)[1]
+from graceful_http.wire import FINAL_CODES, RELOAD, Outcome, control_address, peer_credentials
+from graceful_http.wire import encode_outcome as format_line
 
 
 class ControlServer:
@@ -41,7 +25,7 @@ class ControlServer:
 
     async def start(self, pid: int) -> None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.bind(address_for(pid))
+        sock.bind(control_address(pid))
         self.server = await asyncio.start_unix_server(self._serve, sock=sock)
 
     def close(self) -> None:
@@ -51,12 +35,12 @@ class ControlServer:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         sock = writer.get_extra_info("socket")
         try:
-            uid = _peer_uid(sock)
+            uid = peer_credentials(sock)[1]
             if uid not in (0, os.getuid()):
                 writer.write(format_line(Outcome("refused", f"uid {uid} may not control this service")))
                 return
             request = (await asyncio.wait_for(reader.readline(), 10)).decode(errors="replace").strip()
-            if request != "reload":
+            if request != RELOAD:
                 writer.write(format_line(Outcome("refused", f"unknown request {request[:40]!r}")))
                 return
             finished = asyncio.get_running_loop().create_future()

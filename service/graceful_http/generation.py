@@ -16,6 +16,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field, replace
 
+from graceful_http.wire import Outcome  # what a reload requester is told
+
 
 class Phase(enum.Enum):
     STARTING = "starting"  # accepting, but not (yet) the main process: must not talk to systemd
@@ -143,15 +145,6 @@ class StartDraining:
 
 
 Action = Notify | Log | SpawnSuccessor | ArmReadyTimer | KillSuccessor | HandOver | Reply | StartDraining
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """What a reload requester is told. `code`: started, done, failed or refused."""
-
-    code: str
-    detail: str
-    pid: int | None = None
 
 
 # ---- the machine --------------------------------------------------------------

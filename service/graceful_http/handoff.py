@@ -1,7 +1,6 @@
-"""The private readiness channel between an old generation and its successor.
+"""The private handoff channel between an old generation's main and its successor: both ends.
 
-A unix socketpair: the successor gets one end (fd named in
-GRACEFUL_HTTP_HANDOFF_FD) and says `ready` once it accepts connections, or
+A unix socketpair: the successor inherits one end (`Inherited.handoff_fd`) and says `ready` once it accepts connections, or
 `failed <reason>` if it cannot start. The old main then makes it the main
 process in systemd's eyes and answers `main`; only after that may the
 successor talk to systemd (NotifyAccess=main would drop its messages and log
@@ -16,46 +15,25 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-from collections.abc import MutableMapping
 
-from graceful_http.spawn import HANDOFF_FD_VARIABLE
+from graceful_http.inherited import Inherited
+from graceful_http.wire import FAILED, MAIN, READY, SERVING, decode, encode
 
-READY = "ready"
-FAILED = "failed"
-MAIN = "main"
-SERVING = "serving"
 CONFIRM_TIMEOUT = 5.0
-GENERATION_VARIABLE = "GRACEFUL_HTTP_GENERATION"
 
 
-def encode(word: str, detail: str = "") -> bytes:
-    detail = " ".join(detail.split())  # one line, whatever the exception said
-    return (f"{word} {detail}".rstrip() + "\n").encode()
+class PredecessorLink:
+    """A new generation's link to the main it replaces: report readiness, wait to become main."""
 
-
-def decode(line: bytes) -> tuple[str, str]:
-    word, _, detail = line.decode(errors="replace").strip().partition(" ")
-    return word, detail
-
-
-class SuccessorEnd:
-    """The new generation's side: report readiness, wait to become main."""
-
-    def __init__(self, sock: socket.socket, generation: int):
+    def __init__(self, sock: socket.socket):
         self.sock = sock
-        self.generation = generation
 
     @classmethod
-    def from_environ(cls, environ: MutableMapping[str, str]) -> "SuccessorEnd | None":
-        """Take the channel from the environment (and remove it, so apps don't see it)."""
-        fd_text = environ.pop(HANDOFF_FD_VARIABLE, None)
-        generation = int(environ.pop(GENERATION_VARIABLE, "1") or 1)
-        if fd_text is None:
+    def from_inherited(cls, inherited: Inherited) -> PredecessorLink | None:
+        if inherited.handoff_fd is None:
             return None
-        fd = int(fd_text)
-        os.set_inheritable(fd, False)
-        sock = socket.socket(fileno=fd)
-        return cls(sock, generation)
+        os.set_inheritable(inherited.handoff_fd, False)
+        return cls(socket.socket(fileno=inherited.handoff_fd))
 
     def report_failed(self, reason: str) -> None:
         try:
@@ -94,8 +72,8 @@ class SuccessorEnd:
         self.sock.close()
 
 
-class PredecessorEnd:
-    """The old main's side: learn the successor's fate, then hand over."""
+class SuccessorLink:
+    """An old main's link to the new generation it starts: learn its fate, then hand over."""
 
     def __init__(self):
         self.mine, self.theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)

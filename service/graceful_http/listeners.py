@@ -7,7 +7,7 @@ import socket
 import stat
 from dataclasses import dataclass
 
-from graceful_http.listenfds import LISTEN_FDS_START, passed_fd_count
+from graceful_http.listenfds import LISTEN_FDS_START, LISTEN_VARIABLES, passed_fd_count
 from graceful_http.settings import BindAddress
 
 OWN_SOCKET_NAME = "http"
@@ -52,7 +52,7 @@ def inherited(environ) -> list[Listener]:
         except OSError:  # systemd-python would raise a bare EBADF
             raise ListenerError(f"LISTEN_FDS={expected} but fd {fd} is not open") from None
     passed = daemon.listen_fds_with_names(unset_environment=True)
-    for variable in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+    for variable in LISTEN_VARIABLES:
         environ.pop(variable, None)  # a new generation gets them fresh
     listeners = []
     for fd, name in sorted(passed.items()):

@@ -20,20 +20,20 @@ import tempfile
 import time
 from collections.abc import MutableMapping
 
-CARRIED_VARIABLE = "GRACEFUL_HTTP_RELOADS"  # "succeeded failed last_handoff_seconds reload_started_monotonic"
-SHARED_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client's own name for it
-_USERS_SHARED_DIR_VARIABLE = "GRACEFUL_HTTP_USERS_PROMETHEUS_MULTIPROC_DIR"
+from graceful_http.inherited import METRICS_SHARED_DIR
 
 
 class Metrics:
     """One process's metrics: a single-process generation's (everything), a multi-worker generation's
     main (the generation and its reloads) or one of its workers (the requests it answers)."""
 
-    def __init__(self, generation: int, worker: int | None = None, environ: MutableMapping[str, str] = os.environ,
+    def __init__(self, generation: int, worker: int | None = None, carried: str = "",
                  shared_dir: str | None = None):
+        """`carried`: the reload counts the previous generation passed on (see `carried_on`)."""
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         self.shared_dir = shared_dir
+        self._users_shared_dir: str | None = None  # a directory the user had set: the next generation's
         self.registry = CollectorRegistry(auto_describe=True)
         self._scrape_registry = self.registry
         if shared_dir is not None:
@@ -64,20 +64,20 @@ class Metrics:
         self.last_handoff = Gauge("graceful_http_last_handoff_seconds",
                                   "From the reload request to this generation serving as main",
                                   registry=self.registry, multiprocess_mode="max")
-        self._succeeded, self._failed, self._last, self._reload_started = parse_carried(
-            environ.pop(CARRIED_VARIABLE, ""))
+        self._succeeded, self._failed, self._last, self._reload_started = parse_carried(carried)
         self.reloads.labels(result="succeeded").inc(self._succeeded)
         self.reloads.labels(result="failed").inc(self._failed)
         self.last_handoff.set(self._last)
 
     @classmethod
-    def for_main_of_workers(cls, generation: int) -> "Metrics":
+    def for_main_of_workers(cls, generation: int, carried: str = "") -> "Metrics":
         """The main's metrics in a multi-worker generation: make the generation's shared directory, which
         the workers inherit through our environment (a user's own value is put back for the next generation)."""
         shared_dir = tempfile.mkdtemp(prefix=f"graceful-http-metrics-gen{generation}-")
-        if SHARED_DIR_VARIABLE in os.environ and _USERS_SHARED_DIR_VARIABLE not in os.environ:
-            os.environ[_USERS_SHARED_DIR_VARIABLE] = os.environ[SHARED_DIR_VARIABLE]
-        return cls(generation, shared_dir=shared_dir)
+        users = os.environ.get(METRICS_SHARED_DIR)
+        metrics = cls(generation, carried=carried, shared_dir=shared_dir)
+        metrics._users_shared_dir = users
+        return metrics
 
     def observe(self, status: int | None, seconds: float) -> None:
         status_class = f"{status // 100}xx" if status else "5xx"
@@ -96,16 +96,17 @@ class Metrics:
         self._failed += 1
         self.reloads.labels(result="failed").inc()
 
-    def successor_environ(self, environ: MutableMapping[str, str], reload_started: float) -> None:
-        """Prepare the environment of a successor whose reload started at `reload_started` (monotonic): the
-        counts to carry on, and not this generation's shared directory."""
-        environ[CARRIED_VARIABLE] = f"{self._succeeded} {self._failed} {self._last:.6f} {reload_started:.6f}"
+    def carried_on(self, reload_started: float) -> str:
+        """The counts a successor carries on, its reload having started at `reload_started` (monotonic)."""
+        return f"{self._succeeded} {self._failed} {self._last:.6f} {reload_started:.6f}"
+
+    def successor_environ(self, environ: MutableMapping[str, str]) -> None:
+        """Not this generation's shared directory for a successor: the user's own, if they had one."""
         if self.shared_dir is not None:
-            users = environ.pop(_USERS_SHARED_DIR_VARIABLE, None)
-            if users is None:
-                environ.pop(SHARED_DIR_VARIABLE, None)
+            if self._users_shared_dir is None:
+                environ.pop(METRICS_SHARED_DIR, None)
             else:
-                environ[SHARED_DIR_VARIABLE] = users
+                environ[METRICS_SHARED_DIR] = self._users_shared_dir
 
     def process_exited(self, pid: int) -> None:
         """A worker exited: its requests stay counted, its in-flight gauge goes."""
@@ -134,7 +135,7 @@ def _write_metrics_to(shared_dir: str) -> None:
     """
     from prometheus_client import values
 
-    os.environ[SHARED_DIR_VARIABLE] = shared_dir
+    os.environ[METRICS_SHARED_DIR] = shared_dir
     if not getattr(values.ValueClass, "_multiprocess", False):
         values.ValueClass = values.MultiProcessValue()
 

@@ -31,3 +31,16 @@ def remove_pid_file(path: str, pid: int) -> None:
             os.unlink(path)
     except (ValueError, OSError):
         pass
+
+
+class PidFile:
+    """PIDFile=, as the supervisor uses it: name the current main; on a stop, remove our own name."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def write(self, pid: int) -> None:
+        write_pid_file(self.path, pid)
+
+    def remove(self, pid: int) -> None:
+        remove_pid_file(self.path, pid)

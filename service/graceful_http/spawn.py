@@ -4,7 +4,7 @@ Both a new generation and a worker run the same command line
 (`sys.executable` plus the interpreter's original arguments, so `python -m
 graceful_http` starts survive and `ps` shows the same arguments), and receive
 the listening sockets at fd 3… with LISTEN_PID set to their own pid, plus one
-private channel fd named in an environment variable.
+private channel, as `inherited.Inherited` describes.
 
 A new generation is double-forked so that it is not our child: systemd 252
 treats a MAINPID that is not its own child as alien and would SIGKILL it on
@@ -19,16 +19,16 @@ by then the main's event loop is running and a fork would inherit it.
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import os
 import signal
 import sys
 from collections.abc import Callable, Mapping, Sequence
 
+from graceful_http.inherited import Inherited
 from graceful_http.listenfds import LISTEN_FDS_START, successor_environ
 
-HANDOFF_FD_VARIABLE = "GRACEFUL_HTTP_HANDOFF_FD"
-WORKER_FD_VARIABLE = "GRACEFUL_HTTP_WORKER_FD"
 _PR_SET_PDEATHSIG = 1
 
 
@@ -41,6 +41,7 @@ def spawn_successor(
     listen_fds: Sequence[int],
     names: Sequence[str],
     handoff_fd: int,
+    inherited: Inherited,
     environ: Mapping[str, str],
     command: Sequence[str] | None = None,
 ) -> int:
@@ -60,7 +61,7 @@ def spawn_successor(
             if grandchild == 0:
                 os.close(pid_write)
                 os.setsid()
-                _exec_with_sockets(listen_fds, names, handoff_fd, HANDOFF_FD_VARIABLE, environ, command)
+                _exec_with_sockets(listen_fds, names, handoff_fd, inherited, environ, command)
             os.write(pid_write, str(grandchild).encode())
         finally:
             os._exit(0)
@@ -81,6 +82,7 @@ def spawn_worker(
     listen_fds: Sequence[int],
     names: Sequence[str],
     channel_fd: int,
+    inherited: Inherited,
     environ: Mapping[str, str],
     command: Sequence[str] | None = None,
 ) -> int:
@@ -91,7 +93,7 @@ def spawn_worker(
         try:
             _die_with_parent()
         finally:
-            _exec_with_sockets(listen_fds, names, channel_fd, WORKER_FD_VARIABLE, environ, command)
+            _exec_with_sockets(listen_fds, names, channel_fd, inherited, environ, command)
     return pid
 
 
@@ -117,6 +119,20 @@ def fork_worker(child: Callable[[], int]) -> int:
         _flush_and_exit(code)
 
 
+async def wait_exit(pidfd: int, timeout: float | None = None) -> bool:
+    """Wait until the process behind `pidfd` (os.pidfd_open) exits: True, or False once `timeout` passed."""
+    loop = asyncio.get_running_loop()
+    exited = asyncio.Event()
+    loop.add_reader(pidfd, exited.set)
+    try:
+        await asyncio.wait_for(exited.wait(), timeout)
+    except asyncio.TimeoutError:
+        return False
+    finally:
+        loop.remove_reader(pidfd)
+    return True
+
+
 def _die_with_parent() -> None:
     import ctypes  # here, in a new worker: a generation without workers never needs it
 
@@ -137,7 +153,7 @@ def _flush_and_exit(code: int) -> None:  # pragma: no cover - runs in a forked c
     os._exit(code)
 
 
-def _exec_with_sockets(listen_fds, names, channel_fd, channel_variable, environ, command) -> None:  # pragma: no cover
+def _exec_with_sockets(listen_fds, names, channel_fd, inherited, environ, command) -> None:  # pragma: no cover
     try:
         count = len(listen_fds)
         # Move every fd we pass above the target range first, so placing them at
@@ -146,8 +162,7 @@ def _exec_with_sockets(listen_fds, names, channel_fd, channel_variable, environ,
         temporaries = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, floor) for fd in [*listen_fds, channel_fd]]
         for index, fd in enumerate(temporaries):
             os.dup2(fd, LISTEN_FDS_START + index, inheritable=True)
-        env = successor_environ(environ, names, os.getpid())
-        env[channel_variable] = str(LISTEN_FDS_START + count)
+        env = inherited.with_channel(LISTEN_FDS_START + count).to_environ(successor_environ(environ, names, os.getpid()))
         os.execve(command[0], command, env)
     except BaseException as exc:
         os.write(2, f"graceful-http: cannot start a new process: {exc}\n".encode())

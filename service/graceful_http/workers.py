@@ -10,8 +10,7 @@ loop does not spin; workers die with their main (PR_SET_PDEATHSIG).
 The first N workers are forked from the main before its event loop starts
 (see `spawn.fork_worker`); replacements are forked and exec'd.
 
-Channel lines, worker → main: `ready`, `failed <reason>`, `stats <in flight>
-<total>`, `reload <source>`, `drained <answered> <cut>`; main → worker: `outcome <code> <pid> <detail>`.
+The channel's lines are in `wire`.
 With `--metrics`, the main and its workers share their metrics through files
 (see `metrics`), not through the channel.
 Draining is SIGTERM: the worker stops accepting and drains lame-duck style.
@@ -28,14 +27,13 @@ import time
 from dataclasses import dataclass, field
 
 from graceful_http import __version__
-from graceful_http.generation import Outcome
-from graceful_http.handoff import GENERATION_VARIABLE
-from graceful_http.spawn import WORKER_FD_VARIABLE, spawn_worker
+from graceful_http.inherited import Inherited
+from graceful_http.spawn import spawn_worker, wait_exit
+from graceful_http.wire import DRAINED, FAILED, OUTCOME, READY, RELOAD, STATS, Outcome, decode, encode
+from graceful_http.wire import outcome_text, parse_outcome
 
 log = logging.getLogger("graceful_http")
 
-WORKER_VARIABLE = "GRACEFUL_HTTP_WORKER"
-VERSION_VARIABLE = "GRACEFUL_HTTP_MAIN_VERSION"  # a worker must run the code its main runs
 STATS_INTERVAL = 1.0
 _NOT_FOR_WORKERS = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
 
@@ -66,16 +64,6 @@ class RestartBackoff:
 def worker_environ(environ) -> dict[str, str]:
     """A worker's environment: no systemd notification variables (only the main talks to systemd)."""
     return {k: v for k, v in environ.items() if k not in _NOT_FOR_WORKERS}
-
-
-def encode_outcome(outcome: Outcome) -> bytes:
-    return f"outcome {outcome.code} {outcome.pid or 0} {' '.join(outcome.detail.split())}\n".encode()
-
-
-def decode_outcome(detail: str) -> Outcome:
-    code, _, rest = detail.partition(" ")
-    pid_text, _, text = rest.partition(" ")
-    return Outcome(code, text, int(pid_text) if pid_text.isdigit() and pid_text != "0" else None)
 
 
 # ---- main side ------------------------------------------------------------------
@@ -133,13 +121,10 @@ class WorkerPool:
     async def _spawn(self, index: int) -> Worker:
         """Fork and exec a worker (a replacement: the event loop is running, so no plain fork)."""
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        environ = worker_environ(os.environ)
-        environ[WORKER_VARIABLE] = str(index + 1)
-        environ[GENERATION_VARIABLE] = str(self.generation)
-        environ[VERSION_VARIABLE] = __version__
+        inherited = Inherited(generation=self.generation).for_worker(index + 1, __version__)
         try:
             pid = spawn_worker([l.sock.fileno() for l in self.listeners], [l.name for l in self.listeners],
-                               theirs.fileno(), environ)
+                               theirs.fileno(), inherited, worker_environ(os.environ))
         finally:
             theirs.close()
         return await self._adopt(index, pid, mine)
@@ -159,30 +144,26 @@ class WorkerPool:
 
     async def _listen(self, worker: Worker) -> None:
         while line := await worker.reader.readline():
-            word, _, detail = line.decode(errors="replace").strip().partition(" ")
-            if word == "ready" and not worker.ready.done():
+            word, detail = decode(line)
+            if word == READY and not worker.ready.done():
                 worker.ready.set_result(None)
-            elif word == "failed" and not worker.ready.done():
+            elif word == FAILED and not worker.ready.done():
                 worker.ready.set_exception(WorkerStartFailed(detail))
-            elif word == "stats":
+            elif word == STATS:
                 in_flight, _, total = detail.partition(" ")
                 worker.in_flight, worker.total = int(in_flight), int(total)
-            elif word == "drained":
+            elif word == DRAINED:
                 served, _, cut = detail.partition(" ")
                 worker.drained = (int(served), int(cut))
-            elif word == "reload":
+            elif word == RELOAD:
                 outcome = self.request_reload(f"{detail} (via worker {worker.index + 1})")
-                worker.writer.write(encode_outcome(outcome))
+                worker.writer.write(encode(OUTCOME, outcome_text(outcome)))
 
     async def _wait_exit(self, worker: Worker) -> None:
         pidfd = os.pidfd_open(worker.pid)
-        exited = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        loop.add_reader(pidfd, exited.set)
         try:
-            await exited.wait()
+            await wait_exit(pidfd)
         finally:
-            loop.remove_reader(pidfd)
             os.close(pidfd)
         _, status = os.waitpid(worker.pid, 0)
         del self.workers[worker.pid]
@@ -252,8 +233,8 @@ def _describe_status(status: int) -> str:
 # ---- worker side ----------------------------------------------------------------
 
 
-class WorkerLink:
-    """A worker's channel to its main: readiness, stats, and reload requests."""
+class MainLink:
+    """A worker's link to its main: readiness, stats, reload requests, and the drain's result."""
 
     def __init__(self, sock: socket.socket, index: int, main_version: str = __version__):
         self.sock = sock
@@ -264,14 +245,11 @@ class WorkerLink:
         self._replies: asyncio.Queue | None = None
 
     @classmethod
-    def from_environ(cls, environ) -> "WorkerLink | None":
-        index = environ.pop(WORKER_VARIABLE, None)
-        fd_text = environ.pop(WORKER_FD_VARIABLE, None)
-        if index is None or fd_text is None:
-            return None
-        fd = int(fd_text)
-        os.set_inheritable(fd, False)
-        return cls(socket.socket(fileno=fd), int(index), environ.pop(VERSION_VARIABLE, __version__))
+    def from_inherited(cls, inherited: Inherited) -> MainLink:
+        """The link of a worker its main exec'd (a forked one is handed its socket)."""
+        os.set_inheritable(inherited.worker_fd, False)
+        return cls(socket.socket(fileno=inherited.worker_fd), inherited.worker_index,
+                   inherited.main_version or __version__)
 
     async def connect(self) -> None:
         self.reader, self.writer = await asyncio.open_unix_connection(sock=self.sock)
@@ -280,26 +258,27 @@ class WorkerLink:
 
     async def _read_replies(self) -> None:
         while line := await self.reader.readline():
-            word, _, detail = line.decode(errors="replace").strip().partition(" ")
-            if word == "outcome":
-                await self._replies.put(decode_outcome(detail))
+            word, detail = decode(line)
+            if word == OUTCOME:
+                await self._replies.put(parse_outcome(detail))
         # The main is gone: a worker never outlives its generation.
         os.kill(os.getpid(), signal.SIGTERM)
 
     def send(self, word: str, detail: str = "") -> None:
-        self.writer.write(f"{word} {' '.join(detail.split())}".rstrip().encode() + b"\n")
+        self.writer.write(encode(word, detail))
 
-    def report_failed_sync(self, reason: str) -> None:
+    def report_failed(self, reason: str) -> None:
+        """Before `connect`: tell the main this worker cannot start."""
         try:
-            self.sock.sendall(f"failed {' '.join(reason.split())}\n".encode())
+            self.sock.sendall(encode(FAILED, reason))
         except OSError:
             pass
 
     async def request_reload(self, source: str) -> Outcome:
-        self.send("reload", source)
+        self.send(RELOAD, source)
         return await self._replies.get()
 
     async def report_stats(self, engine) -> None:
         while True:
-            self.send("stats", f"{engine.in_flight()} {engine.total_requests}")
+            self.send(STATS, f"{engine.in_flight()} {engine.total_requests}")
             await asyncio.sleep(STATS_INTERVAL)

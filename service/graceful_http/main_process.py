@@ -1,0 +1,156 @@
+"""A generation's main process, top to bottom: take the sockets, fork the workers, serve (or have the
+workers serve), become main, then run the supervisor until handed over or stopped."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import os
+import socket
+
+from graceful_http import __version__, logs
+from graceful_http import generation as g
+from graceful_http.controlsocket import ControlServer
+from graceful_http.handoff import PredecessorLink
+from graceful_http.inherited import Inherited
+from graceful_http.listeners import ListenerError, acquire
+from graceful_http.listenfds import ListenFdsError
+from graceful_http.metrics import Metrics
+from graceful_http.pidfile import PidFile
+from graceful_http.sdnotify import Notifier, watchdog_interval
+from graceful_http.serving import StartError, build_engines, report_start_failure, start_engines
+from graceful_http.settings import ServeSettings
+from graceful_http.spawn import fork_worker
+from graceful_http.successor import Successor, wait_until_reaped
+from graceful_http.supervisor import Ports, Supervisor
+from graceful_http.workers import MainLink, WorkerPool, WorkerStartFailed, worker_environ
+
+log = logging.getLogger("graceful_http")
+
+
+def serve(settings: ServeSettings, inherited: Inherited) -> int:
+    """Returns the process exit code."""
+    predecessor = PredecessorLink.from_inherited(inherited)
+    generation = inherited.generation
+    logs.setup(generation, settings.log_level)
+    try:
+        listeners = acquire(settings.binds)
+    except (ListenerError, ListenFdsError) as exc:
+        return report_start_failure(str(exc), predecessor)
+    metrics = None
+    if settings.metrics:
+        try:
+            metrics = (Metrics.for_main_of_workers(generation, inherited.carried_metrics) if settings.workers > 1
+                       else Metrics(generation, carried=inherited.carried_metrics))
+        except OSError as exc:
+            return report_start_failure(f"cannot make the directory the workers share metrics in: {exc}",
+                                        predecessor)
+    try:
+        forked = []
+        if settings.workers > 1:
+            try:
+                forked = fork_workers(settings, listeners, inherited, predecessor, metrics)
+            except OSError as exc:
+                return report_start_failure(f"cannot fork a worker: {exc.strerror or exc}", predecessor)
+        return asyncio.run(run(settings, inherited, listeners, predecessor, metrics, forked))
+    finally:
+        if metrics is not None:
+            metrics.remove_shared_dir()
+
+
+def fork_workers(settings: ServeSettings, listeners, inherited: Inherited, predecessor: PredecessorLink | None,
+                 metrics: Metrics | None) -> list[tuple[int, socket.socket]]:
+    """Fork the generation's workers before the main's event loop starts; return (pid, channel) of each.
+
+    The engine (uvicorn, uvloop, httptools) is imported once, here, so a worker
+    starts by loading the app instead of by starting an interpreter.
+    """
+    from graceful_http.engine import preload
+    from graceful_http.worker_process import run_worker
+
+    preload()
+    environ = worker_environ(os.environ)
+    forked: list[tuple[int, socket.socket]] = []
+    for index in range(1, settings.workers + 1):
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        worker_inherited = Inherited(generation=inherited.generation, worker_index=index, main_version=__version__,
+                                     metrics_shared_dir=metrics.shared_dir if metrics is not None else None)
+
+        def worker(worker_inherited=worker_inherited, theirs=theirs, mine=mine) -> int:  # pragma: no cover
+            for channel in [mine, *(other for _, other in forked)]:
+                channel.close()
+            if predecessor is not None:
+                predecessor.sock.close()  # the channel to the previous generation is the main's
+            os.environ.clear()
+            os.environ.update(environ)
+            link = MainLink(theirs, worker_inherited.worker_index)
+            return asyncio.run(run_worker(settings, link, worker_inherited, listeners))
+
+        try:
+            pid = fork_worker(worker)
+        except OSError:
+            mine.close()
+            raise
+        finally:
+            theirs.close()
+        forked.append((pid, mine))
+    return forked
+
+
+async def run(settings: ServeSettings, inherited: Inherited, listeners, predecessor: PredecessorLink | None,
+              metrics: Metrics | None, forked: list[tuple[int, socket.socket]]) -> int:
+    pid = os.getpid()
+    ports = Ports(
+        start_successor=functools.partial(_start_successor, listeners, inherited, metrics),
+        notifier=Notifier(),
+        control_server=ControlServer,
+        wait_until_reaped=wait_until_reaped,
+        pid_file=PidFile(settings.pid_file) if settings.pid_file else None,
+        watchdog=watchdog_interval(os.environ, pid),
+    )
+    supervisor = Supervisor(g.Generation(inherited.generation, pid, settings.ready_timeout), ports,
+                            settings.graceful_timeout, metrics)
+    supervisor.listen_to_signals()
+    try:
+        if settings.workers > 1:
+            pool = WorkerPool(settings.workers, listeners, inherited.generation, supervisor.request_reload_now,
+                              metrics=metrics)
+            supervisor.servers = [pool]
+            try:
+                await pool.start(forked)
+            except WorkerStartFailed as exc:
+                raise StartError(str(exc)) from None
+        else:
+            supervisor.servers = build_engines(settings, listeners, supervisor.control, metrics)
+            await start_engines(supervisor.servers)
+    except StartError as exc:
+        return report_start_failure(str(exc), predecessor)
+    log.info("graceful-http %s serving %s on %s", __version__, settings.app, supervisor.servers[0].describe())
+    for listener in listeners:
+        log.info("listening on %s", listener.describe())
+
+    handed_over = False
+    if predecessor is not None:
+        handed_over = await predecessor.report_ready_and_wait_until_main()
+        if not handed_over:
+            log.warning("the previous generation went away before handing over; serving as main")
+    if not await supervisor.become_main(handed_over):
+        if predecessor is not None:
+            predecessor.close()  # stopped while waiting
+    elif handed_over:
+        predecessor.confirm_serving()  # now the old main may report the reload done
+    await supervisor.finished.wait()
+    return 0
+
+
+def _start_successor(listeners, inherited: Inherited, metrics: Metrics | None, attempt: int,
+                     generation: int) -> Successor:
+    import time
+
+    environ = dict(os.environ)
+    carried = None
+    if metrics is not None:
+        carried = metrics.carried_on(reload_started=time.monotonic())
+        metrics.successor_environ(environ)
+    return Successor.start(attempt, generation, listeners, inherited.for_new_generation(generation, carried), environ)

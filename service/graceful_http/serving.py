@@ -1,0 +1,121 @@
+"""What every serving process does, a generation's main or a worker: build and start its HTTP engines, say
+why it cannot start, and drain and shut down at the end."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING, Protocol
+
+from graceful_http import logs
+from graceful_http.apploader import AppLoadError, load_asgi3
+from graceful_http.control import ControlLayer, ControlPolicy, ControlState, not_found
+from graceful_http.listeners import CONTROL_SOCKET_NAME
+from graceful_http.settings import ServeSettings
+
+if TYPE_CHECKING:
+    from graceful_http.metrics import Metrics
+
+log = logging.getLogger("graceful_http")
+
+
+class StartError(Exception):
+    """This process cannot serve; the message is the one-line reason."""
+
+
+class Server(Protocol):
+    """What a main drives while serving and draining: an `engine.Engine`, or a `workers.WorkerPool`."""
+
+    total_requests: int
+
+    def describe(self) -> str: ...
+    def in_flight(self) -> int: ...
+    def stop_accepting(self) -> None: ...
+    async def drain(self, deadline: float) -> tuple[int, int]: ...
+    async def shutdown_app(self) -> None: ...
+
+
+class FailureReport(Protocol):
+    """The channel to whoever started this process, if anyone: a predecessor or a main."""
+
+    def report_failed(self, reason: str) -> None: ...
+
+
+def report_start_failure(reason: str, to: FailureReport | None, exit_code: int = 1) -> int:
+    """Log why this process cannot start and tell the process that started it, if any."""
+    log.error("cannot start: %s", reason)
+    if to is not None:
+        to.report_failed(reason)
+    return exit_code
+
+
+def read_token(path: str | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        with open(path, encoding="utf-8") as file:
+            token = file.read().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise StartError(f"cannot read the control token file {path}: {getattr(exc, 'strerror', exc)}") from None
+    if len(token) < 16:
+        raise StartError(f"the control token in {path} is too short (at least 16 characters)")
+    return token
+
+
+def build_engines(settings: ServeSettings, listeners, control: ControlState, metrics: Metrics | None = None):
+    """The HTTP engines of one serving process: the app's (with the control layer) and the control socket's."""
+    from graceful_http.engine import Engine  # uvicorn: not needed by the main of a multi-worker generation
+
+    try:
+        token = read_token(settings.control_token_file)
+        app, interface = load_asgi3(settings.app, settings.app_dir,
+                                    factory=settings.factory, interface=settings.interface)
+    except AppLoadError as exc:
+        if exc.details:
+            log.error("%s", exc.details.rstrip())
+        raise StartError(str(exc)) from None
+    log.info("loaded %s (%s)", settings.app, interface)
+    public = [item for item in listeners if item.name != CONTROL_SOCKET_NAME]
+    private = [item for item in listeners if item.name == CONTROL_SOCKET_NAME]
+    access = logs.log_access if settings.access_log else None
+    engines = []
+    if public:
+        policy = ControlPolicy(allow=settings.control_allow, token=token, control_socket_elsewhere=bool(private))
+        stack = ControlLayer(app, control, policy, access, metrics)
+        engines.append(Engine(stack, [item.sock for item in public], idle_grace=settings.idle_grace))
+    if private:  # the admins' socket: control endpoints only, trusted by its file mode
+        stack = ControlLayer(not_found, control, ControlPolicy(trusted=True), access, metrics)
+        engines.append(Engine(stack, [item.sock for item in private], idle_grace=0.1, lifespan=False))
+    return engines
+
+
+async def start_engines(engines) -> None:
+    from graceful_http.engine import StartupFailed
+
+    try:
+        for engine in engines:
+            await engine.start()
+    except StartupFailed as exc:
+        raise StartError(str(exc)) from None
+
+
+async def drain_and_shut_down(servers: list[Server], graceful_timeout: float,
+                              metrics: Metrics | None = None) -> tuple[int, int]:
+    """Finish what clients started, up to the graceful timeout, then run the app's lifespan shutdown;
+    return (requests answered while draining, requests cut). An app whose shutdown raises is logged,
+    never allowed to keep this process from reporting and exiting."""
+    deadline = time.monotonic() + graceful_timeout
+    results = await asyncio.gather(*(server.drain(deadline) for server in servers))
+    served, cut = sum(r[0] for r in results), sum(r[1] for r in results)
+    if cut:
+        log.warning("graceful timeout (%gs) reached: cut %d request(s) still in flight", graceful_timeout, cut)
+        if metrics is not None:
+            metrics.cut.inc(cut)
+    log.info("drained: %d request(s) answered while draining, %d cut", served, cut)
+    for server in servers:
+        try:
+            await server.shutdown_app()
+        except Exception:  # the app's own shutdown failing must not keep us alive
+            log.exception("the app's lifespan shutdown failed")
+    return served, cut

@@ -1,0 +1,112 @@
+"""An old main's view of the new generation it starts at a reload (as `workers.WorkerPool` is a main's view
+of its workers): start it, learn whether it became ready, hand over to it, or kill it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import select
+import signal
+import time
+from collections.abc import Sequence
+
+from graceful_http import generation as g
+from graceful_http.handoff import CONFIRM_TIMEOUT, SuccessorLink
+from graceful_http.inherited import Inherited
+from graceful_http.spawn import spawn_successor, wait_exit
+from graceful_http.wire import FAILED, READY
+
+log = logging.getLogger("graceful_http")
+
+
+class Successor:
+    """The new generation being started: its pid, its handoff link and its exit."""
+
+    def __init__(self, attempt: int, pid: int, link: SuccessorLink):
+        self.attempt = attempt
+        self.pid = pid
+        self.link = link
+        self.pidfd = os.pidfd_open(pid)
+
+    @classmethod
+    def start(cls, attempt: int, generation: int, listeners: Sequence, inherited: Inherited,
+              environ: dict[str, str]) -> Successor:
+        """Start generation `generation` on our `listeners`; OSError if it cannot even be forked."""
+        link = SuccessorLink()
+        try:
+            pid = spawn_successor([item.sock.fileno() for item in listeners], [item.name for item in listeners],
+                                  link.theirs.fileno(), inherited, environ)
+        except OSError:
+            link.close()
+            raise
+        link.close_theirs()
+        return cls(attempt, pid, link)
+
+    async def until_ready(self) -> g.ChildReady | g.ChildFailed:
+        """What became of it: ready, or failed (it said why, or it exited)."""
+        message = asyncio.create_task(self.link.next_message())
+        exit_wait = asyncio.create_task(wait_exit(self.pidfd))
+        try:
+            done, _ = await asyncio.wait({message, exit_wait}, return_when=asyncio.FIRST_COMPLETED)
+            gone = f"new generation (pid {self.pid}) exited before it was ready"
+            if message in done:
+                word, detail = message.result()
+                if word == READY:
+                    return g.ChildReady(self.attempt, self.pid)
+                if word == FAILED:
+                    return g.ChildFailed(self.attempt, detail or gone)
+                await exit_wait  # the channel closed: it is exiting
+            return g.ChildFailed(self.attempt, self.link.pending_failure() or gone)
+        finally:
+            message.cancel()
+            exit_wait.cancel()
+
+    def alive(self) -> bool:
+        return not select.select([self.pidfd], [], [], 0)[0]
+
+    def tell_main(self) -> None:
+        """systemd knows it as the main process now: it may talk to systemd."""
+        self.link.tell_main()
+
+    async def until_serving(self) -> bool:
+        """True once it confirms it serves as main (or says nothing but lives on); False if it exited."""
+        if await self.link.serving_confirmed():
+            return True
+        if await wait_exit(self.pidfd, 1.0):  # its closed channel may precede its exit by a moment
+            return False
+        log.warning("the new generation (pid %d) did not confirm it serves as main within %gs;"
+                    " considering it main", self.pid, CONFIRM_TIMEOUT)
+        return True
+
+    def kill(self) -> None:
+        kill_group(self.pid)
+
+    def close(self) -> None:
+        asyncio.get_running_loop().remove_reader(self.pidfd)  # a wait on it may still be cancelling
+        os.close(self.pidfd)
+        self.link.close()
+
+
+def kill_group(pid: int) -> None:
+    """SIGKILL a new generation and everything it started (it leads its own session)."""
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    except PermissionError:
+        os.kill(pid, signal.SIGKILL)
+
+
+def wait_until_reaped(pid: int, timeout: float = 2.0) -> bool:
+    """Wait (a few ms, typically) until the exited process `pid` is reaped by its parent (PID 1 here)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)  # a zombie still counts
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        time.sleep(0.001)
+    return False

@@ -1,0 +1,57 @@
+"""A worker of a multi-worker generation, top to bottom: serve on the generation's sockets until SIGTERM,
+then drain, report to the main and exit."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+from graceful_http import __version__, logs
+from graceful_http.control import ControlState
+from graceful_http.inherited import Inherited
+from graceful_http.listeners import ListenerError, acquire
+from graceful_http.listenfds import ListenFdsError
+from graceful_http.metrics import Metrics
+from graceful_http.serving import StartError, build_engines, drain_and_shut_down, report_start_failure, start_engines
+from graceful_http.settings import ServeSettings
+from graceful_http.wire import DRAINED, READY, STATS
+from graceful_http.workers import MainLink
+
+log = logging.getLogger("graceful_http")
+
+
+async def run_worker(settings: ServeSettings, link: MainLink, inherited: Inherited, listeners=None) -> int:
+    """A forked worker gets its main's `listeners`; an exec'd one finds them at fd 3…. Returns the exit code."""
+    logs.setup(inherited.generation, settings.log_level, worker=link.index)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.set)
+    control = ControlState(request_reload=link.request_reload)
+    try:
+        if link.main_version != __version__:
+            raise StartError(f"graceful-http {__version__} is installed but this generation runs {link.main_version}:"
+                             " a replacement worker would run other code; reload to start the new version")
+        if listeners is None:
+            listeners = acquire(settings.binds)
+        metrics = None
+        if settings.metrics:
+            metrics = Metrics(inherited.generation, worker=link.index, shared_dir=inherited.metrics_shared_dir)
+        engines = build_engines(settings, listeners, control, metrics)
+        await start_engines(engines)
+    except (ListenerError, ListenFdsError, StartError) as exc:
+        return report_start_failure(str(exc), link)
+    await link.connect()
+    link.send(READY)
+    stats = asyncio.create_task(link.report_stats(engines[0]))
+    await stopping.wait()
+    control.accepting = False
+    for engine in engines:
+        engine.stop_accepting()
+    served, cut = await drain_and_shut_down(engines, settings.graceful_timeout)  # the main counts what was cut
+    stats.cancel()
+    link.send(STATS, f"0 {sum(e.total_requests for e in engines)}")
+    link.send(DRAINED, f"{served} {cut}")
+    await link.writer.drain()
+    return 0
