@@ -86,8 +86,9 @@ class Worker:
 class WorkerPool:
     """The main process's view of its workers; quacks like an Engine for the supervisor."""
 
-    def __init__(self, count: int, listeners, generation: int, request_reload, metrics=None):
+    def __init__(self, count: int, listeners, generation: int, request_reload, metrics=None, spawn=spawn_worker):
         self.count = count
+        self.spawn = spawn  # spawn.spawn_worker, or a test's
         self.metrics = metrics  # the main's: told when a worker exits
         self.listeners = listeners
         self.generation = generation
@@ -123,7 +124,7 @@ class WorkerPool:
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         inherited = Inherited(generation=self.generation).for_worker(index + 1, __version__)
         try:
-            pid = spawn_worker([l.sock.fileno() for l in self.listeners], [l.name for l in self.listeners],
+            pid = self.spawn([l.sock.fileno() for l in self.listeners], [l.name for l in self.listeners],
                                theirs.fileno(), inherited, worker_environ(os.environ))
         finally:
             theirs.close()

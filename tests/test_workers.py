@@ -1,0 +1,68 @@
+"""A main's pool of workers, in-process with stand-in worker processes: a worker that dies is replaced."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+from graceful_http.listeners import Listener
+from graceful_http.workers import RestartBackoff, WorkerPool
+
+# A stand-in worker: says it is ready on its channel, then lives until killed or its main goes.
+STAND_IN = """\
+import socket, sys
+channel = socket.socket(fileno=int(sys.argv[1]))
+channel.sendall(b"ready\\n")
+while channel.recv(4096):
+    pass
+"""
+
+
+def test_a_dead_worker_is_replaced(caplog):
+    started: list[subprocess.Popen] = []
+    spawned = asyncio.Queue()
+
+    def spawn(listen_fds, names, channel_fd, inherited, environ) -> int:
+        process = subprocess.Popen([sys.executable, "-c", STAND_IN, str(channel_fd)], pass_fds=[channel_fd])
+        started.append(process)  # kept: a collected Popen might reap its child before the pool does
+        spawned.put_nowait(inherited)
+        return process.pid
+
+    listener_sock, other = socket.socketpair()
+
+    async def scenario():
+        pool = WorkerPool(2, [Listener(listener_sock, "http", inherited=True)], 3, request_reload=None, spawn=spawn)
+        await asyncio.wait_for(pool.start(), 10)
+        first = [await spawned.get(), await spawned.get()]
+        assert [(i.generation, i.worker_index) for i in first] == [(3, 1), (3, 2)]
+        victim = next(w for w in pool.workers.values() if w.index == 1)
+        os.kill(victim.pid, signal.SIGKILL)
+        replacement = await asyncio.wait_for(spawned.get(), 10)
+        assert (replacement.generation, replacement.worker_index) == (3, 2)
+        await asyncio.wait_for(next(w for w in pool.workers.values() if w.index == 1).ready, 10)
+        assert pool.replaced == 1
+        assert sorted(w.index for w in pool.workers.values()) == [0, 1]
+        assert victim.pid not in pool.workers
+        pool.stop_accepting()
+        await asyncio.wait_for(pool.drain(deadline=0), 10)
+        assert pool.workers == {}
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        for process in started:
+            if process.poll() is None:
+                process.kill()
+        other.close()
+    assert len(started) == 3
+    assert f"worker 2 (pid {started[1].pid}) was killed by SIGKILL; replacing it in 0.5s" in caplog.text
+
+
+def test_restart_backoff_doubles_for_quick_deaths_and_resets_after_a_stable_run():
+    backoff = RestartBackoff(initial=0.5, maximum=2.0, stable_after=30.0)
+    assert [backoff.next_delay(1.0) for _ in range(4)] == [0.5, 1.0, 2.0, 2.0]
+    assert backoff.next_delay(60.0) == 0.5
