@@ -14,22 +14,16 @@ import ipaddress
 import os
 import re
 import signal
-import sys
 import time
 
 import pytest
 
+from graceful_http import cli, settings
 from support.appfiles import APPS, app_source, require_packages
 from support.container import wait_until
 from support.load import Load, get, pid_of
 from support.serve_process import ENGINES, HOST, ServeProcess, free_port, run_cli
 from support.systemd_service import REPO, SERVICE, InstalledService
-
-SERVICE_DIR = REPO / "service"
-if str(SERVICE_DIR) not in sys.path:
-    sys.path.insert(0, str(SERVICE_DIR))
-
-from graceful_http import cli, settings  # noqa: E402
 
 CONFIG_PATH = "/etc/graceful-http/config.toml"
 

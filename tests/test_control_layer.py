@@ -3,18 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import sys
-from pathlib import Path
 
-SERVICE = Path(__file__).resolve().parents[1] / "service"
-if str(SERVICE) not in sys.path:
-    sys.path.insert(0, str(SERVICE))
+import pytest
 
-import pytest  # noqa: E402
-
-from graceful_http.control import ControlLayer, ControlPolicy, ControlState, not_found, token_matches  # noqa: E402
-from graceful_http.generation import Outcome  # noqa: E402
-from graceful_http.settings import ServeSettings, parse_network  # noqa: E402
+from graceful_http.control import ControlLayer, ControlPolicy, ControlState, not_found, token_matches
+from graceful_http.generation import Outcome
+from graceful_http.settings import ServeSettings, parse_network
 
 DEFAULT_ALLOW = ServeSettings().control_allow
 CONNECTION_CLOSE = (b"connection", b"close")

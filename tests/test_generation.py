@@ -10,18 +10,11 @@ one new generation is ever being started.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-SERVICE = Path(__file__).resolve().parents[1] / "service"
-if str(SERVICE) not in sys.path:
-    sys.path.insert(0, str(SERVICE))
-
-import pytest  # noqa: E402
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-
-from graceful_http.generation import (  # noqa: E402
+from graceful_http.generation import (
     ArmReadyTimer,
     BecameMain,
     ChildFailed,

@@ -6,12 +6,8 @@ from __future__ import annotations
 import os
 import select
 import signal
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "service"))
-
-from graceful_http.spawn import fork_worker  # noqa: E402
+from graceful_http.spawn import fork_worker
 
 
 def exit_code_of(pid: int) -> int:

@@ -546,7 +546,7 @@ def test_reload_without_a_running_service_is_one_line_and_exit_2(server, tmp_pat
 def test_reload_refuses_a_control_socket_squatted_by_another_process(server):
     """The control socket's name is derived from the pid, and abstract names are first come, first served:
     `reload` must notice that another process holds it, and not believe its answers."""
-    from graceful_http.reloadclient import address_for
+    from graceful_http.wire import control_address as address_for
 
     bystander = subprocess.Popen(["sleep", "60"])
     squatter = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -12,8 +12,7 @@ import os
 import socket
 from collections.abc import Callable
 
-from graceful_http.wire import FINAL_CODES, RELOAD, Outcome, control_address, peer_credentials
-from graceful_http.wire import encode_outcome as format_line
+from graceful_http.wire import FINAL_CODES, RELOAD, Outcome, control_address, encode_outcome, peer_credentials
 
 
 class ControlServer:
@@ -37,17 +36,17 @@ class ControlServer:
         try:
             uid = peer_credentials(sock)[1]
             if uid not in (0, os.getuid()):
-                writer.write(format_line(Outcome("refused", f"uid {uid} may not control this service")))
+                writer.write(encode_outcome(Outcome("refused", f"uid {uid} may not control this service")))
                 return
             request = (await asyncio.wait_for(reader.readline(), 10)).decode(errors="replace").strip()
             if request != RELOAD:
-                writer.write(format_line(Outcome("refused", f"unknown request {request[:40]!r}")))
+                writer.write(encode_outcome(Outcome("refused", f"unknown request {request[:40]!r}")))
                 return
             finished = asyncio.get_running_loop().create_future()
 
             def on_outcome(outcome: Outcome) -> None:
                 if not writer.is_closing():
-                    writer.write(format_line(outcome))
+                    writer.write(encode_outcome(outcome))
                 if outcome.code in FINAL_CODES and not finished.done():
                     finished.set_result(None)
 

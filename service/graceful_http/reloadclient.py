@@ -11,11 +11,6 @@ from collections.abc import Callable
 
 from graceful_http.wire import FINAL_CODES, Outcome, control_address, parse_outcome, peer_credentials
 
-address_for = control_address
-parse_line = parse_outcome
-
-__all__ = ["ControlError", "FINAL_CODES", "Outcome", "address_for", "parse_line", "request_reload"]
-
 
 class ControlError(Exception):
     """Could not reach the service's control socket."""
