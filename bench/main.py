@@ -29,9 +29,23 @@ from collections import defaultdict
 from pathlib import Path
 
 from bench import analyze, wrk
-from bench.servers import (PYTHON, REPO, SERVICE_DIR, BenchError, GracefulHttp, Gunicorn, Uvicorn, alive,
-                           cpu_seconds, environment, kill_marked, marked_pids, time_command, time_first_answer,
-                           wait_for)
+from bench.servers import (
+    PYTHON,
+    REPO,
+    SERVICE_DIR,
+    BenchError,
+    GracefulHttp,
+    Gunicorn,
+    Uvicorn,
+    alive,
+    cpu_seconds,
+    environment,
+    kill_marked,
+    marked_pids,
+    time_command,
+    time_first_answer,
+    wait_for,
+)
 
 RESULTS = REPO / "bench" / "results"
 PICTURE = "reload-latency.png"
@@ -216,7 +230,8 @@ HANDOFF_ROWS = {
     "floor-uvicorn": "floor: bare `uvicorn --fd` exec → first answered request",
     "cold-graceful": "graceful-http cold start (socket passed as by systemd) exec → first answer",
     "sighup-w1": "graceful-http standalone, workers=1: SIGHUP → new pid in the pid file",
-    "control-w1": "graceful-http standalone, workers=1: control socket reload → done (what `graceful-http reload` waits for)",
+    "control-w1": "graceful-http standalone, workers=1: control socket reload → done"
+                  " (what `graceful-http reload` waits for)",
     "command-w1": "graceful-http standalone, workers=1: `graceful-http reload --pid-file` command, exec → exit",
     "sighup-wN": "graceful-http standalone, workers={n}: SIGHUP → new pid in the pid file",
     "floor-uvicorn-systemd": "floor, measured again between the `systemctl reload`s below",

@@ -20,6 +20,8 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from harness.processes import alive, cmdline, free_port
+
 REPO = Path(__file__).resolve().parents[1]
 # GRACEFUL_HTTP_BENCH_SERVICE: another copy of service/ to measure (e.g. a patch, A/B); standalone figures only
 # (the systemd container always runs this checkout's service/).
@@ -39,27 +41,12 @@ class BenchError(RuntimeError):
 # ---- small OS helpers --------------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def environment(tag: str = "") -> dict[str, str]:
     """The environment of a server: the checkout's graceful_http and bench on the path, and our mark."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LISTEN_", "NOTIFY_SOCKET", "WATCHDOG_"))}
     env["PYTHONPATH"] = os.pathsep.join([str(SERVICE_DIR), str(REPO)])
     env[MARK] = f"{RUN_TOKEN}/{tag}"
     return env
-
-
-def alive(pid: int) -> bool:
-    """Running (a zombie counts as gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as file:
-            return file.read().rpartition(")")[2].split()[0] != "Z"
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return False
 
 
 def children(pid: int) -> list[int]:
@@ -74,14 +61,6 @@ def children(pid: int) -> list[int]:
     except FileNotFoundError:
         pass
     return [c for c in found if alive(c)]
-
-
-def cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as file:
-            return file.read().replace(b"\0", b" ").decode(errors="replace")
-    except (FileNotFoundError, ProcessLookupError):
-        return ""
 
 
 def marked_pids(tag: str | None = None) -> list[int]:
@@ -339,7 +318,7 @@ class Uvicorn(Standalone):
     def workers_now(self) -> list[int]:
         if self.workers == 1:
             return [self.process.pid]
-        return [c for c in children(self.process.pid) if "spawn_main" in cmdline(c)]
+        return [c for c in children(self.process.pid) if "spawn_main" in " ".join(cmdline(c))]
 
     def reload(self) -> Reload:
         """SIGHUP to the supervisor (uvicorn --workers N ≥ 2): it replaces each worker in turn."""

@@ -1,4 +1,4 @@
-"""Servers under a real systemd 252, booted in a container (tests/support): socket units on 127.0.0.1.
+"""Servers under a real systemd 252, booted in a container (harness/): socket units on 127.0.0.1.
 
 One container holds both:
 - graceful-http's shipped units with the tests' drop-in (InstalledService), reloaded with `systemctl reload`;
@@ -16,10 +16,7 @@ import time
 from pathlib import Path
 
 from bench.servers import REPO, UVICORN_ENGINE, BenchError, Reload, free_port, wait_serving
-
-sys.path.insert(0, str(REPO / "tests"))
-
-from support.systemd_service import APP_DIR, SERVICE, SOCKET, VENV_DIR, InstalledService  # noqa: E402
+from harness.systemd_service import APP_DIR, SERVICE, SOCKET, VENV_DIR, InstalledService
 
 APP_MODULE = "benchapp"
 UVICORN_UNIT = "bench-uvicorn"
@@ -198,7 +195,7 @@ class SystemdUvicorn(_InContainer):
 
 def boot_check() -> Path:
     """Fail (never skip) when containers cannot be booted here."""
-    from support.container import require_container_support
+    from harness.container import require_container_support
 
     require_container_support()
     return Path(sys.prefix)

@@ -19,11 +19,12 @@ import time
 import pytest
 
 from graceful_http import cli, settings
+from harness.container import wait_until
+from harness.processes import free_port
+from harness.systemd_service import REPO, SERVICE, InstalledService
 from support.appfiles import APPS, app_source, require_packages
-from support.container import wait_until
 from support.load import Load, get, pid_of
-from support.serve_process import ENGINES, HOST, ServeProcess, free_port, run_cli
-from support.systemd_service import REPO, SERVICE, InstalledService
+from support.serve_process import ENGINES, HOST, ServeProcess, run_cli
 
 CONFIG_PATH = "/etc/graceful-http/config.toml"
 

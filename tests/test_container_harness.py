@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from support.container import (
+from harness.container import (
     ContainerError,
     SystemdContainer,
     require_container_support,

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import pytest
 
-from support.container import SystemdContainer, require_container_support, wait_until
+from harness.container import SystemdContainer, require_container_support, wait_until
 from support.load import Load, get, pid_of
 
 REPO = Path(__file__).resolve().parents[1]

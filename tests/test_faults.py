@@ -1,7 +1,7 @@
 """The fault matrix (issue 4), end to end under real systemd 252 booted in a container.
 
 Each test installs the shipped units (plus the test drop-in of
-support.systemd_service), runs clients that send requests the whole time
+harness.systemd_service), runs clients that send requests the whole time
 (support.load: they never retry, so every failure counts), breaks something,
 and then checks what the issue promises:
 
@@ -27,15 +27,16 @@ import time
 
 import pytest
 
-from support.container import wait_until
+from harness.container import wait_until
+from harness.systemd_service import APP_DIR, CODE_DIR, CONTROL_PATH, SERVICE, InstalledService, count
 from support.faults import (
     HeldRequest,
     IsolatedCgroup,
-    generations,
     alive,
     clear_fault,
     environ,
     fd_count,
+    generations,
     install_faulty_app,
     parents,
     refused,
@@ -48,7 +49,6 @@ from support.faults import (
     wait_only,
 )
 from support.load import Load, get, pid_of
-from support.systemd_service import APP_DIR, CODE_DIR, CONTROL_PATH, SERVICE, InstalledService, count
 
 pytestmark = pytest.mark.systemd
 

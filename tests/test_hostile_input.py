@@ -31,8 +31,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from harness.processes import free_port
 from support.load import Load, pid_of
-from support.serve_process import ENGINES, HOST, ServeProcess, clean_environ, free_port, run_cli, wait_until
+from support.serve_process import ENGINES, HOST, ServeProcess, clean_environ, run_cli, wait_until
 
 NGINX = "/usr/sbin/nginx"
 TOKEN = "s3cret-token-for-tests-0123456789"
@@ -422,7 +423,7 @@ def test_fuzzed_requests_never_hurt_the_service(server):
     def batch(payloads):
         results = run_parallel([lambda p=p: fuzz_one(server.port, p) for p in payloads])
         seen.extend(results)
-        for (status, elapsed, error), payload in zip(results, payloads):
+        for (status, _elapsed, error), payload in zip(results, payloads):
             assert error == "", (error, payload[:200])
             assert status is None or status < 500 or status in (501, 505), (status, payload[:200])
 

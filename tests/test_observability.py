@@ -15,12 +15,12 @@ import time
 
 import pytest
 
+from harness.container import wait_until
+from harness.systemd_service import SERVICE, InstalledService
 from support.appfiles import app_source, require_packages
-from support.container import wait_until
 from support.load import Load, get, pid_of
 from support.prometheus import Samples, value
 from support.prometheus import scrape as scrape_metrics
-from support.systemd_service import SERVICE, InstalledService
 
 pytestmark = pytest.mark.systemd
 

@@ -24,10 +24,11 @@ from pathlib import Path
 
 import pytest
 
+from harness.processes import alive, cmdline
 from support.load import Load, get, pid_of
 from support.prometheus import Samples, value
 from support.prometheus import scrape as scrape_metrics
-from support.serve_process import ENGINES, HOST, ServeProcess, alive, clean_environ, wait_until
+from support.serve_process import ENGINES, HOST, ServeProcess, clean_environ, wait_until
 
 DEBIAN_UVICORN = "0.17.6"
 WRK = "/usr/bin/wrk"
@@ -52,11 +53,6 @@ HANGING_APP = "import time\n\ntime.sleep(3600)\n"
 
 
 # ---- helpers ---------------------------------------------------------------------
-
-
-def cmdline(pid: int) -> list[str]:
-    with open(f"/proc/{pid}/cmdline", "rb") as file:
-        return [part.decode() for part in file.read().split(b"\0")[:-1]]
 
 
 def established_server_side(port: int) -> int:

@@ -13,9 +13,9 @@ import threading
 
 import pytest
 
-from support.container import wait_until
+from harness.container import wait_until
+from harness.systemd_service import SERVICE, SOCKET, InstalledService, count
 from support.load import Load, get, pid_of
-from support.systemd_service import SERVICE, SOCKET, InstalledService, count
 
 pytestmark = pytest.mark.systemd
 

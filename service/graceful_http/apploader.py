@@ -84,7 +84,7 @@ def load_asgi3(spec: str, app_dir: str = ".", *, factory: bool = False, interfac
 
 
 def _call_target(app):
-    return app if inspect.isfunction(app) or inspect.ismethod(app) else getattr(app, "__call__", app)
+    return app if inspect.isfunction(app) or inspect.ismethod(app) else getattr(app, "__call__", app)  # noqa: B004 (the method itself, to inspect)
 
 
 def _takes_no_arguments(app) -> bool:

@@ -196,8 +196,8 @@ def _use_fastest_event_loop() -> None:
 
 def check(args: argparse.Namespace) -> int:
     from graceful_http.apploader import AppLoadError, load_asgi3
-    from graceful_http.settings import SettingsError
     from graceful_http.serving import StartError, read_token
+    from graceful_http.settings import SettingsError
 
     try:
         settings = serve_settings(args)
@@ -212,8 +212,8 @@ def check(args: argparse.Namespace) -> int:
 
 
 def reload(args: argparse.Namespace) -> int:
-    from graceful_http.reloadclient import ControlError, request_reload
     from graceful_http.pidfile import read_pid_file
+    from graceful_http.reloadclient import ControlError, request_reload
 
     timeout = DEFAULT_RELOAD_TIMEOUT
     if args.timeout is not None:

@@ -28,7 +28,6 @@ def _protocol_base():
     """httptools when available (as uvicorn's "auto" does), else h11."""
     try:
         import httptools  # noqa: F401
-
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
         return HttpToolsProtocol

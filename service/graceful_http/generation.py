@@ -85,7 +85,8 @@ class BecameMain:
     handed_over: bool  # True when a previous generation made us main; False for the first
 
 
-Event = BecameMain | HandedOver | HandOverFailed | ReloadRequested | ChildStarted | ChildReady | ChildFailed | ReadyTimedOut | StopRequested
+Event = (BecameMain | HandedOver | HandOverFailed | ReloadRequested | ChildStarted | ChildReady | ChildFailed
+         | ReadyTimedOut | StopRequested)
 
 
 # ---- actions ----------------------------------------------------------------

@@ -1,6 +1,7 @@
 """The private handoff channel between an old generation's main and its successor: both ends.
 
-A unix socketpair: the successor inherits one end (`Inherited.handoff_fd`) and says `ready` once it accepts connections, or
+A unix socketpair: the successor inherits one end (`Inherited.handoff_fd`)
+and says `ready` once it accepts connections, or
 `failed <reason>` if it cannot start. The old main then makes it the main
 process in systemd's eyes and answers `main`; only after that may the
 successor talk to systemd (NotifyAccess=main would drop its messages and log

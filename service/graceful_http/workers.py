@@ -29,8 +29,19 @@ from dataclasses import dataclass, field
 from graceful_http import __version__
 from graceful_http.inherited import Inherited
 from graceful_http.spawn import spawn_worker, wait_exit
-from graceful_http.wire import DRAINED, FAILED, OUTCOME, READY, RELOAD, STATS, Outcome, decode, encode
-from graceful_http.wire import outcome_text, parse_outcome
+from graceful_http.wire import (
+    DRAINED,
+    FAILED,
+    OUTCOME,
+    READY,
+    RELOAD,
+    STATS,
+    Outcome,
+    decode,
+    encode,
+    outcome_text,
+    parse_outcome,
+)
 
 log = logging.getLogger("graceful_http")
 
@@ -124,7 +135,7 @@ class WorkerPool:
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         inherited = Inherited(generation=self.generation).for_worker(index + 1, __version__)
         try:
-            pid = self.spawn([l.sock.fileno() for l in self.listeners], [l.name for l in self.listeners],
+            pid = self.spawn([item.sock.fileno() for item in self.listeners], [item.name for item in self.listeners],
                                theirs.fileno(), inherited, worker_environ(os.environ))
         finally:
             theirs.close()

@@ -15,8 +15,8 @@ import threading
 import time
 from pathlib import Path
 
-from support.container import wait_until
-from support.systemd_service import APP_DIR, SERVICE, InstalledService
+from harness.container import wait_until
+from harness.systemd_service import APP_DIR, SERVICE, InstalledService
 
 FAULTY_APP = (Path(__file__).resolve().parents[1] / "apps" / "faulty.py").read_text()
 

@@ -13,13 +13,13 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import uuid
 from pathlib import Path
 
-from support import container
+from harness import container
+from harness.processes import alive, free_port
 from support.load import get, pid_of
 
 REPO = Path(__file__).resolve().parents[2]
@@ -44,14 +44,8 @@ os.execv(sys.argv[2], sys.argv[2:])
 """
 
 
-def free_port(host: str = HOST) -> int:
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
-
-
 def wait_until(predicate, timeout: float, what: str, diagnostics=lambda: ""):
-    """support.container's wait_until, failing as an assertion with `diagnostics()` (a log tail) attached."""
+    """harness.container's wait_until, failing as an assertion with `diagnostics()` (a log tail) attached."""
     try:
         return container.wait_until(predicate, timeout, interval=0.01, what=what)
     except TimeoutError as exc:
@@ -85,17 +79,9 @@ def run_cli(python: str, *args: str, cwd: str | Path | None = None, timeout: flo
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         stdout, stderr = process.communicate()
-        raise AssertionError(f"`graceful_http {' '.join(args)}` did not end within {timeout}s:\n{stdout}\n{stderr}")
+        raise AssertionError(
+            f"`graceful_http {' '.join(args)}` did not end within {timeout}s:\n{stdout}\n{stderr}") from None
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
-
-
-def alive(pid: int) -> bool:
-    """True while `pid` runs (a zombie waiting to be reaped counts as gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as file:
-            return file.read().rpartition(")")[2].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
 
 
 def marked_processes(name: str, value: str) -> set[int]:

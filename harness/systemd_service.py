@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 from pathlib import Path
 
-from support.container import SystemdContainer, require_container_support
+from harness.container import SystemdContainer, require_container_support
+from harness.processes import free_port
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 UNITS = REPO / "packaging" / "systemd"
 SERVICE = "graceful-http.service"
 SOCKET = "graceful-http.socket"
@@ -29,12 +29,6 @@ ENGINES = {
     "pypi": f"{VENV_DIR}/bin/python",  # the newest uvicorn, installed by tests/run
     "debian": "/usr/bin/python3",  # Debian 12's python3-uvicorn 0.17.6
 }
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def venv_path() -> Path:
