@@ -1,4 +1,4 @@
-"""Real ASGI and WSGI apps (issue 6): Starlette with a lifespan, Flask, app factories, and bad apps.
+"""Real ASGI and WSGI apps: Starlette with a lifespan, Flask, app factories, and bad apps.
 
 The systemd tests run the shipped units in a container (see
 test_systemd_service.py) with a test app in /srv/app, under a load that never
@@ -28,7 +28,7 @@ from support.serve_process import ENGINES, HOST, ServeProcess, run_cli
 
 
 def container_name(test: str) -> str:
-    return f"gh-i6a-{test}-{os.getpid()}"[:60]
+    return f"gh-apps-{test}-{os.getpid()}"[:60]
 
 
 def one_line(text: str) -> str:
@@ -41,23 +41,23 @@ def one_line(text: str) -> str:
 
 # Issue 6's bad input (and two more of the same kind): one line on stderr, nothing else.
 BAD_APPS = {
-    "missing module": (["i6_no_such_module:app"],
-                       "cannot import 'i6_no_such_module': no module named 'i6_no_such_module'"),
-    "missing attribute": (["i6_flask_app:application"], "module 'i6_flask_app' has no attribute 'application'"),
-    "not an app": (["i6_not_an_app:app"], "'i6_not_an_app:app' is a dict, not an application"),
-    "WSGI app as ASGI": (["i6_flask_app:app", "--interface", "asgi3"],
-                         "'i6_flask_app:app' is not an ASGI 3 application"),
-    "not module:attribute": (["i6_flask_app"], "invalid APP 'i6_flask_app': expected module:attribute"),
-    "factory returns no app": (["i6_factory_app:returns_nothing", "--factory"],
-                               "the factory 'i6_factory_app:returns_nothing' returned a NoneType, not an application"),
+    "missing module": (["sample_no_such_module:app"],
+                       "cannot import 'sample_no_such_module': no module named 'sample_no_such_module'"),
+    "missing attribute": (["sample_flask_app:application"], "module 'sample_flask_app' has no attribute 'application'"),
+    "not an app": (["sample_not_an_app:app"], "'sample_not_an_app:app' is a dict, not an application"),
+    "WSGI app as ASGI": (["sample_flask_app:app", "--interface", "asgi3"],
+                         "'sample_flask_app:app' is not an ASGI 3 application"),
+    "not module:attribute": (["sample_flask_app"], "invalid APP 'sample_flask_app': expected module:attribute"),
+    "factory returns no app": (["sample_factory_app:returns_nothing", "--factory"],
+                               "the factory 'sample_factory_app:returns_nothing' returned a NoneType, not an application"),
 }
 # The app's own code raised: its traceback may come first (it is the app author's bug), then the one-line reason.
 APP_CODE_RAISED = {
-    "missing dependency": (["i6_missing_dependency:app"],
-                           "importing 'i6_missing_dependency' raised ModuleNotFoundError:"
-                           " No module named 'i6_no_such_dependency'"),
-    "broken factory": (["i6_factory_app:broken_factory", "--factory"],
-                       "calling the factory 'i6_factory_app:broken_factory' raised RuntimeError:"
+    "missing dependency": (["sample_missing_dependency:app"],
+                           "importing 'sample_missing_dependency' raised ModuleNotFoundError:"
+                           " No module named 'sample_no_such_dependency'"),
+    "broken factory": (["sample_factory_app:broken_factory", "--factory"],
+                       "calling the factory 'sample_factory_app:broken_factory' raised RuntimeError:"
                        " no database configured"),
 }
 
@@ -89,12 +89,12 @@ def test_a_factory_without_factory_flag_is_not_served_as_a_broken_app(engine, tm
     """
     require_packages(engine)
     python = ENGINES[engine]
-    check = run_cli(python, "check", "i6_factory_app:create_app", "--app-dir", str(APPS), cwd=tmp_path)
+    check = run_cli(python, "check", "sample_factory_app:create_app", "--app-dir", str(APPS), cwd=tmp_path)
     if check.returncode != 0:
         assert check.returncode == 1
         assert "--factory" in one_line(check.stderr), check.stderr
         return
-    with ServeProcess(python, tmp_path, "i6_factory_app:create_app", "--app-dir", str(APPS)) as server:
+    with ServeProcess(python, tmp_path, "sample_factory_app:create_app", "--app-dir", str(APPS)) as server:
         def answered():
             if server.popen.poll() is not None:
                 return ("exited", server.popen.returncode)
@@ -111,12 +111,12 @@ def test_a_factory_without_factory_flag_is_not_served_as_a_broken_app(engine, tm
 # ---- factories and WSGI detection (standalone) ---------------------------------------------
 
 FACTORIES = {
-    "starlette factory": (["i6_factory_app:create_app", "--factory"], b"made by create_app (called 1 time)",
+    "starlette factory": (["sample_factory_app:create_app", "--factory"], b"made by create_app (called 1 time)",
                           "(asgi3)"),
-    "flask factory": (["i6_factory_app:create_flask", "--factory"], b"made by create_flask", "(wsgi)"),
-    "flask factory, --interface wsgi": (["i6_factory_app:create_flask", "--factory", "--interface", "wsgi"],
+    "flask factory": (["sample_factory_app:create_flask", "--factory"], b"made by create_flask", "(wsgi)"),
+    "flask factory, --interface wsgi": (["sample_factory_app:create_flask", "--factory", "--interface", "wsgi"],
                                         b"made by create_flask", "(wsgi)"),
-    "flask, detected": (["i6_flask_app:app"], b"flask says hello", "(wsgi)"),
+    "flask, detected": (["sample_flask_app:app"], b"flask says hello", "(wsgi)"),
 }
 
 
@@ -140,7 +140,7 @@ def test_flask_app_gets_the_request_body(engine, tmp_path):
     require_packages(engine)
     import http.client
 
-    with ServeProcess(ENGINES[engine], tmp_path, "i6_flask_app:app", "--app-dir", str(APPS)) as server:
+    with ServeProcess(ENGINES[engine], tmp_path, "sample_flask_app:app", "--app-dir", str(APPS)) as server:
         server.wait_serving()
         payload = os.urandom(200_000)
         connection = http.client.HTTPConnection(HOST, server.port, timeout=20)
@@ -156,7 +156,7 @@ def test_flask_app_gets_the_request_body(engine, tmp_path):
 
 
 def lifespan_entries(service: InstalledService, what: str) -> list[dict]:
-    return [e for e in service.container.journal_json(SERVICE) if f"i6 lifespan {what}:" in e.get("MESSAGE", "")]
+    return [e for e in service.container.journal_json(SERVICE) if f"app lifespan {what}:" in e.get("MESSAGE", "")]
 
 
 def wait_for_answer(service: InstalledService, text: bytes, path: str = "/") -> bytes:
@@ -172,8 +172,8 @@ def wait_for_answer(service: InstalledService, text: bytes, path: str = "/") -> 
 def test_starlette_app_with_lifespan_across_reloads_under_load(engine, workers):
     require_packages(engine)
     with InstalledService(container_name(f"star-{engine}{workers}"), engine,
-                          serve_args=f"i6_starlette_app:app --workers {workers}") as service:
-        service.write_app("i6_starlette_app", app_source("i6_starlette_app", GREETING="version one"))
+                          serve_args=f"sample_starlette_app:app --workers {workers}") as service:
+        service.write_app("sample_starlette_app", app_source("sample_starlette_app", GREETING="version one"))
         service.container.systemctl("start", SERVICE)
         mains = [service.main_pid()]
         serving = {}  # main pid -> the pids that serve HTTP in its generation
@@ -194,7 +194,7 @@ def test_starlette_app_with_lifespan_across_reloads_under_load(engine, workers):
         with Load("127.0.0.1", service.port, clients=6, pause=0.005) as load:
             load.wait_for_requests(100)
             for version in ("version two", "version three"):
-                service.write_app("i6_starlette_app", app_source("i6_starlette_app", GREETING=version))
+                service.write_app("sample_starlette_app", app_source("sample_starlette_app", GREETING=version))
                 result = service.reload()
                 assert result.returncode == 0
                 new = service.main_pid()
@@ -214,7 +214,7 @@ def test_starlette_app_with_lifespan_across_reloads_under_load(engine, workers):
         def by_generation(entries):
             found = {}
             for entry in entries:
-                greeting = re.search(r"i6 lifespan \w+: (.*) \(pid \d+\)$", entry["MESSAGE"]).group(1)
+                greeting = re.search(r"app lifespan \w+: (.*) \(pid \d+\)$", entry["MESSAGE"]).group(1)
                 found.setdefault(entry["GENERATION"], set()).add((int(entry["_PID"]), greeting))
             return found
 
@@ -236,15 +236,15 @@ FLASK_SETUPS = [("pypi", "", 1), ("debian", "", 1), ("pypi", "--interface wsgi",
 def test_flask_app_across_reloads_under_load(engine, interface, workers):
     require_packages(engine)
     name = container_name(f"flask-{engine}-{'wsgi' if interface else 'auto'}{workers}")
-    with InstalledService(name, engine, serve_args=f"i6_flask_app:app {interface} --workers {workers}") as service:
-        service.write_app("i6_flask_app", app_source("i6_flask_app", GREETING="flask one"))
+    with InstalledService(name, engine, serve_args=f"sample_flask_app:app {interface} --workers {workers}") as service:
+        service.write_app("sample_flask_app", app_source("sample_flask_app", GREETING="flask one"))
         service.container.systemctl("start", SERVICE)
         wait_for_answer(service, b"flask one")
         mains = [service.main_pid()]
         with Load("127.0.0.1", service.port, clients=6, pause=0.005) as load:
             load.wait_for_requests(100)
             for version in ("flask two", "flask three"):
-                service.write_app("i6_flask_app", app_source("i6_flask_app", GREETING=version))
+                service.write_app("sample_flask_app", app_source("sample_flask_app", GREETING=version))
                 assert service.reload().returncode == 0
                 mains.append(service.main_pid())
                 assert mains[-1] not in mains[:-1]
@@ -257,20 +257,20 @@ def test_flask_app_across_reloads_under_load(engine, interface, workers):
         assert load.result.failures == [], load.result.summary()
         journal = service.journal()
         # Every generation (every worker) detected, or was told, that this is a WSGI app.
-        assert journal.count("loaded i6_flask_app:app (wsgi)") == 3 * workers, journal[-3000:]
+        assert journal.count("loaded sample_flask_app:app (wsgi)") == 3 * workers, journal[-3000:]
         assert service.state()["NRestarts"] == "0"
 
 
 BAD_DEPLOYS = {
     # name: (shell command deploying it in /srv/app, the reason the reload must give)
-    "missing module": ("rm /srv/app/i6_swap.py",
-                       "cannot import 'i6_swap': no module named 'i6_swap'"),
-    "missing attribute": ("printf 'application = None\\n' > /srv/app/i6_swap.py",
-                          "module 'i6_swap' has no attribute 'app'"),
-    "not an app": ("printf 'app = \"/srv/app\"\\n' > /srv/app/i6_swap.py",
-                   "'i6_swap:app' is a str, not an application"),
-    "WSGI app as ASGI": ("cp /srv/app/i6_flask_app.py /srv/app/i6_swap.py",
-                         "'i6_swap:app' is not an ASGI 3 application"),
+    "missing module": ("rm /srv/app/sample_swap.py",
+                       "cannot import 'sample_swap': no module named 'sample_swap'"),
+    "missing attribute": ("printf 'application = None\\n' > /srv/app/sample_swap.py",
+                          "module 'sample_swap' has no attribute 'app'"),
+    "not an app": ("printf 'app = \"/srv/app\"\\n' > /srv/app/sample_swap.py",
+                   "'sample_swap:app' is a str, not an application"),
+    "WSGI app as ASGI": ("cp /srv/app/sample_flask_app.py /srv/app/sample_swap.py",
+                         "'sample_swap:app' is not an ASGI 3 application"),
 }
 
 
@@ -279,17 +279,17 @@ BAD_DEPLOYS = {
 def test_bad_apps_make_the_reload_fail_and_the_old_generation_serve(engine):
     require_packages(engine)
     with InstalledService(container_name(f"badapp-{engine}"), engine,
-                          serve_args="i6_swap:app --interface asgi3") as service:
-        good = app_source("i6_starlette_app", GREETING="the good one")
-        service.write_app("i6_swap", good)
-        service.write_app("i6_flask_app", app_source("i6_flask_app"))
+                          serve_args="sample_swap:app --interface asgi3") as service:
+        good = app_source("sample_starlette_app", GREETING="the good one")
+        service.write_app("sample_swap", good)
+        service.write_app("sample_flask_app", app_source("sample_flask_app"))
         service.container.systemctl("start", SERVICE)
         wait_for_answer(service, b"the good one")
         serving = service.main_pid()
         with Load("127.0.0.1", service.port, clients=4, pause=0.01) as load:
             load.wait_for_requests(50)
             for case, (deploy, reason) in BAD_DEPLOYS.items():
-                service.write_app("i6_swap", good)
+                service.write_app("sample_swap", good)
                 service.container.run(deploy)
                 result = service.reload(check=False)
                 assert result.returncode != 0, f"{case}: the reload succeeded"
@@ -303,7 +303,7 @@ def test_bad_apps_make_the_reload_fail_and_the_old_generation_serve(engine):
                 assert get("127.0.0.1", service.port, "/")[1].startswith(b"the good one"), case
                 load.wait_for_requests(20)
             # Fixed: the reload goes through.
-            service.write_app("i6_swap", app_source("i6_starlette_app", GREETING="fixed"))
+            service.write_app("sample_swap", app_source("sample_starlette_app", GREETING="fixed"))
             assert service.reload().returncode == 0
             assert service.main_pid() != serving
             wait_for_answer(service, b"fixed")
@@ -324,7 +324,7 @@ def test_wsgi_requests_in_flight_finish_and_the_graceful_timeout_holds(engine, t
     import threading
 
     pid_file = tmp_path / "gh.pid"
-    with ServeProcess(ENGINES[engine], tmp_path, "i6_flask_app:app", "--app-dir", str(APPS),
+    with ServeProcess(ENGINES[engine], tmp_path, "sample_flask_app:app", "--app-dir", str(APPS),
                       "--graceful-timeout", "2", "--pid-file", str(pid_file)) as server:
         server.wait_serving()
         first = server.pid
@@ -363,7 +363,7 @@ def test_the_app_is_called_without_middleware_nobody_asked_for(engine, tmp_path)
     Debian's uvicorn 0.17.6 adds its per-message trace logger (MessageLoggerMiddleware) whenever
     the "uvicorn.error" logger has no level of its own: work on every message, for lines nobody sees.
     """
-    with ServeProcess(ENGINES[engine], tmp_path, "i6_stack_app:app", "--app-dir", str(APPS)) as server:
+    with ServeProcess(ENGINES[engine], tmp_path, "sample_stack_app:app", "--app-dir", str(APPS)) as server:
         status, body, _ = server.wait_serving()
         stack = body.decode()
         assert "graceful_http/control.py" in stack

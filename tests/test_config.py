@@ -1,4 +1,4 @@
-"""The config file (`--config PATH`, TOML) and `graceful-http check` (issue 6).
+"""The config file (`--config PATH`, TOML) and `graceful-http check`.
 
 Three layers: the option table as `serve` parses it (in-process: every option
 settable in the file, every flag overriding it); `python -m graceful_http
@@ -179,7 +179,7 @@ def test_check_loads_config_and_app_without_serving(engine, tmp_path):
     python = ENGINES[engine]
     config = tmp_path / "config.toml"
     port = free_port()
-    config.write_text(f'app = "i6_factory_app:create_app"\nfactory = true\napp_dir = "{APPS}"\n'
+    config.write_text(f'app = "sample_factory_app:create_app"\nfactory = true\napp_dir = "{APPS}"\n'
                       f'bind = ["{HOST}:{port}"]\n')
     result = run_cli(python, "check", "--config", str(config), cwd=tmp_path)
     assert (result.returncode, result.stdout, result.stderr) == (0, "ok\n", "")
@@ -190,15 +190,15 @@ def test_check_loads_config_and_app_without_serving(engine, tmp_path):
     result = run_cli(python, "check", cwd=tmp_path)
     assert (result.returncode, result.stdout) == (0, "ok\n"), result.stderr
     # APP on the command line overrides the file's; its errors exit 1.
-    result = run_cli(python, "check", "i6_no_such_module:app", "--config", str(config), cwd=tmp_path)
+    result = run_cli(python, "check", "sample_no_such_module:app", "--config", str(config), cwd=tmp_path)
     assert result.returncode == 1
-    assert one_line(result.stderr) == "graceful-http: cannot import 'i6_no_such_module': no module named" \
-                                      " 'i6_no_such_module'"
+    assert one_line(result.stderr) == "graceful-http: cannot import 'sample_no_such_module': no module named" \
+                                      " 'sample_no_such_module'"
     # An app error named in the file exits 1 too.
-    config.write_text(f'app = "i6_flask_app:app"\ninterface = "asgi3"\napp_dir = "{APPS}"\n')
+    config.write_text(f'app = "sample_flask_app:app"\ninterface = "asgi3"\napp_dir = "{APPS}"\n')
     result = run_cli(python, "check", "--config", str(config), cwd=tmp_path)
     assert result.returncode == 1
-    assert "'i6_flask_app:app' is not an ASGI 3 application" in one_line(result.stderr)
+    assert "'sample_flask_app:app' is not an ASGI 3 application" in one_line(result.stderr)
 
 
 def test_check_finds_what_serve_would_refuse_to_start_with(tmp_path):
@@ -230,7 +230,7 @@ def test_a_config_with_every_observable_option_takes_effect(engine, tmp_path):
     (tmp_path / "token").write_text(token + "\n")
     config = tmp_path / "config.toml"
     config.write_text(f'''# every setting that a plain process can show
-app = "i6_factory_app:create_flask"
+app = "sample_factory_app:create_flask"
 app_dir = "{APPS}"
 factory = true
 interface = "wsgi"
@@ -274,7 +274,7 @@ metrics = true
         log = server.log()
         assert re.search(r"finishing \d+ in-flight request\(s\), up to 7s", log), log  # graceful_timeout
         assert '"GET / HTTP/1.1"' not in log  # access_log = false
-        assert "loaded i6_factory_app:create_flask (wsgi)" in log
+        assert "loaded sample_factory_app:create_flask (wsgi)" in log
 
 
 def _children(pid: int) -> list[int]:
@@ -289,7 +289,7 @@ def _children(pid: int) -> list[int]:
 def test_flags_override_the_file_in_a_running_server(engine, tmp_path):
     python = ENGINES[engine]
     config = tmp_path / "config.toml"
-    config.write_text(f'log_level = "warning"\naccess_log = false\napp = "i6_no_such_module:app"\n'
+    config.write_text(f'log_level = "warning"\naccess_log = false\napp = "sample_no_such_module:app"\n'
                       f'bind = ["{HOST}:1"]\n')
     with ServeProcess(python, tmp_path, "--config", str(config), "--log-level", "info", "--access-log",
                       "graceful_http.demo:app") as server:
@@ -311,7 +311,7 @@ def test_flags_override_the_file_in_a_running_server(engine, tmp_path):
 
 
 def container_name(test: str) -> str:
-    return f"gh-i6c-{test}-{os.getpid()}"[:60]
+    return f"gh-cfg-{test}-{os.getpid()}"[:60]
 
 
 def entries_of_generation(service: InstalledService, generation: int) -> list[dict]:
@@ -323,10 +323,10 @@ def test_config_changes_take_effect_with_a_reload_under_load():
     require_packages("pypi")
     with InstalledService(container_name("change"), "pypi", serve_args=f"--config {CONFIG_PATH}") as service:
         c = service.container
-        service.write_app("i6_starlette_app", app_source("i6_starlette_app", GREETING="from starlette"))
-        service.write_app("i6_flask_app", app_source("i6_flask_app", GREETING="from flask"))
-        service.write_app("i6_factory_app", app_source("i6_factory_app"))
-        c.write_file(CONFIG_PATH, 'app = "i6_starlette_app:app"\naccess_log = true\nlog_level = "info"\n')
+        service.write_app("sample_starlette_app", app_source("sample_starlette_app", GREETING="from starlette"))
+        service.write_app("sample_flask_app", app_source("sample_flask_app", GREETING="from flask"))
+        service.write_app("sample_factory_app", app_source("sample_factory_app"))
+        c.write_file(CONFIG_PATH, 'app = "sample_starlette_app:app"\naccess_log = true\nlog_level = "info"\n')
         c.systemctl("start", SERVICE)
         mains = [service.main_pid()]
         assert get("127.0.0.1", service.port, "/")[1].startswith(b"from starlette")
@@ -344,13 +344,13 @@ def test_config_changes_take_effect_with_a_reload_under_load():
         with Load("127.0.0.1", service.port, clients=6, pause=0.005) as load:
             load.wait_for_requests(100)
             # 2: quieter logs.
-            reload_with('app = "i6_starlette_app:app"\naccess_log = false\nlog_level = "warning"\n', b"from starlette")
+            reload_with('app = "sample_starlette_app:app"\naccess_log = false\nlog_level = "warning"\n', b"from starlette")
             # 3: another app, named in the file (a WSGI one), with two workers.
-            reload_with('app = "i6_flask_app:app"\naccess_log = false\nlog_level = "warning"\nworkers = 2\n',
+            reload_with('app = "sample_flask_app:app"\naccess_log = false\nlog_level = "warning"\nworkers = 2\n',
                         b"from flask")
             assert len(service.children(mains[-1])) == 2
             # 4: a factory, back to one process and info logs with access lines.
-            reload_with('app = "i6_factory_app:create_app"\nfactory = true\n', b"made by create_app")
+            reload_with('app = "sample_factory_app:create_app"\nfactory = true\n', b"made by create_app")
             assert service.children(mains[-1]) == []
             load.wait_for_requests(100)
         assert load.result.failures == [], load.result.summary()
@@ -365,17 +365,17 @@ def test_config_changes_take_effect_with_a_reload_under_load():
         # log_level = "warning": nothing below warning from generations 2 and 3 (journal priority 4 = warning).
         assert gen2 and all(int(e["PRIORITY"]) <= 4 for e in gen2 + gen3), \
             sorted({(e["PRIORITY"], e["MESSAGE"][:60]) for e in gen2 + gen3 if int(e["PRIORITY"]) > 4})
-        assert any("i6 lifespan startup: from starlette" in e["MESSAGE"] for e in gen2)
+        assert any("app lifespan startup: from starlette" in e["MESSAGE"] for e in gen2)
         assert any(e["MESSAGE"].startswith("ready") or "took over as main" in e["MESSAGE"] for e in gen1)
         assert service.state()["NRestarts"] == "0"
 
 
 BAD_RELOAD_CONFIGS = {
-    "invalid TOML": ('app = "i6_starlette_app:app"\nworkers = = 2\n',
+    "invalid TOML": ('app = "sample_starlette_app:app"\nworkers = = 2\n',
                      rf"{CONFIG_PATH}: invalid TOML: .*\(at line 2, column \d+\)"),
-    "unknown key": ('app = "i6_starlette_app:app"\n\ngracefull_timeout = 5\n',
+    "unknown key": ('app = "sample_starlette_app:app"\n\ngracefull_timeout = 5\n',
                     rf"{CONFIG_PATH}:3: gracefull_timeout: unknown setting"),
-    "wrong type": ('app = "i6_starlette_app:app"\naccess_log = "off"\n',
+    "wrong type": ('app = "sample_starlette_app:app"\naccess_log = "off"\n',
                    rf"(invalid )?{CONFIG_PATH}:2: access_log 'off': expected true or false"),
     "file gone": (None, rf"cannot read config file {CONFIG_PATH}: No such file or directory"),
 }
@@ -388,8 +388,8 @@ def test_a_bad_config_makes_the_reload_fail_and_the_old_generation_serve(engine)
     with InstalledService(container_name(f"badcfg-{engine}"), engine,
                           serve_args=f"--config {CONFIG_PATH}") as service:
         c = service.container
-        good = 'app = "i6_starlette_app:app"\n'
-        service.write_app("i6_starlette_app", app_source("i6_starlette_app", GREETING="still here"))
+        good = 'app = "sample_starlette_app:app"\n'
+        service.write_app("sample_starlette_app", app_source("sample_starlette_app", GREETING="still here"))
         c.write_file(CONFIG_PATH, good)
         c.systemctl("start", SERVICE)
         serving = service.main_pid()

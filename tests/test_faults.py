@@ -1,4 +1,4 @@
-"""The fault matrix (issue 4), end to end under real systemd 252 booted in a container.
+"""The fault matrix, end to end under real systemd 252 booted in a container.
 
 Each test installs the shipped units (plus the test drop-in of
 harness.systemd_service), runs clients that send requests the whole time

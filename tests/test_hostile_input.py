@@ -1,4 +1,4 @@
-"""Hostile input (issue 4): malformed HTTP, a fuzzer, the control surface, bad command lines and environments.
+"""Hostile input: malformed HTTP, a fuzzer, the control surface, bad command lines and environments.
 
 Everything here runs a real `python -m graceful_http serve` on this machine
 (no systemd; PYTHONPATH=<checkout>/service), once per engine: "pypi" is the

@@ -1,4 +1,4 @@
-"""Logs people can query, Prometheus metrics, and a `systemctl status` that explains itself (issue 6).
+"""Logs people can query, Prometheus metrics, and a `systemctl status` that explains itself.
 
 All under real systemd in a container (see test_systemd_service.py), with the
 Starlette test app of tests/apps (it has 404s, a /sleep and a lifespan whose
@@ -24,11 +24,11 @@ from support.prometheus import scrape as scrape_metrics
 
 pytestmark = pytest.mark.systemd
 
-APP = "i6_starlette_app"
+APP = "sample_starlette_app"
 
 
 def container_name(test: str) -> str:
-    return f"gh-i6o-{test}-{os.getpid()}"[:60]
+    return f"gh-obs-{test}-{os.getpid()}"[:60]
 
 
 def started(service: InstalledService, greeting: str = "hello") -> int:
@@ -88,7 +88,7 @@ def test_journal_entries_of_one_generation_with_request_fields(engine):
         messages = [e["MESSAGE"] for e in entries]
         assert any("took over as main: generation 2" in m for m in messages), messages
         assert any(f"handed over to pid {pids[2]} (generation 3)" in m for m in messages), messages
-        assert any("i6 lifespan startup" in m for m in messages), "the app's own log lines carry the generation"
+        assert any("app lifespan startup" in m for m in messages), "the app's own log lines carry the generation"
 
         access = access_entries(entries)
         # The probe requests that waited for generation 2 come first; then exactly what was sent.
@@ -291,12 +291,12 @@ def test_status_text_tells_generation_pid_traffic_reloads_and_failures():
         text = status_text(service)
         failure = re.fullmatch(r"reload failed: (.+) · " + SERVING.pattern, text)
         assert failure, text
-        assert failure.group(1).startswith("importing 'i6_starlette_app' raised RuntimeError: bad deploy"), text
+        assert failure.group(1).startswith("importing 'sample_starlette_app' raised RuntimeError: bad deploy"), text
         assert failure.groups()[1:3] == ("2", str(new)), text
         assert int(failure.group(5)) >= before, f"the request count went back from {before}: {text!r}"
         # The failure is logged as an error (journalctl -p err finds it).
         errors = [e["MESSAGE"] for e in journal_query(service, "-p", "err")]
-        assert any(m.startswith("reload failed: importing 'i6_starlette_app' raised RuntimeError: bad deploy")
+        assert any(m.startswith("reload failed: importing 'sample_starlette_app' raised RuntimeError: bad deploy")
                    for m in errors), errors
 
         # The next successful reload clears the failure.

@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[2]
 SERVICE_DIR = REPO / "service"
 HOST = "127.0.0.1"
 ENGINES = {"pypi": sys.executable, "debian": "/usr/bin/python3"}
-MARKER = "GRACEFUL_HTTP_I6_TEST"
+MARKER = "GRACEFUL_HTTP_TEST_SERVER"
 
 # Runs as the would-be server: puts the fds named in argv[1] at 3, 4, … (as systemd does), sets
 # LISTEN_PID=<its own pid> when asked to ("self"), and execs the rest of argv, keeping its pid.

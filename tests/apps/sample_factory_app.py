@@ -1,4 +1,4 @@
-"""App factories (`--factory`), as uvicorn has them (issue 6).
+"""App factories (`--factory`), as uvicorn has them.
 
 `create_app` builds a Starlette app, `create_flask` a Flask (WSGI) app, and
 `broken_factory` raises: the error must name the factory.

@@ -1,4 +1,4 @@
-"""A real Flask app (WSGI), for tests of WSGI apps across reloads (issue 6).
+"""A real Flask app (WSGI), for tests of WSGI apps across reloads.
 
 Works with Debian 12's python3-flask (2.2) and the newest Flask. Tests
 rewrite GREETING before a reload to see the new code serve.

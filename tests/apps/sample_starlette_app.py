@@ -1,4 +1,4 @@
-"""A real Starlette app with a lifespan, for tests of ASGI apps across reloads (issue 6).
+"""A real Starlette app with a lifespan, for tests of ASGI apps across reloads.
 
 Works with Debian 12's python3-starlette (0.26) and the newest Starlette.
 Tests rewrite the two constants below before a reload (GREETING: what `/`
@@ -20,7 +20,7 @@ from starlette.routing import Route
 GREETING = "starlette says hello"
 STARTUP_SECONDS = 0
 
-log = logging.getLogger("i6_app")
+log = logging.getLogger("sample_app")
 
 
 @contextlib.asynccontextmanager
@@ -28,9 +28,9 @@ async def lifespan(app):
     if STARTUP_SECONDS:
         await asyncio.sleep(STARTUP_SECONDS)
     app.state.started_in = os.getpid()
-    log.warning("i6 lifespan startup: %s (pid %d)", GREETING, os.getpid())
+    log.warning("app lifespan startup: %s (pid %d)", GREETING, os.getpid())
     yield
-    log.warning("i6 lifespan shutdown: %s (pid %d)", GREETING, os.getpid())
+    log.warning("app lifespan shutdown: %s (pid %d)", GREETING, os.getpid())
 
 
 async def home(request):

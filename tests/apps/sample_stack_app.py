@@ -1,4 +1,4 @@
-"""An ASGI app that answers with the modules on its call stack (issue 6).
+"""An ASGI app that answers with the modules on its call stack.
 
 For a test that no middleware is wrapped around a user's app that the user
 did not ask for (e.g. uvicorn 0.17.6's per-message trace logger).

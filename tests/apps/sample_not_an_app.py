@@ -1,4 +1,4 @@
-"""Module attributes that are not apps (issue 6, bad input)."""
+"""Module attributes that are not apps (bad input)."""
 
 app = {"routes": ["/"]}  # a dict: not callable
 settings = "not an app either"

@@ -1,8 +1,0 @@
-"""An app module whose own import fails: a dependency is missing (issue 6, bad input).
-
-The error must blame the dependency, not claim the app module itself is missing.
-"""
-
-import i6_no_such_dependency  # noqa: F401
-
-app = None
