@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 
 from graceful_http import generation as g
+from graceful_http.serving import Servers
 from graceful_http.supervisor import Ports, Supervisor
 
 PID = 100
@@ -130,7 +131,7 @@ class World:
                       pid_file=self.pid_file)
         self.server = FakeServer()
         self.supervisor = Supervisor(g.Generation(1, PID, ready_timeout), ports, graceful_timeout=5.0)
-        self.supervisor.servers = [self.server]
+        self.supervisor.servers = Servers([self.server])
 
     def start_successor(self, attempt: int, generation: int) -> FakeSuccessor:
         successor = FakeSuccessor(attempt, SUCCESSOR_PID + len(self.successors))

@@ -7,6 +7,7 @@ import asyncio
 import functools
 import logging
 import os
+import signal
 import socket
 
 from graceful_http import __version__, logs
@@ -19,7 +20,7 @@ from graceful_http.listenfds import ListenFdsError
 from graceful_http.metrics import Metrics
 from graceful_http.pidfile import PidFile
 from graceful_http.sdnotify import Notifier, watchdog_interval
-from graceful_http.serving import StartError, build_engines, report_start_failure, start_engines
+from graceful_http.serving import Servers, StartError, build_engines, report_start_failure, start_engines
 from graceful_http.settings import ServeSettings
 from graceful_http.spawn import fork_worker
 from graceful_http.successor import Successor, wait_until_reaped
@@ -106,23 +107,27 @@ async def run(settings: ServeSettings, inherited: Inherited, listeners, predeces
         notifier=Notifier(),
         control_server=ControlServer,
         wait_until_reaped=wait_until_reaped,
+        call_later=asyncio.get_running_loop().call_later,
         pid_file=PidFile(settings.pid_file) if settings.pid_file else None,
         watchdog=watchdog_interval(os.environ, pid),
     )
     supervisor = Supervisor(g.Generation(inherited.generation, pid, settings.ready_timeout), ports,
                             settings.graceful_timeout, metrics)
-    supervisor.listen_to_signals()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGHUP, supervisor.dispatch, g.ReloadRequested("SIGHUP"))
+    loop.add_signal_handler(signal.SIGTERM, supervisor.dispatch, g.StopRequested("SIGTERM"))
+    loop.add_signal_handler(signal.SIGINT, supervisor.dispatch, g.StopRequested("SIGINT"))
     try:
         if settings.workers > 1:
             pool = WorkerPool(settings.workers, listeners, inherited.generation, supervisor.request_reload_now,
                               metrics=metrics)
-            supervisor.servers = [pool]
+            supervisor.servers = Servers([pool])
             try:
                 await pool.start(forked)
             except WorkerStartFailed as exc:
                 raise StartError(str(exc)) from None
         else:
-            supervisor.servers = build_engines(settings, listeners, supervisor.control, metrics)
+            supervisor.servers = Servers(build_engines(settings, listeners, supervisor.control, metrics))
             await start_engines(supervisor.servers)
     except StartError as exc:
         return report_start_failure(str(exc), predecessor)

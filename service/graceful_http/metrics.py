@@ -96,6 +96,15 @@ class Metrics:
         self._failed += 1
         self.reloads.labels(result="failed").inc()
 
+    def count_reloads(self, event, before, after) -> None:
+        """Count what the state machine's last step (`event`, phase `before` → `after`) meant for reloads."""
+        from graceful_http.generation import BecameMain, Phase
+
+        if before in (Phase.RELOADING, Phase.HANDING_OVER) and after is Phase.SERVING:
+            self.reload_failed()
+        elif isinstance(event, BecameMain) and event.handed_over:
+            self.became_main_after_handoff()
+
     def carried_on(self, reload_started: float) -> str:
         """The counts a successor carries on, its reload having started at `reload_started` (monotonic)."""
         return f"{self._succeeded} {self._failed} {self._last:.6f} {reload_started:.6f}"

@@ -36,6 +36,17 @@ class Server(Protocol):
     async def shutdown_app(self) -> None: ...
 
 
+class Servers(list):
+    """A process's servers (its engines, or its worker pool), counted together."""
+
+    def in_flight(self) -> int:
+        return sum(server.in_flight() for server in self)
+
+    @property
+    def total_requests(self) -> int:
+        return sum(server.total_requests for server in self)
+
+
 class FailureReport(Protocol):
     """The channel to whoever started this process, if anyone: a predecessor or a main."""
 

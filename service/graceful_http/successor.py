@@ -89,13 +89,16 @@ class Successor:
 
 
 def kill_group(pid: int) -> None:
-    """SIGKILL a new generation and everything it started (it leads its own session)."""
+    """SIGKILL a new generation and everything it started (it leads its own session), if it still runs."""
     try:
         os.killpg(pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
     except PermissionError:
-        os.kill(pid, signal.SIGKILL)
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
 
 
 def wait_until_reaped(pid: int, timeout: float = 2.0) -> bool:

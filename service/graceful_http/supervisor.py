@@ -1,10 +1,8 @@
 """One generation's main: carry out the handoff state machine's actions, one event at a time.
 
-The state machine (`generation.Generation`) decides; the supervisor only
-turns every input (a signal, a control request, the successor's messages, a
-timer) into an event and every action into a call on its ports -- start a
-successor, sd_notify, a timer, the pid file, the control socket -- which are
-injected, so whole reloads are tested in-process with fakes.
+The state machine (`generation.Generation`) decides; the supervisor turns every input into an event and
+every action into a call on its ports (start a successor, sd_notify, a timer, the pid file, the control
+socket), which are injected, so that whole reloads are tested in-process with fakes.
 """
 
 from __future__ import annotations
@@ -12,19 +10,17 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import signal
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from graceful_http import generation as g
 from graceful_http.control import ControlState
-from graceful_http.serving import Server, drain_and_shut_down
+from graceful_http.serving import Servers, drain_and_shut_down
+from graceful_http.status import StatusReporter
 from graceful_http.successor import Successor, kill_group
 
 log = logging.getLogger("graceful_http")
-
-STATUS_INTERVAL = 1.0
 
 
 @dataclass
@@ -35,7 +31,7 @@ class Ports:
     notifier: Any  # sdnotify.Notifier: send(**fields), barrier(), enabled
     control_server: Callable[[Callable], Any]  # (start_reload) -> controlsocket.ControlServer
     wait_until_reaped: Callable[[int], bool]  # blocks until systemd (PID 1) has reaped an exited pid
-    call_later: Callable[..., Any] | None = None  # (seconds, callback, *args); default: the event loop's
+    call_later: Callable[..., Any]  # (seconds, callback, *args): the event loop's
     pid_file: Any = None  # pidfile.PidFile, or None
     watchdog: float | None = None  # seconds between WATCHDOG=1, if systemd wants them
 
@@ -48,19 +44,13 @@ class Supervisor:
         self.metrics = metrics  # counts reloads here; with workers, they serve the scrapes
         self.control = ControlState(request_reload=self.request_reload_now)
         self.control_server = ports.control_server(self.start_reload)
-        self.servers: list[Server] = []
+        self.servers = Servers()
         self.successor: Successor | None = None
+        self.status = StatusReporter(ports.notifier, self._serving_status, ports.watchdog)
         self.finished = asyncio.Event()
         self._events: collections.deque = collections.deque()
         self._dispatching = False
         self._tasks: dict[str, asyncio.Task] = {}  # kept: the loop holds tasks only weakly
-        self._last_status = ""
-
-    def listen_to_signals(self) -> None:
-        loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGHUP, self.dispatch, g.ReloadRequested("SIGHUP"))
-        loop.add_signal_handler(signal.SIGTERM, self.dispatch, g.StopRequested("SIGTERM"))
-        loop.add_signal_handler(signal.SIGINT, self.dispatch, g.StopRequested("SIGINT"))
 
     async def become_main(self, handed_over: bool) -> bool:
         """Serving, and main now (made main by a predecessor, or the first): False if stopped meanwhile."""
@@ -73,19 +63,15 @@ class Supervisor:
         except OSError as exc:
             log.warning("no control socket for `graceful-http reload` (%s); SIGHUP still reloads", exc)
         self.dispatch(g.BecameMain(handed_over=handed_over))
-        self._run("status", self._update_status())
-        if self.ports.watchdog:
-            self._run("watchdog", self._ping_watchdog(self.ports.watchdog))
+        self.status.start()
         return True
-
-    # ---- inputs ----------------------------------------------------------
 
     def dispatch(self, event: g.Event) -> None:
         """Handle `event` and everything it causes, one event at a time."""
         self._events.append(event)
         if self._dispatching:
             return
-        self.machine.traffic = (self.in_flight(), self.total_requests())  # for a STATUS= this event may send
+        self.machine.traffic = (self.servers.in_flight(), self.servers.total_requests)  # for a STATUS= this event may send
         self._dispatching = True
         try:
             while self._events:
@@ -93,7 +79,8 @@ class Supervisor:
                 before = self.machine.phase
                 for action in self.machine.handle(event):
                     getattr(self, "_do_" + type(action).__name__)(action)
-                self._count(event, before)
+                if self.metrics is not None:
+                    self.metrics.count_reloads(event, before, self.machine.phase)
         finally:
             self._dispatching = False
 
@@ -109,15 +96,11 @@ class Supervisor:
         """For `graceful-http reload`: start a reload; `on_outcome` hears progress and the end."""
         self.dispatch(g.ReloadRequested(source, requester=on_outcome))
 
-    # ---- actions ---------------------------------------------------------
-
     def _do_Log(self, action: g.Log) -> None:
         log.log(logging.getLevelName(action.level.upper()), "%s", action.message)
 
     def _do_Notify(self, action: g.Notify) -> None:
-        if "STATUS" in action.fields:
-            self._last_status = str(action.fields["STATUS"])
-        self.ports.notifier.send(**action.fields)
+        self.status.send(**action.fields)
 
     def _do_Reply(self, action: g.Reply) -> None:
         action.requester(action.outcome)
@@ -132,8 +115,7 @@ class Supervisor:
         self.dispatch(g.ChildStarted(action.attempt, self.successor.pid))
 
     def _do_ArmReadyTimer(self, action: g.ArmReadyTimer) -> None:
-        call_later = self.ports.call_later or asyncio.get_running_loop().call_later
-        call_later(action.seconds, self.dispatch, g.ReadyTimedOut(action.attempt))
+        self.ports.call_later(action.seconds, self.dispatch, g.ReadyTimedOut(action.attempt))
 
     def _do_KillSuccessor(self, action: g.KillSuccessor) -> None:
         successor = self.successor
@@ -141,10 +123,7 @@ class Supervisor:
             successor.kill()
             self._forget_successor()
         elif action.pid:
-            try:
-                kill_group(action.pid)
-            except OSError:
-                pass
+            kill_group(action.pid)
 
     def _do_HandOver(self, action: g.HandOver) -> None:
         notifier = self.ports.notifier
@@ -160,14 +139,10 @@ class Supervisor:
     def _do_StartDraining(self, action: g.StartDraining) -> None:
         self.control.accepting = False
         self.control_server.close()
-        for name in ("status", "watchdog"):
-            if name in self._tasks:
-                self._tasks.pop(name).cancel()
+        self.status.stop()
         for server in self.servers:
             server.stop_accepting()
         self._run("drain", self._drain_and_finish())
-
-    # ---- tasks -----------------------------------------------------------
 
     async def _until_ready(self, successor: Successor) -> None:
         self.dispatch(await successor.until_ready())
@@ -201,46 +176,20 @@ class Supervisor:
             self.successor.close()
             self.successor = None
 
-    async def _update_status(self) -> None:
-        """Keep `systemctl status` informative: at most one STATUS= a second, only on change."""
-        while True:
-            await asyncio.sleep(STATUS_INTERVAL)
-            if self.machine.phase is g.Phase.SERVING:
-                status = self.machine.serving_status(self.in_flight(), self.total_requests())
-                if status != self._last_status:
-                    self._do_Notify(g.Notify({"STATUS": status}))
-
-    async def _ping_watchdog(self, interval: float) -> None:
-        """WATCHDOG=1 from the event loop: a stuck loop stops the pings and systemd restarts us."""
-        while True:
-            self.ports.notifier.send(WATCHDOG=1)
-            await asyncio.sleep(interval)
-
     async def _drain_and_finish(self) -> None:
-        log.info("no longer accepting; finishing %d in-flight request(s), up to %gs", self.in_flight(),
+        log.info("no longer accepting; finishing %d in-flight request(s), up to %gs", self.servers.in_flight(),
                  self.graceful_timeout)
         await drain_and_shut_down(self.servers, self.graceful_timeout, self.metrics)
         if self.ports.pid_file and self.machine.phase is g.Phase.STOPPING:
             self.ports.pid_file.remove(self.machine.pid)
         log.info("exited: generation %d (pid %d), %d request(s) served in all",
-                 self.machine.state.generation, self.machine.pid, self.total_requests())
+                 self.machine.state.generation, self.machine.pid, self.servers.total_requests)
         self.finished.set()
-
-    # ---- helpers ---------------------------------------------------------
 
     def _run(self, name: str, coroutine) -> None:
         self._tasks[name] = asyncio.get_running_loop().create_task(coroutine)
 
-    def _count(self, event: g.Event, before: g.Phase) -> None:
-        if self.metrics is None:
-            return
-        if before in (g.Phase.RELOADING, g.Phase.HANDING_OVER) and self.machine.phase is g.Phase.SERVING:
-            self.metrics.reload_failed()
-        elif isinstance(event, g.BecameMain) and event.handed_over:
-            self.metrics.became_main_after_handoff()
-
-    def in_flight(self) -> int:
-        return sum(server.in_flight() for server in self.servers)
-
-    def total_requests(self) -> int:
-        return sum(server.total_requests for server in self.servers)
+    def _serving_status(self) -> str | None:
+        if self.machine.phase is not g.Phase.SERVING:
+            return None
+        return self.machine.serving_status(self.servers.in_flight(), self.servers.total_requests)

@@ -13,7 +13,14 @@ from graceful_http.inherited import Inherited
 from graceful_http.listeners import ListenerError, acquire
 from graceful_http.listenfds import ListenFdsError
 from graceful_http.metrics import Metrics
-from graceful_http.serving import StartError, build_engines, drain_and_shut_down, report_start_failure, start_engines
+from graceful_http.serving import (
+    Servers,
+    StartError,
+    build_engines,
+    drain_and_shut_down,
+    report_start_failure,
+    start_engines,
+)
 from graceful_http.settings import ServeSettings
 from graceful_http.wire import DRAINED, READY, STATS
 from graceful_http.workers import MainLink
@@ -38,7 +45,7 @@ async def run_worker(settings: ServeSettings, link: MainLink, inherited: Inherit
         metrics = None
         if settings.metrics:
             metrics = Metrics(inherited.generation, worker=link.index, shared_dir=inherited.metrics_shared_dir)
-        engines = build_engines(settings, listeners, control, metrics)
+        engines = Servers(build_engines(settings, listeners, control, metrics))
         await start_engines(engines)
     except (ListenerError, ListenFdsError, StartError) as exc:
         return report_start_failure(str(exc), link)
@@ -51,7 +58,7 @@ async def run_worker(settings: ServeSettings, link: MainLink, inherited: Inherit
         engine.stop_accepting()
     served, cut = await drain_and_shut_down(engines, settings.graceful_timeout)  # the main counts what was cut
     stats.cancel()
-    link.send(STATS, f"0 {sum(e.total_requests for e in engines)}")
+    link.send(STATS, f"0 {engines.total_requests}")
     link.send(DRAINED, f"{served} {cut}")
     await link.writer.drain()
     return 0
