@@ -1,4 +1,4 @@
-"""The handoff state machine `graceful_http.generation.Generation`, as tables.
+"""The handoff state machine `graceful_http.generation.HandoffMachine`, as tables.
 
 Each row: a starting phase (reached through real events), one event, the
 phase after it and the actions it must return (log lines aside, which are
@@ -20,8 +20,8 @@ from graceful_http.generation import (
     ChildFailed,
     ChildReady,
     ChildStarted,
-    Generation,
     HandedOver,
+    HandoffMachine,
     HandOver,
     HandOverFailed,
     KillSuccessor,
@@ -52,7 +52,7 @@ def failed_status(reason: str) -> str:
     return f"reload failed: {reason} · {STATUS}"
 
 
-def machine_in(phase: str) -> Generation:
+def machine_in(phase: str) -> HandoffMachine:
     """A generation (gen 1, pid 100) brought to `phase` through real events.
 
     RELOADING means: reload requested by REQUESTER, attempt 1, child CHILD started.
@@ -62,7 +62,7 @@ def machine_in(phase: str) -> Generation:
     HANDING_OVER: as RELOADING, and the child reported ready (the supervisor is telling systemd).
     DRAINING: handed over to CHILD.
     """
-    m = Generation(generation=1, pid=PID, ready_timeout=TIMEOUT)
+    m = HandoffMachine(generation=1, pid=PID, ready_timeout=TIMEOUT)
     steps = {
         "STARTING": [],
         "SERVING": [BecameMain(handed_over=False)],
@@ -363,7 +363,7 @@ RELOAD_PHASES = (Phase.RELOADING, Phase.HANDING_OVER)
 @settings(max_examples=400, deadline=None)
 @given(st.lists(events, max_size=40))
 def test_only_the_main_generation_notifies_and_one_spawn_at_a_time(sequence):
-    m = Generation(generation=3, pid=PID, ready_timeout=TIMEOUT)
+    m = HandoffMachine(generation=3, pid=PID, ready_timeout=TIMEOUT)
     outstanding: int | None = None  # the attempt spawned and not yet killed nor confirmed as the new main
     spawned: list[int] = []
     finals: dict[object, int] = {}  # requester -> final replies (done/failed/refused)

@@ -130,7 +130,7 @@ class World:
                       call_later=lambda seconds, callback, *args: self.timers.append((seconds, callback, args)),
                       pid_file=self.pid_file)
         self.server = FakeServer()
-        self.supervisor = Supervisor(g.Generation(1, PID, ready_timeout), ports, graceful_timeout=5.0)
+        self.supervisor = Supervisor(g.HandoffMachine(1, PID, ready_timeout), ports, graceful_timeout=5.0)
         self.supervisor.servers = Servers([self.server])
 
     def start_successor(self, attempt: int, generation: int) -> FakeSuccessor:

@@ -160,9 +160,9 @@ def serve(args: argparse.Namespace) -> int:
     if settings.workers > (os.cpu_count() or 1):
         print(f"graceful-http: warning: --workers {settings.workers} is more than the {os.cpu_count()} CPUs here",
               file=sys.stderr)
-    from graceful_http.main_process import serve as serve_generation
+    from graceful_http.main_process import run_main
 
-    return _leave_threads_behind(serve_generation(settings, inherited))
+    return _leave_threads_behind(run_main(settings, inherited))
 
 
 def _leave_threads_behind(code: int) -> int:

@@ -161,7 +161,7 @@ class State:
     last_failure: str | None = None  # shown in STATUS= until the next reload
 
 
-class Generation:
+class HandoffMachine:
     """One generation's handoff decisions. `handle(event)` returns the actions to carry out."""
 
     def __init__(self, generation: int, pid: int, ready_timeout: float):

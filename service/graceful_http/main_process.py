@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import socket
+import time
 
 from graceful_http import __version__, logs
 from graceful_http import generation as g
@@ -30,7 +31,7 @@ from graceful_http.workers import MainLink, WorkerPool, WorkerStartFailed, worke
 log = logging.getLogger("graceful_http")
 
 
-def serve(settings: ServeSettings, inherited: Inherited) -> int:
+def run_main(settings: ServeSettings, inherited: Inherited) -> int:
     """Returns the process exit code."""
     predecessor = PredecessorLink.from_inherited(inherited)
     generation = inherited.generation
@@ -54,7 +55,7 @@ def serve(settings: ServeSettings, inherited: Inherited) -> int:
                 forked = fork_workers(settings, listeners, inherited, predecessor, metrics)
             except OSError as exc:
                 return report_start_failure(f"cannot fork a worker: {exc.strerror or exc}", predecessor)
-        return asyncio.run(run(settings, inherited, listeners, predecessor, metrics, forked))
+        return asyncio.run(_serve(settings, inherited, listeners, predecessor, metrics, forked))
     finally:
         if metrics is not None:
             metrics.remove_shared_dir()
@@ -99,21 +100,21 @@ def fork_workers(settings: ServeSettings, listeners, inherited: Inherited, prede
     return forked
 
 
-async def run(settings: ServeSettings, inherited: Inherited, listeners, predecessor: PredecessorLink | None,
-              metrics: Metrics | None, forked: list[tuple[int, socket.socket]]) -> int:
+async def _serve(settings: ServeSettings, inherited: Inherited, listeners, predecessor: PredecessorLink | None,
+                 metrics: Metrics | None, forked: list[tuple[int, socket.socket]]) -> int:
     pid = os.getpid()
+    loop = asyncio.get_running_loop()
     ports = Ports(
         start_successor=functools.partial(_start_successor, listeners, inherited, metrics),
         notifier=Notifier(),
         control_server=ControlServer,
         wait_until_reaped=wait_until_reaped,
-        call_later=asyncio.get_running_loop().call_later,
+        call_later=loop.call_later,
         pid_file=PidFile(settings.pid_file) if settings.pid_file else None,
         watchdog=watchdog_interval(os.environ, pid),
     )
-    supervisor = Supervisor(g.Generation(inherited.generation, pid, settings.ready_timeout), ports,
+    supervisor = Supervisor(g.HandoffMachine(inherited.generation, pid, settings.ready_timeout), ports,
                             settings.graceful_timeout, metrics)
-    loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGHUP, supervisor.dispatch, g.ReloadRequested("SIGHUP"))
     loop.add_signal_handler(signal.SIGTERM, supervisor.dispatch, g.StopRequested("SIGTERM"))
     loop.add_signal_handler(signal.SIGINT, supervisor.dispatch, g.StopRequested("SIGINT"))
@@ -151,8 +152,6 @@ async def run(settings: ServeSettings, inherited: Inherited, listeners, predeces
 
 def _start_successor(listeners, inherited: Inherited, metrics: Metrics | None, attempt: int,
                      generation: int) -> Successor:
-    import time
-
     environ = dict(os.environ)
     carried = None
     if metrics is not None:

@@ -1,6 +1,6 @@
 """One generation's main: carry out the handoff state machine's actions, one event at a time.
 
-The state machine (`generation.Generation`) decides; the supervisor turns every input into an event and
+The state machine (`generation.HandoffMachine`) decides; the supervisor turns every input into an event and
 every action into a call on its ports (start a successor, sd_notify, a timer, the pid file, the control
 socket), which are injected, so that whole reloads are tested in-process with fakes.
 """
@@ -37,7 +37,7 @@ class Ports:
 
 
 class Supervisor:
-    def __init__(self, machine: g.Generation, ports: Ports, graceful_timeout: float, metrics=None):
+    def __init__(self, machine: g.HandoffMachine, ports: Ports, graceful_timeout: float, metrics=None):
         self.machine = machine
         self.ports = ports
         self.graceful_timeout = graceful_timeout

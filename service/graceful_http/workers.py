@@ -95,7 +95,7 @@ class Worker:
 
 
 class WorkerPool:
-    """The main process's view of its workers; quacks like an Engine for the supervisor."""
+    """The main process's view of its workers: a `serving.Server` to the supervisor, as an Engine is."""
 
     def __init__(self, count: int, listeners, generation: int, request_reload, metrics=None, spawn=spawn_worker):
         self.count = count
