@@ -46,8 +46,6 @@ def one_line(text: str) -> str:
 
 # ---- every option, in the file and on the command line (in-process) -------------------------
 
-LOOPBACK = settings.ServeSettings().control_allow
-
 # config key: (TOML value, the settings value it gives, a flag overriding it, the settings value then)
 EVERY_OPTION = {
     "app": ('"shop.asgi:application"', "shop.asgi:application", ["other.wsgi:app"], "other.wsgi:app"),
@@ -63,8 +61,8 @@ EVERY_OPTION = {
     "ready_timeout": ("12", 12.0, ["--ready-timeout", "4"], 4.0),
     "pid_file": ('"/run/shop.pid"', "/run/shop.pid", ["--pid-file", "/run/other.pid"], "/run/other.pid"),
     "control_allow": ('["10.0.0.0/8", "2001:db8::/32"]',
-                      LOOPBACK + (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("2001:db8::/32")),
-                      ["--control-allow", "192.168.1.7"], LOOPBACK + (ipaddress.ip_network("192.168.1.7/32"),)),
+                      (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("2001:db8::/32")),
+                      ["--control-allow", "192.168.1.7"], (ipaddress.ip_network("192.168.1.7/32"),)),
     "control_token_file": ('"/etc/shop/token"', "/etc/shop/token", ["--control-token-file", "/etc/t"], "/etc/t"),
     "access_log": ("false", False, ["--access-log"], True),
     "log_level": ('"debug"', "debug", ["--log-level", "error"], "error"),

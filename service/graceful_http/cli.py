@@ -36,8 +36,9 @@ def _serve_help() -> dict[str, tuple[str | None, str]]:
         "graceful_timeout": ("S", "how long a draining generation may finish its requests (default: 30)"),
         "ready_timeout": ("S", "how long a new generation may take to become ready (default: 30)"),
         "pid_file": ("PATH", "keep the current main pid in PATH"),
-        "control_allow": ("CIDR", "also allow POST /graceful from these networks (default: loopback and unix sockets)"),
-        "control_token_file": ("PATH", "require the token in PATH (Authorization: Bearer) for POST /graceful"),
+        "control_allow": ("CIDR", ("allow POST /graceful without a token from these networks, unless proxied"
+                             " (default: none; loopback is no credential)")),
+        "control_token_file": ("PATH", "POST /graceful with this token (Authorization: Bearer) reloads, also through a proxy"),
         "access_log": (None, "log one line per request (default: on)"),
         "log_level": ("LEVEL", f"{' | '.join(LOG_LEVELS)} (default: info)"),
         "metrics": (None, "serve Prometheus metrics at GET /metrics (default: off)"),

@@ -14,6 +14,7 @@ import time
 import uvicorn
 
 from graceful_http.drain import ConnectionView, IdleCloser
+from graceful_http.fdlimit import DescriptorWatch
 
 log = logging.getLogger("graceful_http")
 
@@ -221,6 +222,8 @@ class Engine:
         self.sockets = sockets
         self.idle_grace = idle_grace
         self._listeners_closed = False
+        # One per process: the app's engine watches descriptors (the control socket's has no lifespan).
+        self.descriptors = DescriptorWatch(lambda: len(self.connections)) if lifespan else None
 
     def describe(self) -> str:
         protocol = "httptools" if "HttpTools" in self.server.config.http_protocol_class.__name__ else "h11"
@@ -235,6 +238,8 @@ class Engine:
             raise StartupFailed(self._startup_failure()) from None
         if not self.server.started:
             raise StartupFailed(self._startup_failure())
+        if self.descriptors is not None:
+            self.descriptors.start()
 
     def _startup_failure(self) -> str:
         guard = self.lifespan_guard
@@ -300,6 +305,8 @@ class Engine:
                 by_key[key].transport.close()
             await asyncio.sleep(DRAIN_TICK)
         cut = self.in_flight()
+        if self.descriptors is not None:
+            self.descriptors.stop()
         for connection in list(self.connections):
             connection.transport.abort()
         tasks = list(self.server.server_state.tasks)

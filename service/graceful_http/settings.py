@@ -12,11 +12,10 @@ import ipaddress
 import re
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 
 DEFAULT_BIND = "127.0.0.1:9999"
 DEFAULT_APP = "graceful_http.demo:app"
-LOOPBACK_NETWORKS = ("127.0.0.0/8", "::1/128", "::ffff:127.0.0.0/104")
 INTERFACES = ("auto", "asgi3", "asgi2", "wsgi")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -140,9 +139,7 @@ class ServeSettings:
     graceful_timeout: float = 30.0
     ready_timeout: float = 30.0
     pid_file: str | None = None
-    control_allow: tuple[IPNetwork, ...] = field(
-        default_factory=lambda: tuple(ipaddress.ip_network(n) for n in LOOPBACK_NETWORKS)
-    )
+    control_allow: tuple[IPNetwork, ...] = ()  # who may POST /graceful without a token: nobody by default
     control_token_file: str | None = None
     access_log: bool = True
     log_level: str = "info"
@@ -190,15 +187,10 @@ OPTIONS = {
 
 
 def build_settings(*layers: Mapping[str, object]) -> ServeSettings:
-    """Settings from layers of already-parsed values (later layers win), over the defaults.
-
-    `control_allow` adds to the loopback default rather than replacing it.
-    """
+    """Settings from layers of already-parsed values (later layers win), over the defaults."""
     values: dict[str, object] = {}
     for layer in layers:
         values.update(layer)
-    if "control_allow" in values:
-        values["control_allow"] = ServeSettings().control_allow + tuple(values["control_allow"])
     known = {f.name for f in fields(ServeSettings)}
     return ServeSettings(**{k: v for k, v in values.items() if k in known})
 

@@ -25,6 +25,7 @@ from graceful_http import logs
 from graceful_http.apploader import AppLoadError, load_asgi3
 from graceful_http.control import ControlLayer, ControlPolicy, ControlState, not_found
 from graceful_http.controlsocket import ControlServer
+from graceful_http.fdlimit import describe_limit, raise_soft_limit
 from graceful_http.handoff import CONFIRM_TIMEOUT, GENERATION_VARIABLE, PredecessorEnd, SuccessorEnd
 from graceful_http.listenfds import ListenFdsError
 from graceful_http.metrics import SHARED_DIR_VARIABLE, Metrics
@@ -183,6 +184,7 @@ class Supervisor:
             log.info("graceful-http %s serving %s on %s", __version__, settings.app, self.engines[0].describe())
         for listener in self.listeners:
             log.info("listening on %s", listener.describe())
+        log.info("%s", describe_limit())
 
     async def become_main(self) -> None:
         handed_over = False
@@ -533,6 +535,7 @@ def serve(settings: ServeSettings) -> int:
     successor_end = SuccessorEnd.from_environ(os.environ)
     generation = successor_end.generation if successor_end else 1
     logs.setup(generation, settings.log_level)
+    raise_soft_limit()
     try:
         listeners = acquire(settings.binds)
     except (ListenerError, ListenFdsError) as exc:
