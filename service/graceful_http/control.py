@@ -167,6 +167,8 @@ class ControlLayer:
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
+            if scope["type"] == "websocket" and self.metrics is not None:
+                return await self._websocket(scope, receive, send)
             return await self.app(scope, receive, send)
         if scope.get("http_version", "1.1") not in HTTP_VERSIONS:  # h11 takes any HTTP/d.d for 1.1
             return await _plain(send, 505, "HTTP/1.0 and HTTP/1.1 only\n", [CONNECTION_CLOSE])
@@ -183,6 +185,13 @@ class ControlLayer:
         else:
             endpoint = self.app
         return await self._observed(endpoint, scope, receive, send, close)
+
+    async def _websocket(self, scope, receive, send):
+        self.metrics.websockets.inc()
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.metrics.websockets.dec()
 
     async def _graceful(self, scope, receive, send):
         if scope["method"] != "POST":

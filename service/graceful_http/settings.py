@@ -18,6 +18,7 @@ DEFAULT_BIND = "127.0.0.1:9999"
 DEFAULT_APP = "graceful_http.demo:app"
 INTERFACES = ("auto", "asgi3", "asgi2", "wsgi")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+WEBSOCKET_IMPLEMENTATIONS = ("auto", "websockets", "websockets-sansio", "wsproto", "none")
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -103,6 +104,12 @@ def parse_workers(text, option: str = "--workers") -> int:
     return value
 
 
+def parse_bytes(text, option: str) -> int:
+    if isinstance(text, bool) or not re.fullmatch(r"\s*\d+\s*", str(text)) or int(text) < 1:
+        raise SettingsError(f"invalid {option} {text!r}: expected a whole number of bytes >= 1")
+    return int(text)
+
+
 def _choice(choices: tuple[str, ...]) -> Callable[[object, str], str]:
     def parse(text, option: str) -> str:
         if text not in choices:
@@ -144,6 +151,11 @@ class ServeSettings:
     access_log: bool = True
     log_level: str = "info"
     metrics: bool = False
+    ws: str = "auto"
+    ws_max_size: int = 16 * 1024 * 1024
+    ws_ping_interval: float = 20.0
+    ws_ping_timeout: float = 20.0
+    websocket_close_spread: float = 5.0
     idle_grace: float = 1.0
 
 
@@ -182,6 +194,11 @@ OPTIONS = {
         Option("access_log", _boolean),
         Option("log_level", _choice(LOG_LEVELS)),
         Option("metrics", _boolean),
+        Option("ws", _choice(WEBSOCKET_IMPLEMENTATIONS)),
+        Option("ws_max_size", parse_bytes),
+        Option("ws_ping_interval", lambda v, o: parse_seconds(v, o)),
+        Option("ws_ping_timeout", lambda v, o: parse_seconds(v, o)),
+        Option("websocket_close_spread", lambda v, o: parse_seconds(v, o)),
     )
 }
 
@@ -221,7 +238,7 @@ def parse_config(text: str, path: str) -> dict[str, object]:
             raise SettingsError(f"{where}: expected a string or a list of strings, got {raw!r}")
         if key in ("bind", "control_allow") and isinstance(raw, list) and not all(isinstance(i, str) for i in raw):
             raise SettingsError(f"{where}: expected a list of strings, got {raw!r}")
-        if key in ("workers",) and isinstance(raw, int) and not isinstance(raw, bool):
+        if key in ("workers", "ws_max_size") and isinstance(raw, int) and not isinstance(raw, bool):
             raw = str(raw)
         values[option.name] = parse_value(option, raw, where)
     return values

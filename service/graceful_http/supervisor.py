@@ -34,6 +34,7 @@ from graceful_http.pidfile import remove_pid_file, write_pid_file
 from graceful_http.sdnotify import Notifier, watchdog_interval
 from graceful_http.settings import ServeSettings
 from graceful_http.spawn import fork_worker, spawn_successor
+from graceful_http.websocket_drain import GOING_AWAY, SERVICE_RESTART
 from graceful_http.workers import WorkerLink, WorkerPool, WorkerStartFailed, worker_environ
 
 if TYPE_CHECKING:
@@ -101,7 +102,7 @@ def read_token(path: str | None) -> str | None:
 
 
 def build_engines(settings: ServeSettings, listeners, control: ControlState, metrics=None) -> list[Engine]:
-    from graceful_http.engine import Engine  # uvicorn: not needed by the main of a multi-worker generation
+    from graceful_http.engine import Engine, EngineSettingError  # uvicorn: not needed by a workers' main
 
     """The HTTP engines of one serving process: the app's (with the control layer) and the control socket's."""
     try:
@@ -120,7 +121,13 @@ def build_engines(settings: ServeSettings, listeners, control: ControlState, met
     if public:
         policy = ControlPolicy(allow=settings.control_allow, token=token, control_socket_elsewhere=bool(private))
         stack = ControlLayer(app, control, policy, access, metrics)
-        engines.append(Engine(stack, [l.sock for l in public], idle_grace=settings.idle_grace))
+        websockets = {"ws": settings.ws, "ws_max_size": settings.ws_max_size,
+                      "ws_ping_interval": settings.ws_ping_interval, "ws_ping_timeout": settings.ws_ping_timeout}
+        try:
+            engines.append(Engine(stack, [l.sock for l in public], idle_grace=settings.idle_grace,
+                                  websockets=websockets, websocket_close_spread=settings.websocket_close_spread))
+        except EngineSettingError as exc:
+            raise StartError(str(exc)) from None
     if private:  # the admins' socket: control endpoints only, trusted by its file mode
         stack = ControlLayer(not_found, control, ControlPolicy(trusted=True), access, metrics)
         engines.append(Engine(stack, [l.sock for l in private], idle_grace=0.1, lifespan=False))
@@ -345,8 +352,9 @@ class Supervisor:
         self.control_server.close()
         for task in self._main_tasks:
             task.cancel()
+        replaced = self.machine.phase is not g.Phase.STOPPING
         for engine in self.engines:
-            engine.stop_accepting()
+            engine.stop_accepting(replaced=replaced)
         self._draining = asyncio.get_running_loop().create_task(self._drain_and_finish())  # kept: tasks are weak
 
     # ---- tasks -----------------------------------------------------------
@@ -400,7 +408,8 @@ class Supervisor:
         timeout = self.settings.graceful_timeout
         deadline = time.monotonic() + timeout
         log.info("no longer accepting; finishing %d in-flight request(s), up to %gs", self.in_flight(), timeout)
-        results = await asyncio.gather(*(engine.drain(deadline) for engine in self.engines))
+        code = GOING_AWAY if self.machine.phase is g.Phase.STOPPING else SERVICE_RESTART
+        results = await asyncio.gather(*(engine.drain(deadline, code) for engine in self.engines))
         served = sum(r[0] for r in results)
         cut = sum(r[1] for r in results)
         if cut:
@@ -464,9 +473,17 @@ async def run_worker(settings: ServeSettings, link: WorkerLink, listeners=None, 
         generation = int(os.environ.pop(GENERATION_VARIABLE, "1") or 1)
     logs.setup(generation, settings.log_level, worker=link.index)
     stopping = asyncio.Event()
+    websocket_code = GOING_AWAY  # the service stops (SIGTERM, SIGINT)...
     loop = asyncio.get_running_loop()
+
+    def replaced() -> None:  # ...or a new generation took over (SIGUSR2 from our main)
+        nonlocal websocket_code
+        websocket_code = SERVICE_RESTART
+        stopping.set()
+
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
+    loop.add_signal_handler(signal.SIGUSR2, replaced)
     control = ControlState(request_reload=link.request_reload)
     try:
         if link.main_version != __version__:
@@ -491,7 +508,7 @@ async def run_worker(settings: ServeSettings, link: WorkerLink, listeners=None, 
     for engine in engines:
         engine.stop_accepting()
     deadline = time.monotonic() + settings.graceful_timeout
-    results = await asyncio.gather(*(engine.drain(deadline) for engine in engines))
+    results = await asyncio.gather(*(engine.drain(deadline, websocket_code) for engine in engines))
     served, cut = sum(r[0] for r in results), sum(r[1] for r in results)
     if cut:
         log.warning("graceful timeout (%gs) reached: cut %d request(s) still in flight", settings.graceful_timeout, cut)
