@@ -175,3 +175,56 @@ def test_a_stream_cut_at_the_graceful_timeout_is_one_line_and_no_traceback(engin
                          r" the connection", log), log[-4000:]
         assert "Traceback" not in log and "CancelledError" not in log, log[-4000:]
         wait_until(lambda: "exited: generation 1" in server.log(), 10, "generation 1 to exit", server.log_tail)
+
+
+# ---- under real systemd: systemctl reload and systemctl stop ----------------------------------------
+
+
+@pytest.mark.systemd
+@pytest.mark.parametrize("engine, workers", [("pypi", 2), ("debian", 1)])
+def test_under_systemd_reload_closes_with_1012_and_stop_with_1001(engine, workers):
+    from support.systemd_service import SERVICE, SOCKET, InstalledService
+
+    name = f"gh-ws-{engine}-{os.getpid()}"
+    with InstalledService(name, engine, serve_args=f"--workers {workers} --websocket-close-spread {SPREAD}"
+                                                   " --no-access-log websocket_app:app") as service:
+        service.write_app("websocket_app", (APPS / "websocket_app.py").read_text())
+        service.container.systemctl("start", SOCKET)
+        service.container.systemctl("start", SERVICE)
+        first = service.main_pid()
+        old_serving = {first} if workers == 1 else set(service.children(first))
+
+        def reload():
+            assert service.reload().returncode == 0
+
+        clients = asyncio.run(hold_then_reconnect(service.port, reload))
+        new_main = service.main_pid()
+        new_serving = {new_main} if workers == 1 else set(service.children(new_main))
+        for client in clients:
+            assert client.close_codes == [1012], client.close_codes
+            assert client.pids[0] in old_serving and client.after_reconnect <= new_serving, (
+                client.pids, old_serving, new_serving)
+        wait_until(lambda: service.journal().count("app saw websocket.disconnect code=1012") == CLIENTS, 30,
+                   "the old generation's app to see every disconnect")
+
+        async def hold_until_stopped() -> list[int | None]:
+            codes = []
+
+            async def one():
+                async with connect(f"ws://{HOST}:{service.port}/ws", close_timeout=10) as ws:
+                    try:
+                        async for _ in ws:
+                            pass
+                    except ConnectionClosed:
+                        pass
+                    codes.append(ws.close_code)
+
+            tasks = [asyncio.create_task(one()) for _ in range(3)]
+            await asyncio.sleep(0.5)
+            await asyncio.get_running_loop().run_in_executor(None, service.container.systemctl, "stop", SERVICE)
+            await asyncio.wait_for(asyncio.gather(*tasks), timeout=30)
+            return codes
+
+        assert asyncio.run(hold_until_stopped()) == [1001, 1001, 1001]
+        assert service.state()["Result"] == "success"
+        assert service.journal().count("app saw websocket.disconnect code=1001") == 3
