@@ -6,6 +6,7 @@ Sections (see README, "Benchmark"):
             `uvicorn --fd` from exec to its first answered request
   reloads   wrk -c50 (totals) and the per-request load tool (each request) while reloading every 1–2 s
   soak      graceful-http under systemd, many reloads under wrk: errors, RSS, descriptors, processes
+  websockets  WebSocket clients that reconnect at once, through reloads: close codes, time back, stampede
 
 Timings are figures to read, never pass/fail: the targets table says how they compare with the issue's.
 """
@@ -69,14 +70,17 @@ class Plan:
     soak_reloads: int = 100
     soak_interval: float = 1.0
     soak_chunk: int = 30  # seconds per wrk run in the soak (back to back until the reloads are done)
+    ws_clients: int = 50
+    ws_reloads: int = 3
+    ws_interval: float = 6.0  # above graceful-http's default WebSocket close spread (5 s)
     systemd: bool = True
-    sections: tuple[str, ...] = ("steady", "handoff", "reloads", "soak")
+    sections: tuple[str, ...] = ("steady", "handoff", "reloads", "soak", "websockets")
 
 
 FULL = Plan("full")
 SMOKE = Plan("smoke", steady_runs=1, steady_duration=1, steady_warmup=0, reload_duration=3, reload_interval=1.0,
              reload_warmup=0.5, reload_tail=0.8, peers=("gunicorn-hup",), handoff_reloads=3, soak_reloads=3,
-             soak_interval=0.5, soak_chunk=3)
+             soak_interval=0.5, soak_chunk=3, ws_clients=10, ws_reloads=1, ws_interval=3.0)
 
 
 def say(message: str) -> None:
@@ -157,6 +161,22 @@ def under_reloads(server, plan: Plan, raw: Path, tag: str) -> tuple[dict, tuple[
 
 
 # ---- sections ------------------------------------------------------------------------------------------------------
+
+
+def websocket_section(plan: Plan, raw: Path) -> list[dict]:
+    """The same reconnecting WebSocket clients through reloads of graceful-http, uvicorn and gunicorn."""
+    from bench.websockets import websocket_reloads
+
+    rows = []
+    for server in (GracefulHttp(2, raw), Uvicorn(2, raw), Gunicorn(2, raw, "HUP")):
+        say(f"websockets: {server.label}, {plan.ws_clients} clients, {plan.ws_reloads} reload(s)")
+        server.start()
+        try:
+            rows.append(websocket_reloads(server, plan.ws_clients, plan.ws_reloads, plan.ws_interval,
+                                          settle=plan.ws_interval))
+        finally:
+            server.stop()
+    return rows
 
 
 def steady_section(plan: Plan, raw: Path) -> list[dict]:
@@ -653,6 +673,18 @@ def markdown(results: dict) -> str:
     if results.get("picture"):
         parts += ["## Latency during reloads", "", f"![request latency during reloads]({results['picture']})", "",
                   results.get("picture_note", ""), ""]
+    if results.get("websockets"):
+        parts += ["", f"## WebSockets through reloads ({s['ws_clients']} clients that reconnect at once, "
+                      f"{s['ws_reloads']} reload(s) {s['ws_interval']} s apart, 2 workers)", "",
+                  "Close codes as the clients saw them (1012 Service Restart; 1006: dropped without a close frame);"
+                  " \"back\": from the end of a connection until the next one is open; the peak of"
+                  " connection ends within 100 ms is the reconnect stampede.", ""]
+        rows = [[r["server"], r["connections_ended"],
+                 ", ".join(f"{code}: {n}" for code, n in sorted(r["close_codes"].items())) or "–",
+                 r["dropped_without_close_frame"], r["failed_reconnects"], r["back_p50_ms"], r["back_max_ms"],
+                 r["peak_ends_per_100ms"]] for r in results["websockets"]]
+        parts.append(_table(["server (reload)", "connections ended", "close codes", "dropped (1006)",
+                             "failed reconnects", "back p50 ms", "back max ms", "peak ends / 100 ms"], rows))
     return "\n".join(parts)
 
 
@@ -686,7 +718,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--smoke", action="store_true", help="a few seconds of everything (what CI runs)")
     parser.add_argument("--out", type=Path, help="where to write results (default: bench/results, or "
                                                  "bench/results/smoke with --smoke)")
-    parser.add_argument("--only", help="comma-separated sections: steady,handoff,reloads,soak")
+    parser.add_argument("--only", help="comma-separated sections: steady,handoff,reloads,soak,websockets")
     parser.add_argument("--no-systemd", action="store_true", help="skip everything that boots systemd in a container")
     parser.add_argument("--runs", type=int, help="steady-state runs per server")
     parser.add_argument("--duration", type=int, help="seconds per steady-state run")
@@ -728,7 +760,7 @@ def main(argv: list[str] | None = None) -> int:
     began = time.monotonic()
     results = {"kind": plan.kind, "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
                "machine": machine(), "versions": versions(), "settings": dataclasses.asdict(plan),
-               "steady": [], "reloads": [], "handoff": {}, "soak": None}
+               "steady": [], "reloads": [], "handoff": {}, "soak": None, "websockets": []}
     if plan.systemd:
         from bench.systemd import boot_check
 
@@ -741,6 +773,8 @@ def main(argv: list[str] | None = None) -> int:
             results["handoff"] = handoff_section(plan, raw)
         if "reloads" in plan.sections:
             results["reloads"] = standalone_reloads(plan, raw, keep)
+        if "websockets" in plan.sections:
+            results["websockets"] = websocket_section(plan, raw)
         if plan.systemd and set(plan.sections) & {"handoff", "reloads", "soak"}:
             systemd_sections(plan, raw, keep, results)
     finally:

@@ -75,6 +75,13 @@ def test_results_json_is_complete(smoke):
     assert soak["reloads"] == data["settings"]["soak_reloads"]
     assert soak["before"]["cgroup_processes"] >= 1 and soak["after"]["rss_kib"] > 0
 
+    websockets = {row["server"]: row for row in data["websockets"]}
+    assert len(websockets) == 3, websockets
+    for label, row in websockets.items():
+        assert row["reloads_ok"] == data["settings"]["ws_reloads"], label
+        assert row["connections_ended"] >= 1 and sum(row["close_codes"].values()) == row["connections_ended"], label
+        assert is_number(row["back_p50_ms"]) and row["peak_ends_per_100ms"] >= 1, label
+
     assert data["targets"], "the targets table is empty"
     for row in data["targets"]:
         assert set(row) == {"target", "measured", "met"} and isinstance(row["met"], bool), row
@@ -83,7 +90,7 @@ def test_results_json_is_complete(smoke):
 def test_markdown_and_table_are_printed(smoke):
     out, stdout = smoke
     text = (out / "results.md").read_text()
-    for heading in ("## Steady state", "## Reloads under load", "## Soak", "## Handoff time",
+    for heading in ("## Steady state", "## Reloads under load", "## Soak", "## Handoff time", "## WebSockets",
                     "## Against the issue's targets", "](reload-latency.png)"):
         assert heading in text, heading
         assert heading in stdout, heading

@@ -41,8 +41,6 @@ def one_line(text: str) -> str:
 
 # ---- every option, in the file and on the command line (in-process) -------------------------
 
-LOOPBACK = settings.ServeSettings().control_allow
-
 # config key: (TOML value, the settings value it gives, a flag overriding it, the settings value then)
 EVERY_OPTION = {
     "app": ('"shop.asgi:application"', "shop.asgi:application", ["other.wsgi:app"], "other.wsgi:app"),
@@ -58,11 +56,16 @@ EVERY_OPTION = {
     "ready_timeout": ("12", 12.0, ["--ready-timeout", "4"], 4.0),
     "pid_file": ('"/run/shop.pid"', "/run/shop.pid", ["--pid-file", "/run/other.pid"], "/run/other.pid"),
     "control_allow": ('["10.0.0.0/8", "2001:db8::/32"]',
-                      LOOPBACK + (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("2001:db8::/32")),
-                      ["--control-allow", "192.168.1.7"], LOOPBACK + (ipaddress.ip_network("192.168.1.7/32"),)),
+                      (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("2001:db8::/32")),
+                      ["--control-allow", "192.168.1.7"], (ipaddress.ip_network("192.168.1.7/32"),)),
     "control_token_file": ('"/etc/shop/token"', "/etc/shop/token", ["--control-token-file", "/etc/t"], "/etc/t"),
     "access_log": ("false", False, ["--access-log"], True),
     "log_level": ('"debug"', "debug", ["--log-level", "error"], "error"),
+    "ws": ('"wsproto"', "wsproto", ["--ws", "none"], "none"),
+    "ws_max_size": ("1048576", 1048576, ["--ws-max-size", "65536"], 65536),
+    "ws_ping_interval": ("10", 10.0, ["--ws-ping-interval", "0"], 0.0),
+    "ws_ping_timeout": ("7.5", 7.5, ["--ws-ping-timeout", "3"], 3.0),
+    "websocket_close_spread": ("2", 2.0, ["--websocket-close-spread", "0"], 0.0),
     "metrics": ("true", True, ["--no-metrics"], False),
 }
 FIELD = {key: option.name for key, option in settings.OPTIONS.items()}
@@ -129,6 +132,8 @@ BAD_CONFIGS = {
     "seconds negative": ("graceful_timeout = -1\n", r"config\.toml:1: graceful_timeout -1: must be a finite number"),
     "bind not a string": ("bind = 8080\n", r"config\.toml:1: bind: expected a string or a list of strings, got 8080"),
     "bind a bad address": ('bind = ["localhost"]\n', r"config\.toml:1: bind 'localhost': expected HOST:PORT"),
+    "ws unknown": ('ws = "socketio"\n', r"config\.toml:1: ws 'socketio': expected one of auto, websockets,"),
+    "ws_max_size zero": ("ws_max_size = 0\n", r"config\.toml:1: ws_max_size '?0'?: expected a whole number of bytes"),
     "log level unknown": ('log_level = "loud"\n',
                           r"config\.toml:1: log_level 'loud': expected one of debug, info, warning, error"),
     "interface unknown": ('interface = "asgi4"\n', r"config\.toml:1: interface 'asgi4': expected one of auto, asgi3"),

@@ -8,9 +8,9 @@ import pytest
 
 from graceful_http.control import ControlLayer, ControlPolicy, ControlState, not_found, token_matches
 from graceful_http.generation import Outcome
-from graceful_http.settings import ServeSettings, parse_network
+from graceful_http.settings import parse_network
 
-DEFAULT_ALLOW = ServeSettings().control_allow
+LOOPBACK = tuple(parse_network(n) for n in ("127.0.0.0/8", "::1/128", "::ffff:127.0.0.0/104"))
 CONNECTION_CLOSE = (b"connection", b"close")
 
 
@@ -80,7 +80,7 @@ class Reloads:
         return self.outcome
 
 
-def make(outcome=Outcome("started", "reloading: starting pid 4321", 4321), allow=DEFAULT_ALLOW, access_logger=None,
+def make(outcome=Outcome("started", "reloading: starting pid 4321", 4321), allow=LOOPBACK, access_logger=None,
          app=None, policy=None):
     reloads = Reloads(outcome)
     state = ControlState(request_reload=reloads)
@@ -134,7 +134,7 @@ def test_post_graceful_from_a_foreign_network_is_403():
 
 
 def test_post_graceful_allowed_once_the_network_is_added():
-    layer, _, reloads, _ = make(allow=DEFAULT_ALLOW + (parse_network("10.0.0.0/8"),))
+    layer, _, reloads, _ = make(allow=LOOPBACK + (parse_network("10.0.0.0/8"),))
     response = call(layer, http_scope("POST", "/graceful", client=("10.0.0.1", 40000)))
     assert response.status == 202
     assert reloads.sources == ["POST /graceful from 10.0.0.1"]
@@ -148,9 +148,14 @@ def test_post_graceful_from_loopback_variants(client):
     assert reloads.sources == [f"POST /graceful from {client[0]}"]
 
 
-def test_post_graceful_over_a_unix_socket():
+def test_post_graceful_over_a_public_unix_socket_needs_the_token():
     layer, _, reloads, _ = make()
-    assert call(layer, http_scope("POST", "/graceful", client=None)).status == 202
+    response = call(layer, http_scope("POST", "/graceful", client=None))
+    assert response.status == 403
+    assert response.body == b"reload over a unix-socket listener needs the control token (control_token_file)\n"
+    assert reloads.sources == []
+    layer, _, reloads, _ = make(policy=ControlPolicy(token=TOKEN))
+    assert call(layer, http_scope("POST", "/graceful", client=None, headers=bearer(f"Bearer {TOKEN}"))).status == 202
     assert reloads.sources == ["POST /graceful from the control socket"]
 
 
@@ -183,7 +188,7 @@ def bearer(value: str) -> tuple:
     (bearer(TOKEN), False),
 ])
 def test_token_required_when_configured(headers, allowed):
-    layer, _, reloads, _ = make(policy=ControlPolicy(allow=DEFAULT_ALLOW, token=TOKEN))
+    layer, _, reloads, _ = make(policy=ControlPolicy(token=TOKEN))
     response = call(layer, http_scope("POST", "/graceful", headers=headers))
     if allowed:
         assert response.status == 202
@@ -194,21 +199,24 @@ def test_token_required_when_configured(headers, allowed):
         assert reloads.sources == []
 
 
-def test_token_does_not_open_other_networks():
-    layer, _, reloads, _ = make(policy=ControlPolicy(allow=DEFAULT_ALLOW, token=TOKEN))
-    response = call(layer, http_scope("POST", "/graceful", client=("10.0.0.1", 1), headers=bearer(f"Bearer {TOKEN}")))
+def test_with_a_token_configured_the_token_alone_decides():
+    """`allow` is who may reload without a token; with one configured, every reload needs it."""
+    layer, _, reloads, _ = make(policy=ControlPolicy(allow=LOOPBACK, token=TOKEN))
+    response = call(layer, http_scope("POST", "/graceful"))
     assert response.status == 403
-    assert response.body == b"reload not allowed from 10.0.0.1\n"
-    assert reloads.sources == []
+    assert response.body == b"reload needs the control token (Authorization: Bearer <token>)\n"
+    response = call(layer, http_scope("POST", "/graceful", client=("10.0.0.1", 1), headers=bearer(f"Bearer {TOKEN}")))
+    assert response.status == 202
+    assert reloads.sources == ["POST /graceful from 10.0.0.1"]
 
 
 def test_public_listener_refuses_reloads_when_a_control_socket_exists_and_no_token():
-    layer, _, reloads, _ = make(policy=ControlPolicy(allow=DEFAULT_ALLOW, control_socket_elsewhere=True))
+    layer, _, reloads, _ = make(policy=ControlPolicy(allow=LOOPBACK, control_socket_elsewhere=True))
     response = call(layer, http_scope("POST", "/graceful"))
     assert response.status == 403
     assert response.body == b"reloads are accepted on the control socket only (or configure a control token)\n"
     assert reloads.sources == []
-    layer, _, reloads, _ = make(policy=ControlPolicy(allow=DEFAULT_ALLOW, token=TOKEN, control_socket_elsewhere=True))
+    layer, _, reloads, _ = make(policy=ControlPolicy(allow=LOOPBACK, token=TOKEN, control_socket_elsewhere=True))
     assert call(layer, http_scope("POST", "/graceful", headers=bearer(f"Bearer {TOKEN}"))).status == 202
 
 
@@ -342,3 +350,58 @@ def test_duration_covers_the_app():
     layer, _, _, _ = make(access_logger=lambda scope, status, duration: lines.append(duration), app=slow)
     call(layer, http_scope("GET", "/"))
     assert 0.05 <= lines[0] < 5
+
+
+# ---- the rule against reloads through a same-host proxy ----------------------------------------
+
+NOT_BY_DEFAULT = (b"POST /graceful on a public listener needs the control token (control_token_file) or"
+                  b" --control-allow; from this host, use SIGHUP or `graceful-http reload`\n")
+
+
+@pytest.mark.parametrize("client", [("127.0.0.1", 1), ("::1", 1), ("::ffff:127.0.0.1", 1), ("10.0.0.1", 1)])
+def test_by_default_no_peer_address_may_reload(client):
+    """Behind a same-host proxy every request comes from loopback: loopback is no credential."""
+    layer, _, reloads, _ = make(policy=ControlPolicy())
+    response = call(layer, http_scope("POST", "/graceful", client=client))
+    assert response.status == 403
+    assert response.body == NOT_BY_DEFAULT
+    assert reloads.sources == []
+
+
+FORWARDED = {
+    "nginx $proxy_add_x_forwarded_for": (b"x-forwarded-for", b"203.0.113.9"),
+    "a spoofed X-Forwarded-For": (b"x-forwarded-for", b"127.0.0.1"),
+    "X-Real-IP": (b"x-real-ip", b"127.0.0.1"),
+    "RFC 7239 Forwarded": (b"forwarded", b"for=127.0.0.1;proto=http"),
+    "Via": (b"via", b"1.1 proxy"),
+    "X-Forwarded-Proto only": (b"x-forwarded-proto", b"https"),
+}
+
+
+@pytest.mark.parametrize("header", list(FORWARDED.values()), ids=list(FORWARDED))
+def test_explicitly_allowed_network_still_refuses_proxied_requests(header):
+    layer, _, reloads, _ = make(policy=ControlPolicy(allow=LOOPBACK))
+    response = call(layer, http_scope("POST", "/graceful", headers=(header,)))
+    assert response.status == 403
+    assert response.body == b"a proxied request (it carries forwarding headers) may not reload without the control token\n"
+    assert reloads.sources == []
+    assert call(layer, http_scope("POST", "/graceful")).status == 202  # the same peer, not proxied
+
+
+@pytest.mark.parametrize("header", list(FORWARDED.values()), ids=list(FORWARDED))
+def test_the_token_reloads_through_a_proxy(header):
+    layer, _, reloads, _ = make(policy=ControlPolicy(token=TOKEN))
+    response = call(layer, http_scope("POST", "/graceful", headers=(header, *bearer(f"Bearer {TOKEN}"))))
+    assert response.status == 202
+    assert len(reloads.sources) == 1
+
+
+def test_a_refusal_is_logged_with_the_peer_and_the_forwarding_chain(caplog):
+    layer, _, _, _ = make(policy=ControlPolicy())
+    headers = ((b"x-forwarded-for", b"127.0.0.1, 203.0.113.9"), (b"x-real-ip", b"203.0.113.9"))
+    with caplog.at_level("WARNING", logger="graceful_http"):
+        assert call(layer, http_scope("POST", "/graceful", headers=headers)).status == 403
+    [record] = [r for r in caplog.records if "refused POST /graceful" in r.getMessage()]
+    assert record.getMessage() == (
+        "refused POST /graceful from 127.0.0.1 (forwarded: x-forwarded-for: 127.0.0.1, 203.0.113.9;"
+        " x-real-ip: 203.0.113.9): " + NOT_BY_DEFAULT.decode().rstrip("\n"))

@@ -5,16 +5,13 @@ from __future__ import annotations
 import pytest
 
 from graceful_http.control import peer_allowed
-from graceful_http.settings import (
-    ServeSettings,
-    parse_network,
-)
+from graceful_http.settings import parse_network
 
-DEFAULT_ALLOW = ServeSettings().control_allow
+LOOPBACK = tuple(parse_network(n) for n in ("127.0.0.0/8", "::1/128", "::ffff:127.0.0.0/104"))
 
 
 @pytest.mark.parametrize("client, allowed", [
-    (None, True),  # a unix socket peer
+    (None, False),  # a unix socket peer has no address to be in a network
     (("127.0.0.1", 40000), True),
     (("127.8.9.10", 40000), True),
     (("::1", 40000), True),
@@ -28,8 +25,8 @@ DEFAULT_ALLOW = ServeSettings().control_allow
     (("not-an-address", 40000), False),
     (("", 40000), False),
 ])
-def test_peer_allowed_by_default(client, allowed):
-    assert peer_allowed(client, DEFAULT_ALLOW) is allowed
+def test_peer_allowed_in_loopback(client, allowed):
+    assert peer_allowed(client, LOOPBACK) is allowed
 
 
 @pytest.mark.parametrize("client, allowed", [
@@ -41,10 +38,10 @@ def test_peer_allowed_by_default(client, allowed):
     (("fd00::5%eth0", 1), True),  # a scope id does not stop a match
 ])
 def test_peer_allowed_with_extra_networks(client, allowed):
-    allow = DEFAULT_ALLOW + (parse_network("10.0.0.0/8"), parse_network("fd00::/8"))
+    allow = LOOPBACK + (parse_network("10.0.0.0/8"), parse_network("fd00::/8"))
     assert peer_allowed(client, allow) is allowed
 
 
-def test_peer_allowed_with_nothing_allowed_still_allows_unix():
-    assert peer_allowed(None, ()) is True
+def test_peer_allowed_with_nothing_allowed_allows_nobody():
+    assert peer_allowed(None, ()) is False
     assert peer_allowed(("127.0.0.1", 1), ()) is False

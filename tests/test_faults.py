@@ -399,8 +399,9 @@ def _storm_script(service: InstalledService, main: int) -> str:
 def test_reload_storm_starts_exactly_one_new_generation(engine):
     with faulty_service(engine, "storm") as service:
         main = service.main_pid()
-        # The new generation takes 4 s to start: every request of the storm lands while it starts.
-        set_fault(service, "slow-start 4")
+        # The new generation takes 6 s to start: every request of the storm lands while it starts (even the
+        # `graceful-http reload` clients, whose interpreters take seconds to start on a loaded machine).
+        set_fault(service, "slow-start 6")
         samples: list[dict[int, int]] = []
         stop_sampling = threading.Event()
 

@@ -473,21 +473,24 @@ def test_graceful_answers_only_post(engine, tmp_path):
 
 
 def test_control_allow_decides_who_may_reload(engine, tmp_path):
-    """Loopback may by default; another address only when --control-allow names its network."""
+    """No peer address may reload by default, loopback included; another address only when --control-allow
+    names its network."""
     outside = outside_address()
     local_port, outside_port = free_port(), free_port(outside)
     common = ["--bind", f"{HOST}:{local_port}", "--bind", f"{outside}:{outside_port}"]
 
     with running(ENGINES[engine], tmp_path, *common, port=local_port, bind=False) as server:
-        status, body, _ = graceful(outside_port, host=outside, source=outside)
-        assert status == 403 and f"reload not allowed from {outside}".encode() in body, (status, body)
+        for port, host in ((outside_port, outside), (local_port, HOST)):
+            status, body, _ = graceful(port, host=host, source=host)
+            assert status == 403 and b"needs the control token (control_token_file) or --control-allow" in body, (
+                status, body)
         assert server.main_pid() == server.pid
-        status, body, _ = graceful(local_port)
-        assert status == 202, (status, body)
-        server.wait_new_main(server.pid, timeout=30)
+        server.wait_for_log(f"refused POST /graceful from {outside}")
 
     with running(ENGINES[engine], tmp_path, *common, "--control-allow", f"{outside}/32", port=local_port,
                  bind=False) as server:
+        status, body, _ = graceful(local_port)
+        assert status == 403 and b"reload not allowed from 127.0.0.1" in body, (status, body)
         status, body, _ = graceful(outside_port, host=outside, source=outside)
         assert status == 202, (status, body)
         server.wait_new_main(server.pid, timeout=30)

@@ -70,6 +70,11 @@ def established_server_side(port: int) -> int:
     return count
 
 
+# POST /graceful from this host is an explicit opt-in: by default no peer address may reload (behind a
+# same-host proxy every request comes from loopback).
+LOCAL_POSTS = ("--control-allow", "127.0.0.1")
+
+
 def start(server: ServeProcess, *args: str) -> int:
     """Start `server` with ARGS; its pid, once the pid file names it and it answers GET / itself."""
     _, body, _ = server.start(*args).wait_serving()
@@ -146,7 +151,7 @@ def test_reload_under_load_loses_nothing(server, how):
     loop) this fails intermittently with `ConnectionResetError` on a new connection: Engine.stop_accepting
     closes the asyncio.Server while connections accepted in the same loop turn are not yet attached
     (asyncio's Server._attach asserts, the accepted socket is dropped, the kernel sends RST)."""
-    pids = [start(server)]
+    pids = [start(server, *LOCAL_POSTS)]
     with Load(HOST, server.port, clients=8) as load:
         load.wait_for_requests(100)
         for _ in range(RELOADS_UNDER_LOAD):
@@ -267,7 +272,7 @@ def test_command_line_is_the_same_after_reloads(server):
 
 @pytest.mark.parametrize("how", ["SIGHUP", "POST /graceful"])
 def test_second_reload_during_a_reload_is_refused(server, how):
-    old = start(server)
+    old = start(server, *LOCAL_POSTS)
     if how == "SIGHUP":
         os.kill(old, signal.SIGHUP)
         # The second signal must arrive while the first reload is under way, not be merged
@@ -401,7 +406,7 @@ def test_wrk_sees_no_errors_during_20_reloads(server):
     bound: once the reloads are done wrk gets SIGINT, after which it prints its usual report."""
     if not os.access(WRK, os.X_OK):
         pytest.fail(f"wrk is required for this test and is not installed at {WRK} (apt-get install wrk)")
-    pids = [start(server, "--no-access-log")]
+    pids = [start(server, "--no-access-log", *LOCAL_POSTS)]
     # -d is an upper bound: wrk is stopped with SIGINT (it then prints its report) once the reloads are done
     wrk = subprocess.Popen([WRK, "-t2", "-c50", "-d120s", f"http://{HOST}:{server.port}/"],
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -452,7 +457,7 @@ def test_with_workers_every_scrape_counts_every_workers_requests(engine, tmp_pat
     workers share them in must not outlive their generation."""
     shared = tmp_path / "tmp"
     shared.mkdir()
-    with ServeProcess(ENGINES[engine], tmp_path, "--workers", "2", "--metrics", pid_file=True,
+    with ServeProcess(ENGINES[engine], tmp_path, "--workers", "2", "--metrics", *LOCAL_POSTS, pid_file=True,
                       environ={"TMPDIR": str(shared)}) as server:
         server.wait_serving()
         first = server.main_pid()

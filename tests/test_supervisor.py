@@ -71,10 +71,10 @@ class FakeServer:
     def in_flight(self) -> int:
         return 0
 
-    def stop_accepting(self) -> None:
+    def stop_accepting(self, replaced: bool = False) -> None:
         self.accepting = False
 
-    async def drain(self, deadline: float) -> tuple[int, int]:
+    async def drain(self, deadline: float, websocket_code: int | None = None) -> tuple[int, int]:
         return (1, 0)
 
     async def shutdown_app(self) -> None:

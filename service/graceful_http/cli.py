@@ -24,7 +24,7 @@ DEFAULT_RELOAD_TIMEOUT = 120.0
 
 
 def _serve_help() -> dict[str, tuple[str | None, str]]:
-    from graceful_http.settings import DEFAULT_BIND, INTERFACES, LOG_LEVELS
+    from graceful_http.settings import DEFAULT_BIND, INTERFACES, LOG_LEVELS, WEBSOCKET_IMPLEMENTATIONS
 
     return {
         "app_dir": ("DIR", "directory put first on the import path for APP (default: the working directory)"),
@@ -36,11 +36,20 @@ def _serve_help() -> dict[str, tuple[str | None, str]]:
         "graceful_timeout": ("S", "how long a draining generation may finish its requests (default: 30)"),
         "ready_timeout": ("S", "how long a new generation may take to become ready (default: 30)"),
         "pid_file": ("PATH", "keep the current main pid in PATH"),
-        "control_allow": ("CIDR", "also allow POST /graceful from these networks (default: loopback and unix sockets)"),
-        "control_token_file": ("PATH", "require the token in PATH (Authorization: Bearer) for POST /graceful"),
+        "control_allow": ("CIDR", ("allow POST /graceful without a token from these networks, unless proxied"
+                             " (default: none; loopback is no credential)")),
+        "control_token_file": ("PATH", "POST /graceful with this token (Authorization: Bearer) reloads,"
+                                       " also through a proxy"),
         "access_log": (None, "log one line per request (default: on)"),
         "log_level": ("LEVEL", f"{' | '.join(LOG_LEVELS)} (default: info)"),
         "metrics": (None, "serve Prometheus metrics at GET /metrics (default: off)"),
+        "ws": ("IMPL", f"{' | '.join(WEBSOCKET_IMPLEMENTATIONS)}: uvicorn's WebSocket implementation (default: auto)"),
+        "ws_max_size": ("BYTES", "largest WebSocket message accepted (default: 16777216)"),
+        "ws_ping_interval": ("S", "WebSocket ping interval (default: 20)"),
+        "ws_ping_timeout": ("S", "WebSocket ping timeout (default: 20)"),
+        "websocket_close_spread": ("S", "when draining, close WebSockets (1012 at a reload, 1001 at a stop) at"
+                                        " moments spread over S seconds, at most half the graceful timeout"
+                                        " (default: 5; 0: all at once)"),
     }
 
 

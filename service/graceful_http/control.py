@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import inspect
 import ipaddress
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from graceful_http.generation import Outcome
 from graceful_http.settings import IPNetwork
+
+log = logging.getLogger("graceful_http")
 
 CONNECTION_CLOSE = (b"connection", b"close")
 
@@ -32,11 +35,23 @@ class ControlState:
 class ControlPolicy:
     """Who may POST /graceful on a listener.
 
-    `trusted`: the admins' unix control socket, guarded by its file mode.
-    Elsewhere the peer must be in `allow`, and when a token is configured the
-    request must carry it. When a control socket exists (the shipped units),
-    the public listeners refuse reloads unless a token is configured: behind a
-    reverse proxy on the same host every request comes from loopback.
+    The rule: a peer address is never a credential by itself. Behind a
+    reverse proxy on the same host (nginx, HAProxy, a sidecar) every request
+    arrives from loopback, or over a unix socket, whoever sent it, and
+    forwarding headers are whatever the client or proxy wrote. So:
+
+    - `trusted` (the admins' unix control socket, guarded by its file mode):
+      always.
+    - With a token configured: the request must carry it, from wherever it
+      comes. This is the way through a proxy.
+    - Without a token: only if the admin named networks with `allow`, the TCP
+      peer is in one of them and the request carries no forwarding header (a
+      proxied request says nothing about who sent it). Unix-socket peers have
+      no address to match. By default `allow` is empty: refused.
+    - When a control socket exists (the shipped units) and no token is
+      configured, public listeners refuse: the control socket is the way in.
+
+    Local admins always have SIGHUP and `graceful-http reload`.
     """
 
     allow: tuple[IPNetwork, ...] = ()
@@ -48,14 +63,43 @@ class ControlPolicy:
         """Why this request may not reload, or None if it may."""
         if self.trusted:
             return None
-        if self.token is None and self.control_socket_elsewhere:
-            return "reloads are accepted on the control socket only (or configure a control token)"
         client = scope.get("client")
+        if self.token is not None:
+            if not token_matches(scope, self.token):
+                return "reload needs the control token (Authorization: Bearer <token>)"
+            return None
+        if self.control_socket_elsewhere:
+            return "reloads are accepted on the control socket only (or configure a control token)"
+        if not self.allow:
+            return ("POST /graceful on a public listener needs the control token (control_token_file) or"
+                    " --control-allow; from this host, use SIGHUP or `graceful-http reload`")
+        if client is None:
+            return "reload over a unix-socket listener needs the control token (control_token_file)"
         if not peer_allowed(client, self.allow):
-            return f"reload not allowed from {client[0]}"
-        if self.token is not None and not token_matches(scope, self.token):
-            return "reload needs the control token (Authorization: Bearer <token>)"
+            return f"reload not allowed from {describe_peer(client)}"
+        if forwarding_chain(scope):
+            return "a proxied request (it carries forwarding headers) may not reload without the control token"
         return None
+
+
+# Headers by which proxies say who the client was. Their presence marks a request as proxied; their
+# values prove nothing (any client can send them).
+FORWARDING_HEADERS = frozenset({
+    b"forwarded", b"x-forwarded-for", b"x-real-ip", b"x-forwarded-host", b"x-forwarded-proto",
+    b"x-forwarded-server", b"x-client-ip", b"true-client-ip", b"cf-connecting-ip", b"x-cluster-client-ip",
+    b"fastly-client-ip", b"client-ip", b"via",
+})
+
+
+def forwarding_chain(scope) -> str:
+    """The request's forwarding headers as one line (`name: value; …`), empty if there are none."""
+    found = [f"{name.decode('latin-1')}: {value.decode('latin-1')}"
+             for name, value in scope.get("headers", ()) if name in FORWARDING_HEADERS]
+    return "; ".join(found)
+
+
+def describe_peer(client) -> str:
+    return client[0] if client else "a unix-socket peer"
 
 
 def token_matches(scope, token: str) -> bool:
@@ -77,9 +121,9 @@ async def not_found(scope, receive, send):
 
 
 def peer_allowed(client: tuple[str, int] | None, allow: tuple[IPNetwork, ...]) -> bool:
-    """Unix-socket peers (no address) are allowed; IP peers must be in an allowed network."""
+    """Is this IP peer in one of the networks? Unix-socket peers (no address) are in none."""
     if client is None:
-        return True
+        return False
     try:
         address = ipaddress.ip_address(client[0].split("%", 1)[0])
     except ValueError:
@@ -123,6 +167,8 @@ class ControlLayer:
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
+            if scope["type"] == "websocket" and self.metrics is not None:
+                return await self._websocket(scope, receive, send)
             return await self.app(scope, receive, send)
         if scope.get("http_version", "1.1") not in HTTP_VERSIONS:  # h11 takes any HTTP/d.d for 1.1
             return await _plain(send, 505, "HTTP/1.0 and HTTP/1.1 only\n", [CONNECTION_CLOSE])
@@ -140,11 +186,21 @@ class ControlLayer:
             endpoint = self.app
         return await self._observed(endpoint, scope, receive, send, close)
 
+    async def _websocket(self, scope, receive, send):
+        self.metrics.websockets.inc()
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.metrics.websockets.dec()
+
     async def _graceful(self, scope, receive, send):
         if scope["method"] != "POST":
             return await _plain(send, 405, "use POST /graceful to start a reload\n", [(b"allow", b"POST")])
         refusal = self.policy.refusal(scope)
         if refusal is not None:
+            chain = forwarding_chain(scope)
+            log.warning("refused POST /graceful from %s%s: %s", describe_peer(scope.get("client")),
+                        f" (forwarded: {chain[:200]})" if chain else "", refusal)
             return await _plain(send, 403, f"{refusal}\n")
         client = scope.get("client")
         who = f"POST /graceful from {client[0] if client else 'the control socket'}"

@@ -9,11 +9,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 
 import uvicorn
 
 from graceful_http.drain import ConnectionView, IdleCloser
+from graceful_http.fdlimit import DescriptorWatch
+from graceful_http.websocket_drain import (
+    GOING_AWAY,
+    SERVICE_RESTART,
+    WebSocketCloser,
+    begin_close,
+    capped_spread,
+    is_websocket,
+)
 
 log = logging.getLogger("graceful_http")
 
@@ -37,7 +47,17 @@ def _protocol_base():
         return H11Protocol
 
 
-def uvicorn_config(app, lifespan: bool) -> uvicorn.Config:
+class EngineSettingError(Exception):
+    """This uvicorn cannot do what a setting asks (e.g. a WebSocket implementation it lacks)."""
+
+
+def uvicorn_config(app, lifespan: bool, websockets: dict | None = None) -> uvicorn.Config:
+    """`websockets`: ws, ws_max_size, ws_ping_interval, ws_ping_timeout (uvicorn's names and meanings)."""
+    websockets = websockets or {}
+    ws = websockets.get("ws", "auto")
+    known = getattr(uvicorn.config, "WS_PROTOCOLS", {})
+    if ws not in known:
+        raise EngineSettingError(f"--ws {ws}: uvicorn {uvicorn.__version__} offers {', '.join(known)}")
     return uvicorn.Config(
         app=app,
         interface="asgi3",  # the control layer is ASGI 3; it adapts the user's app itself
@@ -47,6 +67,7 @@ def uvicorn_config(app, lifespan: bool) -> uvicorn.Config:
         log_config=None,
         proxy_headers=False,  # X-Forwarded-For must not decide who may reload
         server_header=False,
+        **websockets,
     )
 
 
@@ -74,6 +95,7 @@ def tracked_protocol(base):
 
     class Tracked(base):
         last_data_at = 0.0
+        request_started_at = 0.0
         _head_timer = None
         _head_bytes = 0
 
@@ -88,6 +110,7 @@ def tracked_protocol(base):
             cycle = getattr(self, "cycle", None)
             if self.transport.get_protocol() is not self or (cycle is not None and cycle is not before):
                 self._head_received()  # a request head is complete (or the connection was upgraded)
+                self.request_started_at = self.last_data_at
             elif cycle is None or cycle.response_complete:  # still waiting for a head
                 self._head_bytes += len(data)
                 if self._head_bytes > MAX_HEAD_BYTES and not self.transport.is_closing():
@@ -199,14 +222,55 @@ class OneLineProtocolErrors(logging.Filter):
         return True
 
 
+class NoCancelledTracebacks(logging.Filter):
+    """A request cut at the graceful timeout is cancelled; uvicorn logs "Exception in ASGI application" with
+    a CancelledError traceback for each (every reload of a Server-Sent-Events app). The drain logs one line
+    per cut request instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], asyncio.CancelledError))
+
+
+def bytes_sent(transport) -> int | None:
+    """Bytes the peer has acknowledged on this TCP connection (the kernel's count), None if not TCP."""
+    sock = transport.get_extra_info("socket")
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 136)
+    except (OSError, AttributeError):
+        return None
+    return int.from_bytes(info[120:128], "little") if len(info) >= 128 else None
+
+
+def describe_cut(connection, now: float) -> str:
+    """One line for a request or WebSocket cut at the graceful timeout: what, how long, how much was sent."""
+    if is_websocket(connection):
+        scope = getattr(connection, "scope", None) or {}
+        what = f"WebSocket {scope.get('path', '?')}"
+        started = getattr(connection, "graceful_http_seen_at", None)
+    else:
+        cycle = getattr(connection, "cycle", None)
+        scope = getattr(cycle, "scope", None) or {}
+        streaming = getattr(cycle, "response_started", False)
+        what = f"{'streaming response to ' if streaming else 'request '}{scope.get('method', '?')} {scope.get('path', '?')}"
+        started = getattr(connection, "request_started_at", None) or None
+    parts = [what]
+    if started:
+        parts.append(f"after {now - started:.1f}s")
+    sent = bytes_sent(connection.transport)
+    if sent is not None:
+        parts.append(f"{sent} bytes sent on the connection")
+    return ", ".join(parts)
+
+
 class Engine:
     """One generation's HTTP server over already-listening sockets."""
 
-    def __init__(self, app, sockets, *, idle_grace: float = 1.0, lifespan: bool = True):
+    def __init__(self, app, sockets, *, idle_grace: float = 1.0, lifespan: bool = True,
+                 websockets: dict | None = None, websocket_close_spread: float = 5.0):
         self.lifespan_guard = LifespanGuard(app) if lifespan else None
         if self.lifespan_guard is not None:
             app = self.lifespan_guard
-        config = uvicorn_config(app, lifespan)
+        config = uvicorn_config(app, lifespan, websockets)
         # uvicorn 0.17.6 wraps the app in its per-message trace logger whenever the "uvicorn.error"
         # logger has no level of its own, which log_config=None leaves it without.
         error_logger = logging.getLogger("uvicorn.error")
@@ -214,12 +278,16 @@ class Engine:
             error_logger.setLevel(logging.getLogger().getEffectiveLevel())
         if not any(isinstance(f, OneLineProtocolErrors) for f in error_logger.filters):
             error_logger.addFilter(OneLineProtocolErrors())
+            error_logger.addFilter(NoCancelledTracebacks())
         config.load()
         self.server = uvicorn.Server(config)
         self.server.lifespan = config.lifespan_class(config)
         self.sockets = sockets
         self.idle_grace = idle_grace
+        self.websocket_close_spread = websocket_close_spread
         self._listeners_closed = False
+        # One per process: the app's engine watches descriptors (the control socket's has no lifespan).
+        self.descriptors = DescriptorWatch(lambda: len(self.connections)) if lifespan else None
 
     def describe(self) -> str:
         protocol = "httptools" if "HttpTools" in self.server.config.http_protocol_class.__name__ else "h11"
@@ -234,6 +302,8 @@ class Engine:
             raise StartupFailed(self._startup_failure()) from None
         if not self.server.started:
             raise StartupFailed(self._startup_failure())
+        if self.descriptors is not None:
+            self.descriptors.start()
 
     def _startup_failure(self) -> str:
         guard = self.lifespan_guard
@@ -248,9 +318,13 @@ class Engine:
         return self.server.server_state.total_requests
 
     def in_flight(self) -> int:
-        return sum(1 for c in self.connections if _busy(c))
+        """Requests being answered and open WebSockets: the work a drain waits for."""
+        return sum(1 for c in self.connections if _busy(c) or is_websocket(c))
 
-    def stop_accepting(self) -> None:
+    def open_websockets(self) -> int:
+        return sum(1 for c in self.connections if is_websocket(c))
+
+    def stop_accepting(self, replaced: bool = False) -> None:
         """Stop accepting now; close our copies of the listeners a loop turn later (in `drain`).
 
         Closing an asyncio server at once drops the connections it accepted in
@@ -275,13 +349,17 @@ class Engine:
         for sock in self.sockets:  # an event loop may have used a duplicate
             sock.close()
 
-    async def drain(self, deadline: float) -> tuple[int, int]:
+    async def drain(self, deadline: float, websocket_code: int = SERVICE_RESTART) -> tuple[int, int]:
         """Finish what clients started, lame-duck style, until done or `deadline` (monotonic).
 
-        Returns (requests served while draining, requests cut at the deadline).
+        WebSockets are closed with `websocket_code` (1012 at a reload, 1001 at a stop), each at its moment
+        in the spread window. Returns (requests served while draining, requests and WebSockets cut at the
+        deadline).
         """
         served_before = self.total_requests
         closer = IdleCloser(self.idle_grace)
+        spread = capped_spread(self.websocket_close_spread, deadline - time.monotonic())
+        websockets = WebSocketCloser(websocket_code, spread)
         first = True
         while True:
             # Sleep first: connections the loop accepted just before we stopped
@@ -291,15 +369,30 @@ class Engine:
                 self._close_listeners()
                 first = False
             now = time.monotonic()
-            if not self.connections or now >= deadline:
-                break
+            if (not self.connections and not self.server.server_state.tasks) or now >= deadline:
+                break  # every connection closed and every handler finished (a WebSocket's may outlive it)
             by_key = {id(c): c for c in self.connections}
-            views = [ConnectionView(key, _busy(c), getattr(c, "last_data_at", 0.0)) for key, c in by_key.items()]
+            upgraded = [c for c in by_key.values() if is_websocket(c)]
+            for ws in upgraded:
+                if getattr(ws, "graceful_http_seen_at", None) is None:
+                    ws.graceful_http_seen_at = now
+            websockets.schedule(upgraded)
+            views = [ConnectionView(key, _busy(c), getattr(c, "last_data_at", 0.0))
+                     for key, c in by_key.items() if not is_websocket(c)]
             for key in closer.due(views, now):
                 by_key[key].transport.close()
             await asyncio.sleep(DRAIN_TICK)
+        websockets.cancel()
         cut = self.in_flight()
+        if self.descriptors is not None:
+            self.descriptors.stop()
+        now = time.monotonic()
         for connection in list(self.connections):
+            if _busy(connection) or is_websocket(connection):
+                log.warning("graceful timeout: cut %s", describe_cut(connection, now))
+            if is_websocket(connection) and begin_close(connection, GOING_AWAY, "server shutdown"):
+                connection.transport.close()  # after the close frame, which abort() would discard
+                continue
             connection.transport.abort()
         tasks = list(self.server.server_state.tasks)
         for task in tasks:

@@ -14,6 +14,7 @@ import time
 from graceful_http import __version__, logs
 from graceful_http import generation as g
 from graceful_http.controlsocket import ControlServer
+from graceful_http.fdlimit import describe_limit, raise_soft_limit
 from graceful_http.handoff import PredecessorLink
 from graceful_http.inherited import Inherited
 from graceful_http.listeners import ListenerError, acquire
@@ -36,6 +37,7 @@ def run_main(settings: ServeSettings, inherited: Inherited) -> int:
     predecessor = PredecessorLink.from_inherited(inherited)
     generation = inherited.generation
     logs.setup(generation, settings.log_level)
+    raise_soft_limit()
     try:
         listeners = acquire(settings.binds)
     except (ListenerError, ListenFdsError) as exc:
@@ -135,6 +137,7 @@ async def _serve(settings: ServeSettings, inherited: Inherited, listeners, prede
     log.info("graceful-http %s serving %s on %s", __version__, settings.app, supervisor.servers[0].describe())
     for listener in listeners:
         log.info("listening on %s", listener.describe())
+    log.info("%s", describe_limit())
 
     handed_over = False
     if predecessor is not None:

@@ -49,6 +49,8 @@ class Metrics:
                                     ["worker", "status_class"], registry=self.registry)
             self.in_flight = Gauge("graceful_http_requests_in_flight", "HTTP requests being answered",
                                    ["worker"], registry=self.registry, multiprocess_mode="livesum").labels(**labels)
+            self.websockets = Gauge("graceful_http_websockets_open", "WebSockets open", ["worker"],
+                                    registry=self.registry, multiprocess_mode="livesum").labels(**labels)
             self.duration = Histogram("graceful_http_request_duration_seconds", "Time to answer an HTTP request",
                                       ["worker"], registry=self.registry).labels(**labels)
         self.cut = Counter("graceful_http_drain_cut_requests", "Requests cut at the graceful timeout by this process",

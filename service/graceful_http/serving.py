@@ -31,8 +31,8 @@ class Server(Protocol):
 
     def describe(self) -> str: ...
     def in_flight(self) -> int: ...
-    def stop_accepting(self) -> None: ...
-    async def drain(self, deadline: float) -> tuple[int, int]: ...
+    def stop_accepting(self, replaced: bool = False) -> None: ...
+    async def drain(self, deadline: float, websocket_code: int) -> tuple[int, int]: ...
     async def shutdown_app(self) -> None: ...
 
 
@@ -76,7 +76,7 @@ def read_token(path: str | None) -> str | None:
 
 def build_engines(settings: ServeSettings, listeners, control: ControlState, metrics: Metrics | None = None):
     """The HTTP engines of one serving process: the app's (with the control layer) and the control socket's."""
-    from graceful_http.engine import Engine  # uvicorn: not needed by the main of a multi-worker generation
+    from graceful_http.engine import Engine, EngineSettingError  # uvicorn: not needed by a workers' main
 
     try:
         token = read_token(settings.control_token_file)
@@ -94,7 +94,13 @@ def build_engines(settings: ServeSettings, listeners, control: ControlState, met
     if public:
         policy = ControlPolicy(allow=settings.control_allow, token=token, control_socket_elsewhere=bool(private))
         stack = ControlLayer(app, control, policy, access, metrics)
-        engines.append(Engine(stack, [item.sock for item in public], idle_grace=settings.idle_grace))
+        websockets = {"ws": settings.ws, "ws_max_size": settings.ws_max_size,
+                      "ws_ping_interval": settings.ws_ping_interval, "ws_ping_timeout": settings.ws_ping_timeout}
+        try:
+            engines.append(Engine(stack, [item.sock for item in public], idle_grace=settings.idle_grace,
+                                  websockets=websockets, websocket_close_spread=settings.websocket_close_spread))
+        except EngineSettingError as exc:
+            raise StartError(str(exc)) from None
     if private:  # the admins' socket: control endpoints only, trusted by its file mode
         stack = ControlLayer(not_found, control, ControlPolicy(trusted=True), access, metrics)
         engines.append(Engine(stack, [item.sock for item in private], idle_grace=0.1, lifespan=False))
@@ -111,13 +117,14 @@ async def start_engines(engines) -> None:
         raise StartError(str(exc)) from None
 
 
-async def drain_and_shut_down(servers: list[Server], graceful_timeout: float,
+async def drain_and_shut_down(servers: list[Server], graceful_timeout: float, websocket_code: int,
                               metrics: Metrics | None = None) -> tuple[int, int]:
-    """Finish what clients started, up to the graceful timeout, then run the app's lifespan shutdown;
+    """Finish what clients started, up to the graceful timeout (WebSockets are closed with `websocket_code`),
+    then run the app's lifespan shutdown;
     return (requests answered while draining, requests cut). An app whose shutdown raises is logged,
     never allowed to keep this process from reporting and exiting."""
     deadline = time.monotonic() + graceful_timeout
-    results = await asyncio.gather(*(server.drain(deadline) for server in servers))
+    results = await asyncio.gather(*(server.drain(deadline, websocket_code) for server in servers))
     served, cut = sum(r[0] for r in results), sum(r[1] for r in results)
     if cut:
         log.warning("graceful timeout (%gs) reached: cut %d request(s) still in flight", graceful_timeout, cut)

@@ -12,13 +12,13 @@ import ipaddress
 import re
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 
 DEFAULT_BIND = "127.0.0.1:9999"
 DEFAULT_APP = "graceful_http.demo:app"
-LOOPBACK_NETWORKS = ("127.0.0.0/8", "::1/128", "::ffff:127.0.0.0/104")
 INTERFACES = ("auto", "asgi3", "asgi2", "wsgi")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+WEBSOCKET_IMPLEMENTATIONS = ("auto", "websockets", "websockets-sansio", "wsproto", "none")
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -104,6 +104,12 @@ def parse_workers(text, option: str = "--workers") -> int:
     return value
 
 
+def parse_bytes(text, option: str) -> int:
+    if isinstance(text, bool) or not re.fullmatch(r"\s*\d+\s*", str(text)) or int(text) < 1:
+        raise SettingsError(f"invalid {option} {text!r}: expected a whole number of bytes >= 1")
+    return int(text)
+
+
 def _choice(choices: tuple[str, ...]) -> Callable[[object, str], str]:
     def parse(text, option: str) -> str:
         if text not in choices:
@@ -140,13 +146,16 @@ class ServeSettings:
     graceful_timeout: float = 30.0
     ready_timeout: float = 30.0
     pid_file: str | None = None
-    control_allow: tuple[IPNetwork, ...] = field(
-        default_factory=lambda: tuple(ipaddress.ip_network(n) for n in LOOPBACK_NETWORKS)
-    )
+    control_allow: tuple[IPNetwork, ...] = ()  # who may POST /graceful without a token: nobody by default
     control_token_file: str | None = None
     access_log: bool = True
     log_level: str = "info"
     metrics: bool = False
+    ws: str = "auto"
+    ws_max_size: int = 16 * 1024 * 1024
+    ws_ping_interval: float = 20.0
+    ws_ping_timeout: float = 20.0
+    websocket_close_spread: float = 5.0
     idle_grace: float = 1.0
 
 
@@ -185,20 +194,20 @@ OPTIONS = {
         Option("access_log", _boolean),
         Option("log_level", _choice(LOG_LEVELS)),
         Option("metrics", _boolean),
+        Option("ws", _choice(WEBSOCKET_IMPLEMENTATIONS)),
+        Option("ws_max_size", parse_bytes),
+        Option("ws_ping_interval", lambda v, o: parse_seconds(v, o)),
+        Option("ws_ping_timeout", lambda v, o: parse_seconds(v, o)),
+        Option("websocket_close_spread", lambda v, o: parse_seconds(v, o)),
     )
 }
 
 
 def build_settings(*layers: Mapping[str, object]) -> ServeSettings:
-    """Settings from layers of already-parsed values (later layers win), over the defaults.
-
-    `control_allow` adds to the loopback default rather than replacing it.
-    """
+    """Settings from layers of already-parsed values (later layers win), over the defaults."""
     values: dict[str, object] = {}
     for layer in layers:
         values.update(layer)
-    if "control_allow" in values:
-        values["control_allow"] = ServeSettings().control_allow + tuple(values["control_allow"])
     known = {f.name for f in fields(ServeSettings)}
     return ServeSettings(**{k: v for k, v in values.items() if k in known})
 
@@ -229,7 +238,7 @@ def parse_config(text: str, path: str) -> dict[str, object]:
             raise SettingsError(f"{where}: expected a string or a list of strings, got {raw!r}")
         if key in ("bind", "control_allow") and isinstance(raw, list) and not all(isinstance(i, str) for i in raw):
             raise SettingsError(f"{where}: expected a list of strings, got {raw!r}")
-        if key in ("workers",) and isinstance(raw, int) and not isinstance(raw, bool):
+        if key in ("workers", "ws_max_size") and isinstance(raw, int) and not isinstance(raw, bool):
             raw = str(raw)
         values[option.name] = parse_value(option, raw, where)
     return values

@@ -19,6 +19,7 @@ from graceful_http.control import ControlState
 from graceful_http.serving import Servers, drain_and_shut_down
 from graceful_http.status import StatusReporter
 from graceful_http.successor import Successor, kill_group
+from graceful_http.websocket_drain import GOING_AWAY, SERVICE_RESTART
 
 log = logging.getLogger("graceful_http")
 
@@ -140,8 +141,9 @@ class Supervisor:
         self.control.accepting = False
         self.control_server.close()
         self.status.stop()
+        replaced = self.machine.phase is not g.Phase.STOPPING
         for server in self.servers:
-            server.stop_accepting()
+            server.stop_accepting(replaced=replaced)
         self._run("drain", self._drain_and_finish())
 
     async def _until_ready(self, successor: Successor) -> None:
@@ -179,7 +181,8 @@ class Supervisor:
     async def _drain_and_finish(self) -> None:
         log.info("no longer accepting; finishing %d in-flight request(s), up to %gs", self.servers.in_flight(),
                  self.graceful_timeout)
-        await drain_and_shut_down(self.servers, self.graceful_timeout, self.metrics)
+        code = GOING_AWAY if self.machine.phase is g.Phase.STOPPING else SERVICE_RESTART
+        await drain_and_shut_down(self.servers, self.graceful_timeout, code, self.metrics)
         if self.ports.pid_file and self.machine.phase is g.Phase.STOPPING:
             self.ports.pid_file.remove(self.machine.pid)
         log.info("exited: generation %d (pid %d), %d request(s) served in all",

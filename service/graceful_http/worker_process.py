@@ -22,6 +22,7 @@ from graceful_http.serving import (
     start_engines,
 )
 from graceful_http.settings import ServeSettings
+from graceful_http.websocket_drain import GOING_AWAY, SERVICE_RESTART
 from graceful_http.wire import DRAINED, READY, STATS
 from graceful_http.workers import MainLink
 
@@ -32,9 +33,17 @@ async def run_worker(settings: ServeSettings, link: MainLink, inherited: Inherit
     """A forked worker gets its main's `listeners`; an exec'd one finds them at fd 3…. Returns the exit code."""
     logs.setup(inherited.generation, settings.log_level, worker=link.index)
     stopping = asyncio.Event()
+    websocket_code = GOING_AWAY  # the service stops (SIGTERM, SIGINT)...
     loop = asyncio.get_running_loop()
+
+    def replaced() -> None:  # ...or a new generation took over (SIGUSR2 from our main)
+        nonlocal websocket_code
+        websocket_code = SERVICE_RESTART
+        stopping.set()
+
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
+    loop.add_signal_handler(signal.SIGUSR2, replaced)
     control = ControlState(request_reload=link.request_reload)
     try:
         if link.main_version != __version__:
@@ -56,7 +65,8 @@ async def run_worker(settings: ServeSettings, link: MainLink, inherited: Inherit
     control.accepting = False
     for engine in engines:
         engine.stop_accepting()
-    served, cut = await drain_and_shut_down(engines, settings.graceful_timeout)  # the main counts what was cut
+    # The main counts what was cut.
+    served, cut = await drain_and_shut_down(engines, settings.graceful_timeout, websocket_code)
     stats.cancel()
     link.send(STATS, f"0 {engines.total_requests}")
     link.send(DRAINED, f"{served} {cut}")

@@ -13,7 +13,8 @@ The first N workers are forked from the main before its event loop starts
 The channel's lines are in `wire`.
 With `--metrics`, the main and its workers share their metrics through files
 (see `metrics`), not through the channel.
-Draining is SIGTERM: the worker stops accepting and drains lame-duck style.
+Draining is SIGUSR2 (a new generation took over) or SIGTERM (the service stops): the worker stops
+accepting and drains lame-duck style (WebSockets closed with 1012 or 1001).
 """
 
 from __future__ import annotations
@@ -214,15 +215,17 @@ class WorkerPool:
             except ProcessLookupError:
                 pass
 
-    def stop_accepting(self) -> None:
-        """Workers drain on SIGTERM; the main closes its own copies of the listeners."""
+    def stop_accepting(self, replaced: bool = False) -> None:
+        """Workers drain on SIGUSR2 when a new generation took over, on SIGTERM when the service stops (as
+        systemd's own SIGTERM to the whole unit says); the main closes its own copies of the listeners."""
         self.accepting = False
-        self.terminate(signal.SIGTERM)
+        self.terminate(signal.SIGUSR2 if replaced else signal.SIGTERM)
         for listener in self.listeners:
             listener.sock.close()
 
-    async def drain(self, deadline: float) -> tuple[int, int]:
-        """Wait for the workers to finish draining; kill any still running at the deadline (+5 s grace)."""
+    async def drain(self, deadline: float, websocket_code: int | None = None) -> tuple[int, int]:
+        """Wait for the workers to finish draining; kill any still running at the deadline (+5 s grace).
+        (Each worker closes its WebSockets: the signal in `stop_accepting` told it which code.)"""
         draining = list(self.workers.values())
         pending = [w.exited for w in draining]
         if pending:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import resource
 import signal
 import subprocess
 import sys
@@ -103,9 +104,11 @@ class ServeProcess:
     """A `serve` started by a test (all its generations); a context manager that kills them all."""
 
     def __init__(self, python: str, directory: Path, *args: str, port: int | None = None, bind: bool = True,
-                 pid_file: bool = False, pass_fds: list[int] | None = None, environ: dict[str, str] | None = None):
+                 pid_file: bool = False, pass_fds: list[int] | None = None, environ: dict[str, str] | None = None,
+                 open_files: tuple[int, int] | None = None):
         """`serve ARGS`, plus `--bind 127.0.0.1:PORT` (a free port) unless `bind` is false, `--pid-file` in
-        `directory` if `pid_file`; `pass_fds` are passed at 3, 4, … and `environ` is added, as systemd would."""
+        `directory` if `pid_file`; `pass_fds` are passed at 3, 4, … and `environ` is added, as systemd would;
+        `open_files` is the (soft, hard) RLIMIT_NOFILE it starts with."""
         self.python = python
         self.directory = Path(directory)
         self.port = port or free_port()
@@ -115,6 +118,7 @@ class ServeProcess:
         self.args = [*args, *(["--bind", f"{HOST}:{self.port}"] if bind else []),
                      *(["--pid-file", str(self.pid_file)] if pid_file else [])]
         self.pass_fds = pass_fds
+        self.open_files = open_files
         self.marker = uuid.uuid4().hex
         self.environ = {**(environ or {}), MARKER: self.marker}
         self.command: list[str] = []
@@ -127,8 +131,12 @@ class ServeProcess:
         with open(self.log_path, "ab") as log:
             self.popen = subprocess.Popen(self.command, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                           env=clean_environ(**self.environ), cwd=self.directory,
-                                          start_new_session=True, pass_fds=self.pass_fds or ())
+                                          start_new_session=True, pass_fds=self.pass_fds or (),
+                                          preexec_fn=self._limit_open_files if self.open_files else None)
         return self
+
+    def _limit_open_files(self) -> None:  # in the child, before exec
+        resource.setrlimit(resource.RLIMIT_NOFILE, self.open_files)
 
     def __enter__(self) -> "ServeProcess":
         return self.start()
