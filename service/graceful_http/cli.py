@@ -49,6 +49,8 @@ def _serve_help() -> dict[str, tuple[str | None, str]]:
         "websocket_close_spread": ("S", "when draining, close WebSockets (1012 at a reload, 1001 at a stop) at"
                                         " moments spread over S seconds, at most half the graceful timeout"
                                         " (default: 5; 0: all at once)"),
+        "stable_pid": (None, "stay as a small holder process whose pid never changes, forwarding signals to the"
+                             " current main (default: on unless under systemd; always as PID 1)"),
     }
 
 
@@ -142,8 +144,6 @@ def serve_settings(args: argparse.Namespace) -> ServeSettings:
 
 
 def serve(args: argparse.Namespace) -> int:
-    import asyncio
-
     from graceful_http.settings import SettingsError
 
     # Until our own handler is installed, a SIGHUP must not kill a starting generation.
@@ -154,6 +154,12 @@ def serve(args: argparse.Namespace) -> int:
         from graceful_http.supervisor import report_start_failure
 
         return report_start_failure(str(exc), EXIT_USAGE)
+    from graceful_http.holder import hold_if_wanted
+
+    if (held := hold_if_wanted(settings)) is not None:  # this process stayed as the stable-pid holder
+        return held
+    import asyncio
+
     from graceful_http.supervisor import run_worker, serve as serve_generation
     from graceful_http.workers import WorkerLink
 

@@ -27,6 +27,7 @@ from graceful_http.control import ControlLayer, ControlPolicy, ControlState, not
 from graceful_http.controlsocket import ControlServer
 from graceful_http.fdlimit import describe_limit, raise_soft_limit
 from graceful_http.handoff import CONFIRM_TIMEOUT, GENERATION_VARIABLE, PredecessorEnd, SuccessorEnd
+from graceful_http.holder import report_main
 from graceful_http.listenfds import ListenFdsError
 from graceful_http.metrics import SHARED_DIR_VARIABLE, Metrics
 from graceful_http.listeners import CONTROL_SOCKET_NAME, ListenerError, acquire
@@ -210,6 +211,7 @@ class Supervisor:
         except OSError as exc:
             log.warning("no control socket for `graceful-http reload` (%s); SIGHUP still reloads", exc)
         self.dispatch(g.BecameMain(handed_over=handed_over))
+        report_main(self.machine.state.generation)  # to the stable-pid holder, if any: signals come here now
         if handed_over:
             self.successor_end.confirm_serving()  # now the old main may report the reload done
         self._main_tasks.append(asyncio.create_task(self._update_status()))
