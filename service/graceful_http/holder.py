@@ -67,6 +67,7 @@ class Holder:
         self.settings = settings
         self.listeners = []
         self.service: Service | None = None
+        self.served = False  # some generation became main (a start that failed leaves only its own line)
 
     def run(self) -> int:
         from graceful_http.listenfds import ListenFdsError
@@ -92,8 +93,7 @@ class Holder:
             return 1
         finally:
             theirs.close()
-        self.service = Service(main=first)
-        _say(f"pid {os.getpid()} stays for the service's life (stable pid); generation 1 is pid {first}")
+        self.service = Service(main=first)  # until it reports: a signal before then goes to it, too
         return self._loop(reports, wake_read)
 
     def _become_subreaper(self) -> None:
@@ -131,13 +131,14 @@ class Holder:
                 try:
                     pid, status = os.waitpid(-1, os.WNOHANG)
                 except ChildProcessError:
-                    _say(f"no process of the service is left; exiting with the last main's status,"
-                         f" {service.exit_code()}")
+                    if self.served:  # a generation that could not start has said why; nothing to add
+                        _say(f"no process of the service is left; exiting with the last main's status,"
+                             f" {service.exit_code()}")
                     return service.exit_code()
                 if pid == 0:
                     break
-                if service.reaped(pid, status):
-                    _say(f"main pid {pid} exited with status {service.last_main_exit}")
+                if service.reaped(pid, status) and os.WIFSIGNALED(status):
+                    _say(f"main pid {pid} was killed by signal {os.WTERMSIG(status)}")
             for signum in received:
                 if signum != signal.SIGCHLD:
                     self._deliver(service.signal_received(signum))
@@ -155,8 +156,12 @@ class Holder:
             if sender is None or generation is None:
                 _say(f"ignored a report that is not a main's: {message[:40]!r} from pid {sender}")
                 continue
-            if sender != self.service.main:
+            if not self.served:
+                _say(f"pid {os.getpid()} holds the service (stable pid): it forwards signals to the main,"
+                     f" generation {generation} (pid {sender})")
+            elif sender != self.service.main:
                 _say(f"generation {generation} (pid {sender}) is main; signals go to it")
+            self.served = True
             self._deliver(self.service.main_reported(sender, generation))
 
     def _deliver(self, signals: list[tuple[int, int]]) -> None:
