@@ -392,3 +392,63 @@ import sys
 from graceful_http import cli, holder, listeners, settings
 print(" ".join(m for m in ("uvicorn", "asyncio", "graceful_http.supervisor", "graceful_http.engine") if m in sys.modules))
 """
+
+
+# ---- end to end: orphans and workers under PID 1 -----------------------------------------------------
+
+ORPHAN_APP = '''
+import subprocess
+
+from graceful_http.demo import app as demo
+
+
+async def app(scope, receive, send):
+    """GET /orphan starts `sleep` in the background of a shell that exits at once: an orphan, whose pid it answers."""
+    if scope["type"] == "http" and scope["path"] == "/orphan":
+        body = subprocess.check_output(["sh", "-c", "sleep 2 >/dev/null 2>&1 & echo $!"])
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+        return
+    await demo(scope, receive, send)
+'''
+ORPHANS = 5
+
+
+def test_pid_1_adopts_and_reaps_the_apps_orphans(python, tmp_path):
+    (tmp_path / "orphan_app.py").write_text(ORPHAN_APP)
+    with ServeProcess(python, tmp_path, "orphan_app:app", "--app-dir", str(tmp_path), pid_file=True,
+                      stable_pid=True, prefix=UNSHARE) as server:
+        namespace = Namespace(server)
+        wait_answering(server)
+        orphans = []
+        for _ in range(ORPHANS):
+            status, body, _ = get(HOST, server.port, "/orphan")
+            assert status == 200, body
+            orphan = namespace.host_pid(int(body))
+            assert ppid_of(orphan) == namespace.holder, "an orphan is PID 1's to reap"
+            orphans.append(orphan)
+        wait_until(lambda: not any(state_of(pid) for pid in orphans), 20,
+                   "every orphan to exit and be reaped (a zombie would stay)", server.log_tail)
+        assert namespace.zombies() == []
+
+
+def test_pid_1_with_workers_reloads_under_load_and_reaps_a_killed_mains_workers(python, tmp_path):
+    """With --workers 2: a reload loses nothing; SIGKILL to the main orphans its workers, which stop (they die
+    with their parent) and are reaped by PID 1, which then exits with the killed main's status."""
+    with ServeProcess(python, tmp_path, "--workers", "2", pid_file=True, stable_pid=True, prefix=UNSHARE) as server:
+        namespace = Namespace(server)
+        wait_until(lambda: server.main_pid(), 30, "the pid file", server.log_tail)
+        first = server.main_pid()
+        with Load(HOST, server.port, clients=8) as load:
+            load.wait_for_requests(100)
+            os.kill(namespace.holder, signal.SIGHUP)
+            main = server.wait_new_main(first)
+            wait_until(lambda: first not in namespace.processes(), 30, "generation 1 to exit", server.log_tail)
+            load.wait_for_requests(100)
+        assert load.result.failures == [], load.result.summary()
+        workers = [pid for pid in namespace.processes().values() if ppid_of(pid) == namespace.host_pid(main)]
+        assert len(workers) == 2, (workers, namespace.processes())
+        os.kill(namespace.host_pid(main), signal.SIGKILL)
+        assert server.popen.wait(timeout=30) == 128 + signal.SIGKILL, server.log_tail()
+        assert not any(state_of(pid) for pid in workers)
