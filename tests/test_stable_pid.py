@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import http.client
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -169,6 +170,16 @@ class Namespace:
         assert pid is not None, f"no pid {inner} in the namespace\n{self.server.log_tail()}"
         return pid
 
+    def wait_new_main(self, old: int, timeout: float = 20) -> int:
+        """ServeProcess.wait_new_main, for pids of the namespace: the pid file names a successor that took over."""
+        server = self.server
+        new = wait_until(lambda: (pid := server.main_pid()) not in (None, old) and pid, timeout,
+                         f"the pid file to name a successor of {old}", server.log_tail)
+        took_over = re.compile(rf"took over as main: generation \d+ \(pid {new}\) serving")
+        wait_until(lambda: took_over.search(server.log()), timeout, f"pid {new} to take over", server.log_tail)
+        assert state_of(self.host_pid(new)) not in (None, "Z"), f"new main {new} is not running"
+        return new
+
     def zombies(self) -> list[int]:
         return [pid for pid in self.processes().values() if state_of(pid) == "Z"]
 
@@ -254,7 +265,7 @@ def test_pid_1_reloads_under_load_keep_its_pid_and_lose_nothing_then_sigterm_dra
             else:
                 result = namespace.reload_cli()
                 assert result.returncode == 0, result.stderr
-            new = pid1.wait_new_main(old)
+            new = namespace.wait_new_main(old)
             if how != "SIGHUP":
                 assert int(result.stdout) == new
             mains.append(new)
@@ -285,7 +296,7 @@ def test_pid_1_reaps_every_old_generation_after_20_reloads(pid1):
     for _ in range(ZOMBIE_RELOADS):
         old_here = namespace.host_pid(main)
         os.kill(namespace.holder, signal.SIGHUP)
-        main = pid1.wait_new_main(main)
+        main = namespace.wait_new_main(main)
         wait_until(lambda: state_of(old_here) is None, 20, "the old main to exit and be reaped", pid1.log_tail)
     assert get(HOST, pid1.port)[0] == 200
     assert namespace.zombies() == [], f"zombies in the namespace: {namespace.zombies()}"
@@ -298,7 +309,7 @@ def test_pid_1_exits_with_the_last_mains_status(pid1):
     namespace = Namespace(pid1)
     first = wait_answering(pid1)
     os.kill(namespace.holder, signal.SIGHUP)
-    second = pid1.wait_new_main(first)
+    second = namespace.wait_new_main(first)
     wait_until(lambda: first not in namespace.processes(), 20, "generation 1 to exit", pid1.log_tail)
     os.kill(namespace.host_pid(second), signal.SIGKILL)
     assert pid1.popen.wait(timeout=20) == 128 + signal.SIGKILL, pid1.log_tail()  # unshare passes PID 1's on
@@ -443,7 +454,7 @@ def test_pid_1_with_workers_reloads_under_load_and_reaps_a_killed_mains_workers(
         with Load(HOST, server.port, clients=8) as load:
             load.wait_for_requests(100)
             os.kill(namespace.holder, signal.SIGHUP)
-            main = server.wait_new_main(first)
+            main = namespace.wait_new_main(first)
             wait_until(lambda: first not in namespace.processes(), 30, "generation 1 to exit", server.log_tail)
             load.wait_for_requests(100)
         assert load.result.failures == [], load.result.summary()
