@@ -108,6 +108,38 @@ def test_a_stop_while_no_main_is_known_waits_for_the_next_main():
     assert service.main_reported(30, 3) == []  # delivered once
 
 
+# ---- the report channel (in this process, real sockets) -------------------------------------------------
+
+
+def test_a_main_reports_on_the_channel_and_the_kernel_names_it(monkeypatch):
+    from graceful_http.holder import _CREDENTIALS_SIZE, _sender_pid, report_main
+
+    mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    with mine, theirs:
+        mine.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        monkeypatch.setenv(HOLDER_FD_VARIABLE, str(theirs.fileno()))
+        report_main(7)
+        message, ancillary, _, _ = mine.recvmsg(64, socket.CMSG_SPACE(_CREDENTIALS_SIZE))
+    assert parse_report(message) == 7
+    assert _sender_pid(ancillary) == os.getpid()
+
+
+def test_a_report_goes_nowhere_but_a_datagram_channel(monkeypatch, capsys):
+    from graceful_http.holder import report_main
+
+    stream, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with stream, peer:
+        monkeypatch.setenv(HOLDER_FD_VARIABLE, str(stream.fileno()))
+        report_main(2)
+        peer.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            peer.recv(64)
+    assert "is not the holder's channel" in capsys.readouterr().err
+    monkeypatch.delenv(HOLDER_FD_VARIABLE)
+    report_main(2)  # no holder: nothing to do, nothing said
+    assert capsys.readouterr().err == ""
+
+
 # ---- end to end: helpers ---------------------------------------------------------------------------
 
 

@@ -53,13 +53,18 @@ def report_main(generation: int) -> None:
         return
     try:
         with socket.socket(fileno=os.dup(int(fd_text))) as channel:
+            if channel.family != socket.AF_UNIX or channel.type != socket.SOCK_DGRAM:
+                raise OSError(f"fd {fd_text} in {HOLDER_FD_VARIABLE} is not the holder's channel")
             channel.send(f"{MAIN_REPORT} {generation}".encode(), socket.MSG_DONTWAIT)
     except OSError as exc:  # the holder cannot be gone while we live; a broken fd is worth a line, not a failure
         print(f"graceful-http[{os.getpid()}]: cannot report to the stable-pid holder: {exc}", file=sys.stderr)
 
 
 def _say(message: str) -> None:
-    print(f"graceful-http[{os.getpid()}] holder: {message}", file=sys.stderr, flush=True)
+    try:
+        print(f"graceful-http[{os.getpid()}] holder: {message}", file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass  # stderr gone (a closed pipe): the holder must not die of it, least of all as PID 1
 
 
 class Holder:
