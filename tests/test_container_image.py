@@ -66,6 +66,7 @@ def image() -> str:
     # --format docker: the OCI image format has no HEALTHCHECK.
     podman("build", "--format", "docker", "--isolation", "chroot", "--build-arg", f"BASE={BASE_IMAGE}",
            "-t", IMAGE, "-f", str(REPO / "Containerfile"), str(REPO), timeout=1200)
+    podman("image", "prune", "-f")  # the previous build's layers: vfs keeps a full copy of the root in each
     return IMAGE
 
 
