@@ -67,6 +67,7 @@ EVERY_OPTION = {
     "ws_ping_timeout": ("7.5", 7.5, ["--ws-ping-timeout", "3"], 3.0),
     "websocket_close_spread": ("2", 2.0, ["--websocket-close-spread", "0"], 0.0),
     "metrics": ("true", True, ["--no-metrics"], False),
+    "stable_pid": ("false", False, ["--stable-pid"], True),
 }
 FIELD = {key: option.name for key, option in settings.OPTIONS.items()}
 

@@ -43,6 +43,8 @@ def _serve_help() -> dict[str, tuple[str | None, str]]:
         "access_log": (None, "log one line per request (default: on)"),
         "log_level": ("LEVEL", f"{' | '.join(LOG_LEVELS)} (default: info)"),
         "metrics": (None, "serve Prometheus metrics at GET /metrics (default: off)"),
+        "stable_pid": (None, "stay as a small holder process whose pid never changes, forwarding signals to the"
+                             " current main (default: on unless under systemd; always as PID 1)"),
         "ws": ("IMPL", f"{' | '.join(WEBSOCKET_IMPLEMENTATIONS)}: uvicorn's WebSocket implementation (default: auto)"),
         "ws_max_size": ("BYTES", "largest WebSocket message accepted (default: 16777216)"),
         "ws_ping_interval": ("S", "WebSocket ping interval (default: 20)"),
@@ -143,8 +145,6 @@ def serve_settings(args: argparse.Namespace) -> ServeSettings:
 
 
 def serve(args: argparse.Namespace) -> int:
-    import asyncio
-
     from graceful_http.inherited import Inherited, Role
     from graceful_http.settings import SettingsError
 
@@ -160,6 +160,13 @@ def serve(args: argparse.Namespace) -> int:
 
         logs.setup(inherited.generation)
         return report_start_failure(str(exc), PredecessorLink.from_inherited(inherited), EXIT_USAGE)
+    if inherited.role is Role.FIRST_MAIN:
+        from graceful_http.holder import hold_if_wanted
+
+        if (held := hold_if_wanted(settings)) is not None:  # this process stayed as the stable-pid holder
+            return held
+    import asyncio  # not before: the holder runs no event loop
+
     _use_fastest_event_loop()
     if inherited.role is Role.WORKER:  # a replacement worker, forked and exec'd by its main
         from graceful_http.worker_process import run_worker

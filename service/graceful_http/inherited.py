@@ -21,6 +21,7 @@ WORKER_FD = "GRACEFUL_HTTP_WORKER_FD"  # a worker's channel to its main
 WORKER_INDEX = "GRACEFUL_HTTP_WORKER"  # a worker's number in its generation, from 1
 MAIN_VERSION = "GRACEFUL_HTTP_MAIN_VERSION"  # a worker must run the code its main runs
 CARRIED_METRICS = "GRACEFUL_HTTP_RELOADS"  # "succeeded failed last_handoff_seconds reload_started_monotonic"
+HOLDER_FD = "GRACEFUL_HTTP_HOLDER_FD"  # the stable-pid holder's report channel, in every process it started
 OURS = (GENERATION, HANDOFF_FD, WORKER_FD, WORKER_INDEX, MAIN_VERSION, CARRIED_METRICS)
 # prometheus_client's own variable: it reads it from the environment, so it stays there (see `metrics`).
 METRICS_SHARED_DIR = "PROMETHEUS_MULTIPROC_DIR"

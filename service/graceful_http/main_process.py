@@ -16,6 +16,7 @@ from graceful_http import generation as g
 from graceful_http.controlsocket import ControlServer
 from graceful_http.fdlimit import describe_limit, raise_soft_limit
 from graceful_http.handoff import PredecessorLink
+from graceful_http.holder import report_main
 from graceful_http.inherited import Inherited
 from graceful_http.listeners import ListenerError, acquire
 from graceful_http.listenfds import ListenFdsError
@@ -147,7 +148,10 @@ async def _serve(settings: ServeSettings, inherited: Inherited, listeners, prede
     if not await supervisor.become_main(handed_over):
         if predecessor is not None:
             predecessor.close()  # stopped while waiting
-    elif handed_over:
+        await supervisor.finished.wait()
+        return 0
+    report_main(inherited.generation)  # to the stable-pid holder, if any: signals come here now
+    if handed_over:
         predecessor.confirm_serving()  # now the old main may report the reload done
     await supervisor.finished.wait()
     return 0

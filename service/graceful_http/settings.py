@@ -156,6 +156,7 @@ class ServeSettings:
     ws_ping_interval: float = 20.0
     ws_ping_timeout: float = 20.0
     websocket_close_spread: float = 5.0
+    stable_pid: bool | None = None  # None: hold unless under systemd (see holderstate.holder_wanted)
     idle_grace: float = 1.0
 
 
@@ -199,6 +200,7 @@ OPTIONS = {
         Option("ws_ping_interval", lambda v, o: parse_seconds(v, o)),
         Option("ws_ping_timeout", lambda v, o: parse_seconds(v, o)),
         Option("websocket_close_spread", lambda v, o: parse_seconds(v, o)),
+        Option("stable_pid", _boolean),
     )
 }
 

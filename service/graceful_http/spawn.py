@@ -19,7 +19,6 @@ by then the main's event loop is running and a fork would inherit it.
 
 from __future__ import annotations
 
-import asyncio
 import fcntl
 import os
 import signal
@@ -121,6 +120,8 @@ def fork_worker(child: Callable[[], int]) -> int:
 
 async def wait_exit(pidfd: int, timeout: float | None = None) -> bool:
     """Wait until the process behind `pidfd` (os.pidfd_open) exits: True, or False once `timeout` passed."""
+    import asyncio  # here: the stable-pid holder uses this module and runs no event loop
+
     loop = asyncio.get_running_loop()
     exited = asyncio.Event()
     loop.add_reader(pidfd, exited.set)

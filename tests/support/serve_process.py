@@ -105,18 +105,22 @@ class ServeProcess:
 
     def __init__(self, python: str, directory: Path, *args: str, port: int | None = None, bind: bool = True,
                  pid_file: bool = False, pass_fds: list[int] | None = None, environ: dict[str, str] | None = None,
-                 open_files: tuple[int, int] | None = None):
+                 open_files: tuple[int, int] | None = None, stable_pid: bool = False, prefix: tuple[str, ...] = ()):
         """`serve ARGS`, plus `--bind 127.0.0.1:PORT` (a free port) unless `bind` is false, `--pid-file` in
         `directory` if `pid_file`; `pass_fds` are passed at 3, 4, … and `environ` is added, as systemd would;
-        `open_files` is the (soft, hard) RLIMIT_NOFILE it starts with."""
+        `open_files` is the (soft, hard) RLIMIT_NOFILE it starts with. Without `stable_pid` it runs with
+        `--no-stable-pid`: the first generation is the process started. `prefix` goes before the command
+        (e.g. `unshare ...` to make it PID 1 of a namespace)."""
         self.python = python
+        self.prefix = list(prefix)
         self.directory = Path(directory)
         self.port = port or free_port()
         name = f"serve-{uuid.uuid4().hex[:8]}"
         self.pid_file = self.directory / f"{name}.pid" if pid_file else None
         self.log_path = self.directory / f"{name}.log"
         self.args = [*args, *(["--bind", f"{HOST}:{self.port}"] if bind else []),
-                     *(["--pid-file", str(self.pid_file)] if pid_file else [])]
+                     *(["--pid-file", str(self.pid_file)] if pid_file else []),
+                     *([] if stable_pid else ["--no-stable-pid"])]
         self.pass_fds = pass_fds
         self.open_files = open_files
         self.marker = uuid.uuid4().hex
@@ -127,7 +131,7 @@ class ServeProcess:
     def start(self, *args: str) -> "ServeProcess":
         """Start it, with ARGS before the constructor's (so a fixture can make it and a test choose them)."""
         assert self.popen is None, "started twice"
-        self.command = cli_command(self.python, "serve", *args, *self.args, fds=self.pass_fds)
+        self.command = [*self.prefix, *cli_command(self.python, "serve", *args, *self.args, fds=self.pass_fds)]
         with open(self.log_path, "ab") as log:
             self.popen = subprocess.Popen(self.command, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                           env=clean_environ(**self.environ), cwd=self.directory,
