@@ -24,7 +24,8 @@ DEFAULT_RELOAD_TIMEOUT = 120.0
 
 
 def _serve_help() -> dict[str, tuple[str | None, str]]:
-    from graceful_http.settings import DEFAULT_BIND, INTERFACES, LOG_LEVELS, WEBSOCKET_IMPLEMENTATIONS
+    from graceful_http.settings import (DEFAULT_BIND, DEFAULT_FORWARDED_ALLOW_IPS, INTERFACES, LIFESPAN_MODES,
+                                        LOG_LEVELS, SSL_CERT_REQS, WEBSOCKET_IMPLEMENTATIONS)
 
     return {
         "app_dir": ("DIR", "directory put first on the import path for APP (default: the working directory)"),
@@ -52,6 +53,30 @@ def _serve_help() -> dict[str, tuple[str | None, str]]:
         "websocket_close_spread": ("S", "when draining, close WebSockets (1012 at a reload, 1001 at a stop) at"
                                         " moments spread over S seconds, at most half the graceful timeout"
                                         " (default: 5; 0: all at once)"),
+        "root_path": ("PATH", "the prefix a proxy mounts the app under, such as /api (the ASGI root_path;"
+                              " default: none)"),
+        "proxy_headers": (None, "take the client address and scheme from X-Forwarded-For and X-Forwarded-Proto,"
+                                " from trusted proxies only (default: on)"),
+        "forwarded_allow_ips": ("IPS", "the trusted proxies: * or addresses and networks, comma-separated"
+                                       f" (default: $FORWARDED_ALLOW_IPS, else {','.join(DEFAULT_FORWARDED_ALLOW_IPS)})"),
+        "timeout_keep_alive": ("S", "close a keep-alive connection idle this long (default: 5)"),
+        "limit_concurrency": ("N", "answer 503 beyond N connections or requests at once, per process"
+                                   " (default: no limit)"),
+        "backlog": ("N", "the listen queue of every listening socket (default: 2048)"),
+        "header": ("NAME:VALUE", "add this header to every response; repeatable"),
+        "server_header": (None, "send Server: uvicorn (default: on)"),
+        "date_header": (None, "send Date (default: on)"),
+        "lifespan": ("MODE", f"{' | '.join(LIFESPAN_MODES)}: run the app's ASGI lifespan (on: it must support it;"
+                             " default: auto)"),
+        "h11_max_incomplete_event_size": ("BYTES", "the largest request head accepted, with h11 and httptools alike"
+                                                   " (default: 16384 with h11, 65536 with httptools)"),
+        "ssl_certfile": ("PATH", "serve HTTPS with this PEM certificate (chain), re-read by every new generation"),
+        "ssl_keyfile": ("PATH", "its private key (default: in the certificate file)"),
+        "ssl_keyfile_password_file": ("PATH", "the private key's password is in PATH"),
+        "ssl_ca_certs": ("PATH", "the CA certificates that sign client certificates (with --ssl-cert-reqs)"),
+        "ssl_cert_reqs": ("MODE", f"{' | '.join(SSL_CERT_REQS)}: ask clients for a certificate (default: none)"),
+        "ssl_ciphers": ("LIST", "OpenSSL cipher list for TLS 1.2 and older (default: TLSv1, as uvicorn)"),
+        "env_file": ("PATH", "set environment variables from this dotenv file, re-read by every new generation"),
     }
 
 
@@ -145,6 +170,7 @@ def serve_settings(args: argparse.Namespace) -> ServeSettings:
 
 
 def serve(args: argparse.Namespace) -> int:
+    from graceful_http.envfile import apply_env_file, read_env_file
     from graceful_http.inherited import Inherited, Role
     from graceful_http.settings import SettingsError
 
@@ -153,6 +179,7 @@ def serve(args: argparse.Namespace) -> int:
     inherited = Inherited.from_environ(os.environ)  # which process this is: decided here, once
     try:
         settings = serve_settings(args)
+        environment = read_env_file(settings.env_file) if settings.env_file else None
     except SettingsError as exc:
         from graceful_http import logs
         from graceful_http.handoff import PredecessorLink
@@ -167,6 +194,7 @@ def serve(args: argparse.Namespace) -> int:
             return held
     import asyncio  # not before: the holder runs no event loop
 
+    apply_env_file(environment, os.environ)  # before the app is imported: it may read its settings from there
     _use_fastest_event_loop()
     if inherited.role is Role.WORKER:  # a replacement worker, forked and exec'd by its main
         from graceful_http.worker_process import run_worker
@@ -212,16 +240,25 @@ def _use_fastest_event_loop() -> None:
 
 def check(args: argparse.Namespace) -> int:
     from graceful_http.apploader import AppLoadError, load_asgi3
+    from graceful_http.envfile import apply_env_file, read_env_file
     from graceful_http.serving import StartError, read_token
     from graceful_http.settings import SettingsError
+    from graceful_http.tls import TLSError, server_context
 
     try:
         settings = serve_settings(args)
-        read_token(settings.control_token_file)  # serve reads it before serving, too
-        load_asgi3(settings.app, settings.app_dir, factory=settings.factory, interface=settings.interface)
+        environment = read_env_file(settings.env_file) if settings.env_file else None
+        apply_env_file(environment, os.environ)  # the app is loaded as serve would load it
+        from graceful_http.engine import trusted_proxies
+
+        trusted_proxies(settings)
     except SettingsError as exc:
         return _fail(EXIT_USAGE, str(exc))
-    except (AppLoadError, StartError) as exc:
+    try:  # what serve loads before serving, too
+        read_token(settings.control_token_file)
+        server_context(settings)
+        load_asgi3(settings.app, settings.app_dir, factory=settings.factory, interface=settings.interface)
+    except (AppLoadError, StartError, TLSError) as exc:
         return _fail(EXIT_FAILED, str(exc))
     print("ok")
     return EXIT_OK

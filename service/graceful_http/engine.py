@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 import time
+from email.utils import formatdate
 
 import uvicorn
 
@@ -24,6 +26,9 @@ from graceful_http.websocket_drain import (
     capped_spread,
     is_websocket,
 )
+from graceful_http.settings import (DEFAULT_FORWARDED_ALLOW_IPS, FORWARDED_ALLOW_IPS_VARIABLE, ServeSettings,
+                                    SettingsError, parse_trusted_proxies)
+from graceful_http.tls import TLSError, server_context
 
 log = logging.getLogger("graceful_http")
 
@@ -48,27 +53,94 @@ def _protocol_base():
 
 
 class EngineSettingError(Exception):
-    """This uvicorn cannot do what a setting asks (e.g. a WebSocket implementation it lacks)."""
+    """This uvicorn cannot do what a setting asks (e.g. a WebSocket implementation it lacks), or a setting's
+    file cannot be used (a certificate that does not load)."""
 
 
-def uvicorn_config(app, lifespan: bool, websockets: dict | None = None) -> uvicorn.Config:
-    """`websockets`: ws, ws_max_size, ws_ping_interval, ws_ping_timeout (uvicorn's names and meanings)."""
+def uvicorn_config(app, lifespan: bool | str, websockets: dict | None = None,
+                   settings: ServeSettings | None = None) -> uvicorn.Config:
+    """uvicorn's configuration: `settings`' HTTP options (the app's listeners), or none (the control socket).
+
+    `websockets`: ws, ws_max_size, ws_ping_interval, ws_ping_timeout (uvicorn's names and meanings). The TLS
+    context is not here: `Engine` loads it (`tls.server_context`) and hands it to uvicorn.
+    """
     websockets = websockets or {}
     ws = websockets.get("ws", "auto")
     known = getattr(uvicorn.config, "WS_PROTOCOLS", {})
     if ws not in known:
         raise EngineSettingError(f"--ws {ws}: uvicorn {uvicorn.__version__} offers {', '.join(known)}")
-    return uvicorn.Config(
+    if isinstance(lifespan, bool):
+        lifespan = "auto" if lifespan else "off"
+    http = {"proxy_headers": False, "server_header": False}  # the control socket: no proxy, nothing to announce
+    if settings is not None:
+        http = {
+            "root_path": settings.root_path,
+            "proxy_headers": settings.proxy_headers,
+            "forwarded_allow_ips": ",".join(trusted_proxies(settings)),
+            "timeout_keep_alive": settings.timeout_keep_alive,
+            "limit_concurrency": settings.limit_concurrency,
+            "backlog": settings.backlog,  # asyncio re-listens every socket it serves with this backlog
+            "headers": [list(header) for header in settings.headers],
+            "server_header": settings.server_header,
+            "date_header": settings.date_header,
+        }
+    if settings is not None and settings.proxy_headers and not _trusts_networks():
+        app = _ClientOfAnAllTrustedChain(app)
+    config = uvicorn.Config(
         app=app,
         interface="asgi3",  # the control layer is ASGI 3; it adapts the user's app itself
         http=tracked_protocol(_protocol_base()),
-        lifespan="auto" if lifespan else "off",
+        lifespan=lifespan,
         access_log=False,
         log_config=None,
-        proxy_headers=False,  # X-Forwarded-For must not decide who may reload
-        server_header=False,
+        **http,
         **websockets,
     )
+    # uvicorn 0.17.6 has no such option: the tracked protocol applies it itself, to h11 and httptools alike.
+    config.h11_max_incomplete_event_size = settings.h11_max_incomplete_event_size if settings else None
+    return config
+
+
+def trusted_proxies(settings: ServeSettings, environ=os.environ) -> tuple[str, ...]:
+    """Whose X-Forwarded-For/-Proto to believe: the option, else $FORWARDED_ALLOW_IPS, else loopback.
+
+    uvicorn 0.17.6 compares addresses as strings: a network there would trust no one, so it is refused.
+    """
+    if settings.forwarded_allow_ips is not None:
+        trusted, where = settings.forwarded_allow_ips, "--forwarded-allow-ips"
+    elif environ.get(FORWARDED_ALLOW_IPS_VARIABLE) is not None:
+        where = FORWARDED_ALLOW_IPS_VARIABLE
+        trusted = parse_trusted_proxies(environ[FORWARDED_ALLOW_IPS_VARIABLE], where)
+    else:
+        return DEFAULT_FORWARDED_ALLOW_IPS
+    networks = [item for item in trusted if "/" in item]
+    if networks and not _trusts_networks():
+        raise SettingsError(f"invalid {where} {','.join(trusted)!r}: uvicorn {uvicorn.__version__} trusts single"
+                            f" addresses only, not networks such as {networks[0]} (newer uvicorn does)")
+    return trusted
+
+
+class _ClientOfAnAllTrustedChain:
+    """uvicorn 0.17.6 makes the client `(None, 0)` when every X-Forwarded-For address is a trusted proxy (which
+    breaks apps that read the client's address); newer uvicorn takes the leftmost address, as this does."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        client = scope.get("client")
+        if client is not None and client[0] is None:
+            for name, value in scope.get("headers", ()):
+                if name == b"x-forwarded-for":
+                    scope = {**scope, "client": (value.decode("latin-1").split(",")[0].strip(), 0)}
+                    break
+        return await self.app(scope, receive, send)
+
+
+def _trusts_networks() -> bool:
+    from uvicorn.middleware import proxy_headers
+
+    return hasattr(proxy_headers, "_TrustedHosts")
 
 
 def preload() -> None:
@@ -81,13 +153,18 @@ async def _no_app(scope, receive, send) -> None:  # pragma: no cover - never cal
     raise RuntimeError("preload's placeholder app")
 
 
-# A client has this long to send a complete request head (from connecting, or from the end of the
-# previous response), and this many bytes for it: uvicorn's keep-alive timer only runs between requests
-# and any byte received cancels it, and httptools buffers a head of any size. (nginx: 60 s and 32 KiB.)
+# A client has this long to send a complete request head (from connecting, or from its first byte after a
+# response: until then uvicorn's keep-alive timeout governs), and this many bytes for it (unless
+# --h11-max-incomplete-event-size says otherwise): uvicorn's keep-alive timer only runs between requests and
+# any byte received cancels it, and httptools buffers a head of any size. (nginx: 60 s and 32 KiB.)
 HEAD_TIMEOUT = 10.0
 MAX_HEAD_BYTES = 64 * 1024
-HEAD_TOO_LARGE = (b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: text/plain; charset=utf-8\r\n"
-                  b"content-length: 32\r\nconnection: close\r\n\r\nrequest head larger than 64 KiB\n")
+
+
+def head_too_large(limit: int) -> bytes:
+    body = f"request head larger than {limit} bytes\n".encode()
+    return (b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: text/plain; charset=utf-8\r\n"
+            b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body))
 
 
 def tracked_protocol(base):
@@ -98,6 +175,17 @@ def tracked_protocol(base):
         request_started_at = 0.0
         _head_timer = None
         _head_bytes = 0
+        max_head_bytes = MAX_HEAD_BYTES
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            limit = getattr(self.config, "h11_max_incomplete_event_size", None)
+            if limit is not None:
+                self.max_head_bytes = limit
+                if hasattr(self, "conn") and type(self.conn).__module__.startswith("h11"):
+                    import h11
+
+                    self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=limit)
 
         def connection_made(self, transport):
             super().connection_made(transport)
@@ -112,24 +200,24 @@ def tracked_protocol(base):
                 self._head_received()  # a request head is complete (or the connection was upgraded)
                 self.request_started_at = self.last_data_at
             elif cycle is None or cycle.response_complete:  # still waiting for a head
+                self._await_head()
                 self._head_bytes += len(data)
-                if self._head_bytes > MAX_HEAD_BYTES and not self.transport.is_closing():
+                if self._head_bytes > self.max_head_bytes and not self.transport.is_closing():
                     self._head_received()
-                    self.transport.write(HEAD_TOO_LARGE)
+                    self.transport.write(head_too_large(self.max_head_bytes))
                     self.transport.close()
 
         def on_response_complete(self):
             super().on_response_complete()
-            if not self.transport.is_closing() and self.transport.get_protocol() is self:
-                self._await_head()
+            self._head_received()  # idle now: uvicorn's keep-alive timer runs until the next byte
 
         def connection_lost(self, exc):
             self._head_received()
             super().connection_lost(exc)
 
         def _await_head(self):
-            self._head_bytes = 0
             if self._head_timer is None:
+                self._head_bytes = 0
                 self._head_timer = self.loop.call_later(HEAD_TIMEOUT, self._head_timed_out)
 
         def _head_received(self):
@@ -266,11 +354,19 @@ class Engine:
     """One generation's HTTP server over already-listening sockets."""
 
     def __init__(self, app, sockets, *, idle_grace: float = 1.0, lifespan: bool = True,
-                 websockets: dict | None = None, websocket_close_spread: float = 5.0):
-        self.lifespan_guard = LifespanGuard(app) if lifespan else None
+                 websockets: dict | None = None, websocket_close_spread: float = 5.0,
+                 settings: ServeSettings | None = None):
+        """`settings`' HTTP and TLS options apply (the app's listeners); without them, plain HTTP (the control
+        socket). Raises EngineSettingError if the options cannot be used (a certificate that does not load)."""
+        mode = (settings.lifespan if settings is not None else "auto") if lifespan else "off"
+        self.lifespan_guard = LifespanGuard(app) if mode != "off" else None
         if self.lifespan_guard is not None:
             app = self.lifespan_guard
-        config = uvicorn_config(app, lifespan, websockets)
+        try:
+            config = uvicorn_config(app, mode, websockets, settings)
+            ssl_context = server_context(settings) if settings is not None else None
+        except (SettingsError, TLSError) as exc:
+            raise EngineSettingError(str(exc)) from None
         # uvicorn 0.17.6 wraps the app in its per-message trace logger whenever the "uvicorn.error"
         # logger has no level of its own, which log_config=None leaves it without.
         error_logger = logging.getLogger("uvicorn.error")
@@ -280,6 +376,7 @@ class Engine:
             error_logger.addFilter(OneLineProtocolErrors())
             error_logger.addFilter(NoCancelledTracebacks())
         config.load()
+        config.ssl = ssl_context  # what uvicorn's startup serves with
         self.server = uvicorn.Server(config)
         self.server.lifespan = config.lifespan_class(config)
         self.sockets = sockets
@@ -288,11 +385,13 @@ class Engine:
         self._listeners_closed = False
         # One per process: the app's engine watches descriptors (the control socket's has no lifespan).
         self.descriptors = DescriptorWatch(lambda: len(self.connections)) if lifespan else None
+        self._header_ticker: asyncio.Task | None = None
 
     def describe(self) -> str:
         protocol = "httptools" if "HttpTools" in self.server.config.http_protocol_class.__name__ else "h11"
         loop = type(asyncio.get_running_loop()).__module__.split(".")[0]
-        return f"uvicorn {uvicorn.__version__} ({protocol}, {loop} event loop)"
+        tls = ", TLS" if self.server.config.ssl is not None else ""
+        return f"uvicorn {uvicorn.__version__} ({protocol}, {loop} event loop{tls})"
 
     async def start(self) -> None:
         """Run the app's lifespan startup, then accept on every socket."""
@@ -304,6 +403,16 @@ class Engine:
             raise StartupFailed(self._startup_failure())
         if self.descriptors is not None:
             self.descriptors.start()
+        self._header_ticker = asyncio.create_task(self._keep_default_headers())
+
+    async def _keep_default_headers(self) -> None:
+        """What uvicorn's own main loop does every second, which an embedded uvicorn must do itself: the
+        headers of every response (Date, Server, --header) come from `server_state.default_headers`."""
+        config = self.server.config
+        while True:
+            date = [(b"date", formatdate(time.time(), usegmt=True).encode())] if config.date_header else []
+            self.server.server_state.default_headers = date + config.encoded_headers
+            await asyncio.sleep(1.0 - time.time() % 1.0)
 
     def _startup_failure(self) -> str:
         guard = self.lifespan_guard
@@ -403,4 +512,6 @@ class Engine:
 
     async def shutdown_app(self) -> None:
         """The app's lifespan shutdown (after the last request)."""
+        if self._header_ticker is not None:
+            self._header_ticker.cancel()
         await self.server.lifespan.shutdown()

@@ -25,6 +25,9 @@ HOLDER_FD = "GRACEFUL_HTTP_HOLDER_FD"  # the stable-pid holder's report channel,
 OURS = (GENERATION, HANDOFF_FD, WORKER_FD, WORKER_INDEX, MAIN_VERSION, CARRIED_METRICS)
 # prometheus_client's own variable: it reads it from the environment, so it stays there (see `metrics`).
 METRICS_SHARED_DIR = "PROMETHEUS_MULTIPROC_DIR"
+# What the env file (--env-file) replaced in the environment, to be undone before the next generation applies
+# the file again: it describes the environment, so it travels with it and stays there (see `envfile`).
+ENV_FILE_ORIGINAL = "GRACEFUL_HTTP_ENV_FILE_ORIGINAL"
 
 
 class Role(enum.Enum):

@@ -35,11 +35,11 @@ class Listener:
         return f"{text} ({self.name}, {'inherited' if self.inherited else 'bound here'})"
 
 
-def acquire(binds: tuple[BindAddress, ...], environ=os.environ) -> list[Listener]:
+def acquire(binds: tuple[BindAddress, ...], environ=os.environ, backlog: int = 2048) -> list[Listener]:
     """Sockets passed with LISTEN_FDS if any (the bind addresses are then unused), else bound."""
     if passed_fd_count(environ, os.getpid()):
         return inherited(environ)
-    return [bind(address) for address in binds]
+    return [bind(address, backlog) for address in binds]
 
 
 def inherited(environ) -> list[Listener]:

@@ -40,7 +40,7 @@ def run_main(settings: ServeSettings, inherited: Inherited) -> int:
     logs.setup(generation, settings.log_level)
     raise_soft_limit()
     try:
-        listeners = acquire(settings.binds)
+        listeners = acquire(settings.binds, backlog=settings.backlog)
     except (ListenerError, ListenFdsError) as exc:
         return report_start_failure(str(exc), predecessor)
     metrics = None

@@ -98,8 +98,9 @@ def build_engines(settings: ServeSettings, listeners, control: ControlState, met
                       "ws_ping_interval": settings.ws_ping_interval, "ws_ping_timeout": settings.ws_ping_timeout}
         try:
             engines.append(Engine(stack, [item.sock for item in public], idle_grace=settings.idle_grace,
-                                  websockets=websockets, websocket_close_spread=settings.websocket_close_spread))
-        except EngineSettingError as exc:
+                                  websockets=websockets, websocket_close_spread=settings.websocket_close_spread,
+                                  settings=settings))
+        except EngineSettingError as exc:  # this uvicorn cannot do a setting, or a certificate does not load
             raise StartError(str(exc)) from None
     if private:  # the admins' socket: control endpoints only, trusted by its file mode
         stack = ControlLayer(not_found, control, ControlPolicy(trusted=True), access, metrics)

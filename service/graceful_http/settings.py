@@ -19,6 +19,10 @@ DEFAULT_APP = "graceful_http.demo:app"
 INTERFACES = ("auto", "asgi3", "asgi2", "wsgi")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 WEBSOCKET_IMPLEMENTATIONS = ("auto", "websockets", "websockets-sansio", "wsproto", "none")
+LIFESPAN_MODES = ("auto", "on", "off")
+SSL_CERT_REQS = ("none", "optional", "required")
+DEFAULT_FORWARDED_ALLOW_IPS = ("127.0.0.1", "::1")  # the newest uvicorn's; $FORWARDED_ALLOW_IPS overrides it
+FORWARDED_ALLOW_IPS_VARIABLE = "FORWARDED_ALLOW_IPS"
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -110,6 +114,59 @@ def parse_bytes(text, option: str) -> int:
     return int(text)
 
 
+def parse_count(text, option: str, *, what: str, minimum: int = 1) -> int:
+    if isinstance(text, bool) or not re.fullmatch(r"\s*\d+\s*", str(text)) or int(text) < minimum:
+        raise SettingsError(f"invalid {option} {text!r}: expected a whole number of {what} >= {minimum}")
+    return int(text)
+
+
+def parse_root_path(text, option: str = "--root-path") -> str:
+    """The prefix a proxy mounts the app under: empty, or a path such as /api (no trailing slash)."""
+    if not isinstance(text, str) or (text and (not text.startswith("/") or text.endswith("/"))) or \
+            any(c.isspace() or c in "?#" for c in text):
+        raise SettingsError(f"invalid {option} {text!r}: expected a path such as /api (starting with /, no"
+                            " trailing /), or empty")
+    return text
+
+
+def parse_trusted_proxies(text, option: str = "--forwarded-allow-ips") -> tuple[str, ...]:
+    """`*`, or addresses and networks separated by commas (uvicorn's format); each checked here."""
+    if isinstance(text, (list, tuple)):
+        items = [str(i).strip() for i in text]
+    elif isinstance(text, str):
+        items = [i.strip() for i in text.split(",")]
+    else:
+        items = [""]
+    expected = "expected * or addresses and networks separated by commas, such as 127.0.0.1,10.0.0.0/8"
+    if not items or any(not i for i in items):
+        raise SettingsError(f"invalid {option} {text!r}: {expected}")
+    for item in items:
+        if item == "*":
+            continue
+        try:
+            ipaddress.ip_network(item, strict=False) if "/" in item else ipaddress.ip_address(item)
+        except ValueError:
+            raise SettingsError(f"invalid {option} {text!r}: {item!r} is not an address or network; {expected}")\
+                from None
+    if "*" in items and len(items) > 1:
+        raise SettingsError(f"invalid {option} {text!r}: * trusts every peer and cannot be combined")
+    return tuple(items)
+
+
+HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+def parse_header(text, option: str = "--header") -> tuple[str, str]:
+    """`NAME:VALUE`, a response header added to every response."""
+    name, sep, value = text.partition(":") if isinstance(text, str) else ("", "", "")
+    if not sep or not HEADER_NAME.fullmatch(name):
+        raise SettingsError(f"invalid {option} {text!r}: expected NAME:VALUE with a header name such as X-Frame-Options")
+    value = value.strip()
+    if any(ord(c) < 32 and c != "\t" or ord(c) == 127 for c in value) or not value.isascii():
+        raise SettingsError(f"invalid {option} {text!r}: the value must be printable ASCII")
+    return name, value
+
+
 def _choice(choices: tuple[str, ...]) -> Callable[[object, str], str]:
     def parse(text, option: str) -> str:
         if text not in choices:
@@ -157,6 +214,26 @@ class ServeSettings:
     ws_ping_timeout: float = 20.0
     websocket_close_spread: float = 5.0
     stable_pid: bool | None = None  # None: hold unless under systemd (see holderstate.holder_wanted)
+    # HTTP, as uvicorn's options of the same names
+    root_path: str = ""
+    proxy_headers: bool = True
+    forwarded_allow_ips: tuple[str, ...] | None = None  # None: $FORWARDED_ALLOW_IPS, else the default
+    timeout_keep_alive: float = 5.0
+    limit_concurrency: int | None = None
+    backlog: int = 2048
+    headers: tuple[tuple[str, str], ...] = ()
+    server_header: bool = True
+    date_header: bool = True
+    lifespan: str = "auto"
+    h11_max_incomplete_event_size: int | None = None
+    # TLS: loaded from disk by every new generation
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    ssl_keyfile_password_file: str | None = None
+    ssl_ca_certs: str | None = None
+    ssl_cert_reqs: str = "none"
+    ssl_ciphers: str = "TLSv1"
+    env_file: str | None = None
     idle_grace: float = 1.0
 
 
@@ -201,8 +278,29 @@ OPTIONS = {
         Option("ws_ping_timeout", lambda v, o: parse_seconds(v, o)),
         Option("websocket_close_spread", lambda v, o: parse_seconds(v, o)),
         Option("stable_pid", _boolean),
+        Option("root_path", parse_root_path),
+        Option("proxy_headers", _boolean),
+        Option("forwarded_allow_ips", parse_trusted_proxies),
+        Option("timeout_keep_alive", lambda v, o: parse_seconds(v, o)),
+        Option("limit_concurrency", lambda v, o: parse_count(v, o, what="connections and requests")),
+        Option("backlog", lambda v, o: parse_count(v, o, what="pending connections")),
+        Option("headers", parse_header, repeated=True, key="header"),
+        Option("server_header", _boolean),
+        Option("date_header", _boolean),
+        Option("lifespan", _choice(LIFESPAN_MODES)),
+        Option("h11_max_incomplete_event_size", lambda v, o: parse_count(v, o, what="bytes", minimum=1024)),
+        Option("ssl_certfile", _text),
+        Option("ssl_keyfile", _text),
+        Option("ssl_keyfile_password_file", _text),
+        Option("ssl_ca_certs", _text),
+        Option("ssl_cert_reqs", _choice(SSL_CERT_REQS)),
+        Option("ssl_ciphers", _text),
+        Option("env_file", _text),
     )
 }
+
+
+COUNTS = ("workers", "ws_max_size", "limit_concurrency", "backlog", "h11_max_incomplete_event_size")
 
 
 def build_settings(*layers: Mapping[str, object]) -> ServeSettings:
@@ -211,7 +309,8 @@ def build_settings(*layers: Mapping[str, object]) -> ServeSettings:
     for layer in layers:
         values.update(layer)
     known = {f.name for f in fields(ServeSettings)}
-    return ServeSettings(**{k: v for k, v in values.items() if k in known})
+    settings = ServeSettings(**{k: v for k, v in values.items() if k in known})
+    return settings
 
 
 def parse_value(option: Option, raw, where: str):
@@ -240,7 +339,9 @@ def parse_config(text: str, path: str) -> dict[str, object]:
             raise SettingsError(f"{where}: expected a string or a list of strings, got {raw!r}")
         if key in ("bind", "control_allow") and isinstance(raw, list) and not all(isinstance(i, str) for i in raw):
             raise SettingsError(f"{where}: expected a list of strings, got {raw!r}")
-        if key in ("workers", "ws_max_size") and isinstance(raw, int) and not isinstance(raw, bool):
+        if key == "header" and isinstance(raw, list) and not all(isinstance(i, str) for i in raw):
+            raise SettingsError(f"{where}: expected a list of strings, got {raw!r}")
+        if key in COUNTS and isinstance(raw, int) and not isinstance(raw, bool):
             raw = str(raw)
         values[option.name] = parse_value(option, raw, where)
     return values

@@ -50,7 +50,7 @@ async def run_worker(settings: ServeSettings, link: MainLink, inherited: Inherit
             raise StartError(f"graceful-http {__version__} is installed but this generation runs {link.main_version}:"
                              " a replacement worker would run other code; reload to start the new version")
         if listeners is None:
-            listeners = acquire(settings.binds)
+            listeners = acquire(settings.binds, backlog=settings.backlog)
         metrics = None
         if settings.metrics:
             metrics = Metrics(inherited.generation, worker=link.index, shared_dir=inherited.metrics_shared_dir)

@@ -47,8 +47,11 @@ def pid_of(body: bytes) -> int | None:
 class Load:
     """Runs `clients` threads against host:port until stopped; use as a context manager."""
 
-    def __init__(self, host: str, port: int, clients: int = 8, path: str = "/", pause: float = 0.002):
+    def __init__(self, host: str, port: int, clients: int = 8, path: str = "/", pause: float = 0.002,
+                 connect=None):
+        """`connect()` makes a connection (default: plain HTTP to host:port; an HTTPSConnection for TLS)."""
         self.host, self.port, self.path, self.pause = host, port, path, pause
+        self.connect = connect or (lambda: http.client.HTTPConnection(host, port, timeout=30))
         self.result = LoadResult()
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -92,7 +95,7 @@ class Load:
         while not self._stop.is_set():
             try:
                 if connection is None:
-                    connection = http.client.HTTPConnection(self.host, self.port, timeout=30)
+                    connection = self.connect()
                 connection.request("GET", self.path)
                 response = connection.getresponse()
                 body = response.read()

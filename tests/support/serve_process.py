@@ -57,7 +57,8 @@ def clean_environ(**extra: str) -> dict[str, str]:
     """The runner's environment without anything systemd or a parent generation would have set."""
     environ = {k: v for k, v in os.environ.items()
                if not k.startswith(("LISTEN_", "GRACEFUL_HTTP_", "WATCHDOG_"))
-               and k not in ("NOTIFY_SOCKET", "MAINPID", "JOURNAL_STREAM", "PYTHONHOME", "INVOCATION_ID")}
+               and k not in ("NOTIFY_SOCKET", "MAINPID", "JOURNAL_STREAM", "PYTHONHOME", "INVOCATION_ID",
+                            "FORWARDED_ALLOW_IPS")}
     environ.update(PYTHONPATH=str(SERVICE_DIR), PYTHONDONTWRITEBYTECODE="1", **extra)
     return environ
 
