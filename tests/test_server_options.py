@@ -19,25 +19,22 @@ import re
 import socket
 import ssl
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
+from graceful_http import cli
+from graceful_http.envfile import ORIGINAL_VARIABLE, apply_env_file, parse_env_file
+from graceful_http.settings import SettingsError
+from harness.processes import alive, free_port
+from harness.systemd_service import REPO, SERVICE, InstalledService
 from support.appfiles import APPS
-from support.load import Load, get, pid_of
-from support.serve_process import ENGINES, HOST, ServeProcess, alive, free_port, run_cli, wait_until
+from support.load import Load
+from support.serve_process import ENGINES, HOST, ServeProcess, run_cli, wait_until
 
 OPENSSL = "/usr/bin/openssl"
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO / "service") not in sys.path:
-    sys.path.insert(0, str(REPO / "service"))
-
-from graceful_http import cli  # noqa: E402
-from graceful_http.envfile import ORIGINAL_VARIABLE, apply_env_file, parse_env_file  # noqa: E402
-from graceful_http.settings import SettingsError  # noqa: E402
 
 
 @pytest.fixture(params=list(ENGINES))
@@ -600,8 +597,6 @@ def readme_deploy_hook() -> str:
 
 @pytest.mark.systemd
 def test_the_readme_deploy_hook_renews_the_certificate_under_systemd_with_no_failed_request(tmp_path):
-    from support.systemd_service import SERVICE, InstalledService
-
     live = "/etc/letsencrypt/live/example.org"
     hook = "/etc/letsencrypt/renewal-hooks/deploy/graceful-http"
     first, renewed = make_certificate(tmp_path, "first"), make_certificate(tmp_path, "renewed")

@@ -24,8 +24,15 @@ DEFAULT_RELOAD_TIMEOUT = 120.0
 
 
 def _serve_help() -> dict[str, tuple[str | None, str]]:
-    from graceful_http.settings import (DEFAULT_BIND, DEFAULT_FORWARDED_ALLOW_IPS, INTERFACES, LIFESPAN_MODES,
-                                        LOG_LEVELS, SSL_CERT_REQS, WEBSOCKET_IMPLEMENTATIONS)
+    from graceful_http.settings import (
+        DEFAULT_BIND,
+        DEFAULT_FORWARDED_ALLOW_IPS,
+        INTERFACES,
+        LIFESPAN_MODES,
+        LOG_LEVELS,
+        SSL_CERT_REQS,
+        WEBSOCKET_IMPLEMENTATIONS,
+    )
 
     return {
         "app_dir": ("DIR", "directory put first on the import path for APP (default: the working directory)"),

@@ -18,6 +18,14 @@ import uvicorn
 
 from graceful_http.drain import ConnectionView, IdleCloser
 from graceful_http.fdlimit import DescriptorWatch
+from graceful_http.settings import (
+    DEFAULT_FORWARDED_ALLOW_IPS,
+    FORWARDED_ALLOW_IPS_VARIABLE,
+    ServeSettings,
+    SettingsError,
+    parse_trusted_proxies,
+)
+from graceful_http.tls import TLSError, server_context
 from graceful_http.websocket_drain import (
     GOING_AWAY,
     SERVICE_RESTART,
@@ -26,9 +34,6 @@ from graceful_http.websocket_drain import (
     capped_spread,
     is_websocket,
 )
-from graceful_http.settings import (DEFAULT_FORWARDED_ALLOW_IPS, FORWARDED_ALLOW_IPS_VARIABLE, ServeSettings,
-                                    SettingsError, parse_trusted_proxies)
-from graceful_http.tls import TLSError, server_context
 
 log = logging.getLogger("graceful_http")
 
