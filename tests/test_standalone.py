@@ -467,14 +467,26 @@ def test_with_workers_every_scrape_counts_every_workers_requests(engine, tmp_pat
             if len(workers) == 2:
                 break
         assert len(workers) == 2, f"500 new connections all went to pid {workers}"
-        before = scrape(server)
+        # A request is counted just after its response is sent, so a client may see the answer before the
+        # count: wait until scrapes count nothing but each other.
+        def total(samples) -> int:
+            return sum(requests_by_worker(samples).values())
+
+        def settled(expected: int, since: dict):
+            taken = [since]
+
+            def counted() -> dict | None:
+                taken.append(scrape(server))
+                return taken[-1] if total(taken[-1]) - total(since) - (len(taken) - 2) == expected else None
+            return wait_until(counted, 10, f"{expected} request(s) to be counted", server.log_tail)
+
+        before = settled(1, scrape(server))  # only that first scrape itself
         for _ in range(10):
             assert get(HOST, server.port, "/")[0] == 200
-        scrapes = [scrape(server) for _ in range(10)]
+        # The 10 requests and the scrape before them, whichever worker took them.
+        scrapes = [settled(11, before)] + [scrape(server) for _ in range(9)]
         for samples in scrapes:
             assert set(requests_by_worker(samples)) == {"1", "2"}, samples
-        # The 10 requests and the first scrape (counted once it was answered), whichever worker took them.
-        assert sum(requests_by_worker(scrapes[0]).values()) - sum(requests_by_worker(before).values()) == 11
         assert value(scrapes[0], "graceful_http_requests_in_flight", worker="1") + \
             value(scrapes[0], "graceful_http_requests_in_flight", worker="2") == 1, "only the scrape itself"
         assert len(list(shared.iterdir())) == 1, "one shared directory per generation"
@@ -486,10 +498,14 @@ def test_with_workers_every_scrape_counts_every_workers_requests(engine, tmp_pat
         wait_until(lambda: len(re.findall(r"worker \d started as pid", server.log())) == 3, 20,
                    "the replacement worker", server.log_tail)
         wait_until(lambda: server.get_pid() not in workers, 20, "the replacement worker to answer", server.log_tail)
-        after = scrape(server)
+        def in_flight(samples) -> float:
+            return sum(gauge for (name, _), gauge in samples.items() if name == "graceful_http_requests_in_flight")
+
+        # Only the scrape itself in flight (the requests above leave the gauge just after their answer).
+        after = wait_until(lambda: (samples := scrape(server)) and in_flight(samples) == 1 and samples, 10,
+                           "the in-flight gauge to count only the scrape", server.log_tail)
         assert set(requests_by_worker(after)) == {"1", "2"}, after
         assert sum(requests_by_worker(after).values()) >= counted + 1
-        assert sum(gauge for (name, _), gauge in after.items() if name == "graceful_http_requests_in_flight") == 1
 
         server.post_graceful()
         second = server.wait_new_main(first)
