@@ -8,15 +8,19 @@ names both have (`Config.load`, `Server.startup(sockets=…)`, `servers`,
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import os
 import socket
 import time
+from collections.abc import Callable
 from email.utils import formatdate
 
 import uvicorn
 
 from graceful_http.drain import ConnectionView, IdleCloser
+from graceful_http.handover import Handover
+from graceful_http.movable import ConnectionState, Verdict, judge
 from graceful_http.fdlimit import DescriptorWatch
 from graceful_http.settings import (
     DEFAULT_FORWARDED_ALLOW_IPS,
@@ -44,17 +48,20 @@ class StartupFailed(Exception):
     """The app's lifespan startup failed (uvicorn logged the details)."""
 
 
-def _protocol_base():
-    """httptools when available (as uvicorn's "auto" does), else h11."""
-    try:
-        import httptools  # noqa: F401
-        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+def _protocol_base(http: str = "auto"):
+    """httptools when available (as uvicorn's "auto" does), else h11; or the one asked for."""
+    if http in ("auto", "httptools"):
+        try:
+            import httptools  # noqa: F401
+            from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-        return HttpToolsProtocol
-    except ImportError:
-        from uvicorn.protocols.http.h11_impl import H11Protocol
+            return HttpToolsProtocol
+        except ImportError:
+            if http == "httptools":
+                raise
+    from uvicorn.protocols.http.h11_impl import H11Protocol
 
-        return H11Protocol
+    return H11Protocol
 
 
 class EngineSettingError(Exception):
@@ -63,7 +70,7 @@ class EngineSettingError(Exception):
 
 
 def uvicorn_config(app, lifespan: bool | str, websockets: dict | None = None,
-                   settings: ServeSettings | None = None) -> uvicorn.Config:
+                   settings: ServeSettings | None = None, protocol: str = "auto") -> uvicorn.Config:
     """uvicorn's configuration: `settings`' HTTP options (the app's listeners), or none (the control socket).
 
     `websockets`: ws, ws_max_size, ws_ping_interval, ws_ping_timeout (uvicorn's names and meanings). The TLS
@@ -94,7 +101,7 @@ def uvicorn_config(app, lifespan: bool | str, websockets: dict | None = None,
     config = uvicorn.Config(
         app=app,
         interface="asgi3",  # the control layer is ASGI 3; it adapts the user's app itself
-        http=tracked_protocol(_protocol_base()),
+        http=tracked_protocol(_protocol_base(protocol)),
         lifespan=lifespan,
         access_log=False,
         log_config=None,
@@ -173,11 +180,15 @@ def head_too_large(limit: int) -> bytes:
 
 
 def tracked_protocol(base):
-    """uvicorn's protocol, plus: when it last received bytes (to judge idleness), and limits on request heads."""
+    """uvicorn's protocol, plus: when it last received bytes (to judge idleness), limits on request heads,
+    and what deciding whether the connection may move to another process needs (`handover_state`)."""
+    parser_tracking = _HttpToolsMessages if base.__name__ == "HttpToolsProtocol" else _H11Messages
 
-    class Tracked(base):
+    class Tracked(parser_tracking, base):
         last_data_at = 0.0
         request_started_at = 0.0
+        adopted = False  # set by Engine.adopt before connection_made: it arrived idle from another process
+        lame_duck = False  # set by a draining engine that can't hand it over: each response closes it
         _head_timer = None
         _head_bytes = 0
         max_head_bytes = MAX_HEAD_BYTES
@@ -195,6 +206,11 @@ def tracked_protocol(base):
         def connection_made(self, transport):
             super().connection_made(transport)
             self._await_head()
+            if self.adopted:  # idle between two requests, as after a response: uvicorn's keep-alive timer runs
+                self._head_received()
+                self._unset_keepalive_if_required()
+                self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive,
+                                                                    self.timeout_keep_alive_handler)
 
         def data_received(self, data):
             self.last_data_at = time.monotonic()
@@ -204,6 +220,8 @@ def tracked_protocol(base):
             if self.transport.get_protocol() is not self or (cycle is not None and cycle is not before):
                 self._head_received()  # a request head is complete (or the connection was upgraded)
                 self.request_started_at = self.last_data_at
+                if self.lame_duck:
+                    _close_after_response(self)
             elif cycle is None or cycle.response_complete:  # still waiting for a head
                 self._await_head()
                 self._head_bytes += len(data)
@@ -213,8 +231,14 @@ def tracked_protocol(base):
                     self.transport.close()
 
         def on_response_complete(self):
+            before = getattr(self, "cycle", None)
             super().on_response_complete()
             self._head_received()  # idle now: uvicorn's keep-alive timer runs until the next byte
+            if self.lame_duck and getattr(self, "cycle", None) is not before:  # a pipelined request started
+                _close_after_response(self)
+            wake = getattr(self.server_state, "wake_drain", None)
+            if wake is not None:  # a draining engine hands over connections as soon as they are idle
+                wake()
 
         def connection_lost(self, exc):
             self._head_received()
@@ -237,8 +261,71 @@ def tracked_protocol(base):
             if (cycle is None or cycle.response_complete) and self.transport.get_protocol() is self:
                 self.transport.close()
 
+        def handover_state(self) -> ConnectionState:
+            transport = self.transport
+            cycle = getattr(self, "cycle", None)
+            flow = getattr(self, "flow", None)
+            return ConnectionState(
+                upgraded=transport.get_protocol() is not self,
+                encrypted=transport.get_extra_info("sslcontext") is not None,
+                closing=transport.is_closing(),
+                keep_alive=self._keeps_alive(cycle),
+                response_complete=cycle is None or cycle.response_complete,
+                request_pending=self._request_pending() or bool(flow is not None and flow.read_paused),
+                unsent_bytes=transport.get_write_buffer_size(),
+            )
+
+        def quiesce(self) -> None:
+            """Stop every timer of this connection: it is leaving this process."""
+            self._head_received()
+            self._unset_keepalive_if_required()
+
     Tracked.__name__ = f"Tracked{base.__name__}"
     return Tracked
+
+
+class _HttpToolsMessages:
+    """httptools keeps its parser state to itself: note when a request message begins and ends."""
+
+    _in_message = False
+
+    def on_message_begin(self):
+        self._in_message = True
+        super().on_message_begin()
+
+    def on_message_complete(self):
+        self._in_message = False
+        super().on_message_complete()
+
+    def _request_pending(self) -> bool:
+        return self._in_message or bool(self.pipeline)
+
+    def _keeps_alive(self, cycle) -> bool:
+        return cycle is None or bool(cycle.keep_alive)
+
+
+class _H11Messages:
+    """h11 says it all: both sides IDLE between requests, unparsed bytes in `trailing_data`."""
+
+    def _request_pending(self) -> bool:
+        import h11
+
+        conn = self.conn
+        return not (conn.our_state is h11.IDLE and conn.their_state is h11.IDLE) or bool(conn.trailing_data[0])
+
+    def _keeps_alive(self, cycle) -> bool:
+        import h11
+
+        closing = (h11.MUST_CLOSE, h11.CLOSED, h11.ERROR)
+        conn = self.conn
+        return conn.our_state not in closing and conn.their_state not in closing and (
+            cycle is None or getattr(cycle, "keep_alive", True))
+
+
+def connection_state(connection) -> ConnectionState:
+    """The handover view of anything in `server_state.connections` (a WebSocket protocol is not ours)."""
+    state = getattr(connection, "handover_state", None)
+    return state() if state is not None else ConnectionState(upgraded=True)
 
 
 class LifespanGuard:
@@ -315,6 +402,12 @@ class OneLineProtocolErrors(logging.Filter):
         return True
 
 
+def _peer(client) -> str:
+    if isinstance(client, (tuple, list)) and len(client) >= 2:
+        return f"the connection from {client[0]}:{client[1]}"
+    return "a connection"
+
+
 class NoCancelledTracebacks(logging.Filter):
     """A request cut at the graceful timeout is cancelled; uvicorn logs "Exception in ASGI application" with
     a CancelledError traceback for each (every reload of a Server-Sent-Events app). The drain logs one line
@@ -360,7 +453,7 @@ class Engine:
 
     def __init__(self, app, sockets, *, idle_grace: float = 1.0, lifespan: bool = True,
                  websockets: dict | None = None, websocket_close_spread: float = 5.0,
-                 settings: ServeSettings | None = None):
+                 settings: ServeSettings | None = None, protocol: str = "auto"):
         """`settings`' HTTP and TLS options apply (the app's listeners); without them, plain HTTP (the control
         socket). Raises EngineSettingError if the options cannot be used (a certificate that does not load)."""
         mode = (settings.lifespan if settings is not None else "auto") if lifespan else "off"
@@ -368,7 +461,7 @@ class Engine:
         if self.lifespan_guard is not None:
             app = self.lifespan_guard
         try:
-            config = uvicorn_config(app, mode, websockets, settings)
+            config = uvicorn_config(app, mode, websockets, settings, protocol)
             ssl_context = server_context(settings) if settings is not None else None
         except (SettingsError, TLSError) as exc:
             raise EngineSettingError(str(exc)) from None
@@ -388,6 +481,12 @@ class Engine:
         self.idle_grace = idle_grace
         self.websocket_close_spread = websocket_close_spread
         self._listeners_closed = False
+        self.adopts_connections = False  # the app's engine: a new generation takes the old one's connections here
+        self.handed_over = 0  # connections another process took while we drained
+        self.fell_back = 0  # connections that could not move and drained here
+        self.adopted = 0  # connections we took from another process
+        self._next_mover = 0
+        self._moving = False
         # One per process: the app's engine watches descriptors (the control socket's has no lifespan).
         self.descriptors = DescriptorWatch(lambda: len(self.connections)) if lifespan else None
         self._header_ticker: asyncio.Task | None = None
@@ -438,21 +537,24 @@ class Engine:
     def open_websockets(self) -> int:
         return sum(1 for c in self.connections if is_websocket(c))
 
-    def stop_accepting(self, replaced: bool = False) -> None:
+    def stop_accepting(self, replaced: bool = False, moving: bool = False) -> None:
         """Stop accepting now; close our copies of the listeners a loop turn later (in `drain`).
 
         Closing an asyncio server at once drops the connections it accepted in
         this same loop turn (their transports are still being attached): the
         kernel resets them. So we only stop watching the listeners here.
-        Requests already in flight whose response has not started are told
+        Unless the connections are `moving` to the new generation, requests
+        already in flight whose response has not started are told
         `Connection: close`, so their clients move to the new generation too.
         """
         loop = asyncio.get_running_loop()
         watched = [loop.remove_reader(sock.fileno()) for server in self.server.servers for sock in server.sockets or ()]
         if not all(watched):  # not asyncio's selector loop (uvloop): its own close is safe
             self._close_listeners()
-        for connection in list(self.connections):
-            _close_after_response(connection)
+        self._moving = moving
+        if not moving:
+            for connection in list(self.connections):
+                _close_after_response(connection)
 
     def _close_listeners(self) -> None:
         if self._listeners_closed:
@@ -463,8 +565,20 @@ class Engine:
         for sock in self.sockets:  # an event loop may have used a duplicate
             sock.close()
 
-    async def drain(self, deadline: float, websocket_code: int = SERVICE_RESTART) -> tuple[int, int]:
-        """Finish what clients started, lame-duck style, until done or `deadline` (monotonic).
+    async def drain(self, deadline: float, websocket_code: int = SERVICE_RESTART, movers: list[Handover] | None = None,
+                    arriving: Callable[[], bool] | None = None) -> tuple[int, int]:
+        """Finish what clients started until done or `deadline` (monotonic).
+
+        After `stop_accepting(moving=True)`, with `movers` (channels to the
+        new generation), every keep-alive connection is handed over the moment
+        it is idle: busy ones finish here first, and nobody is told
+        `Connection: close`. One that can't move (see `movable`), or that the
+        new generation did not take, falls back to the lame-duck drain: served
+        here, each response with `Connection: close`, closed once idle for
+        `idle_grace`. Without movers, every connection drains lame-duck style.
+        Counts land in `handed_over` and `fell_back`. While `arriving()` says
+        the previous generation may still hand us connections (it is draining
+        too), the drain goes on even when empty.
 
         WebSockets are closed with `websocket_code` (1012 at a reload, 1001 at a stop), each at its moment
         in the spread window. Returns (requests served while draining, requests and WebSockets cut at the
@@ -474,34 +588,55 @@ class Engine:
         closer = IdleCloser(self.idle_grace)
         spread = capped_spread(self.websocket_close_spread, deadline - time.monotonic())
         websockets = WebSocketCloser(websocket_code, spread)
-        first = True
-        while True:
-            # Sleep first: connections the loop accepted just before we stopped
-            # are registered a few loop turns later.
-            await asyncio.sleep(DRAIN_TICK)
-            if first:
-                self._close_listeners()
-                first = False
-            now = time.monotonic()
-            if (not self.connections and not self.server.server_state.tasks) or now >= deadline:
-                break  # every connection closed and every handler finished (a WebSocket's may outlive it)
-            by_key = {id(c): c for c in self.connections}
-            upgraded = [c for c in by_key.values() if is_websocket(c)]
-            for ws in upgraded:
-                if getattr(ws, "graceful_http_seen_at", None) is None:
-                    ws.graceful_http_seen_at = now
-            websockets.schedule(upgraded)
-            views = [ConnectionView(key, _busy(c), getattr(c, "last_data_at", 0.0))
-                     for key, c in by_key.items() if not is_websocket(c)]
-            for key in closer.due(views, now):
-                by_key[key].transport.close()
-            await asyncio.sleep(DRAIN_TICK)
+        movers = list(movers or ())
+        moving = self._moving
+        nowhere = "the new generation does not adopt connections"
+        state = self.server.server_state
+        wakeup = asyncio.Event()
+        state.wake_drain = wakeup.set
+
+        def done() -> bool:  # every connection gone, every handler finished (a WebSocket's may outlive it)
+            return not self.connections and not state.tasks and not (arriving and arriving())
+
+        # Sleep first: connections the loop accepted just before we stopped are registered a few loop turns later.
+        await asyncio.sleep(DRAIN_TICK)
+        self._close_listeners()
+        try:
+            while not done() and time.monotonic() < deadline:
+                if movers:
+                    movers = await self._hand_over_idle(movers)
+                    nowhere = "the new generation's channel closed"
+                elif moving:  # nobody (left) to move them to: what is here drains here
+                    self.fall_back_all(nowhere)
+                now = time.monotonic()
+                by_key = {id(c): c for c in self.connections}
+                upgraded = [c for c in by_key.values() if is_websocket(c)]
+                for ws in upgraded:
+                    if getattr(ws, "graceful_http_seen_at", None) is None:
+                        ws.graceful_http_seen_at = now
+                websockets.schedule(upgraded)
+                views = [ConnectionView(key, _busy(c), getattr(c, "last_data_at", 0.0))
+                         for key, c in by_key.items()
+                         if not is_websocket(c) and (not moving or getattr(c, "lame_duck", False))]
+                for key in closer.due(views, now):
+                    by_key[key].transport.close()
+                if done():
+                    break
+                wakeup.clear()
+                try:
+                    await asyncio.wait_for(wakeup.wait(), DRAIN_TICK)
+                except asyncio.TimeoutError:
+                    pass
+        finally:
+            state.wake_drain = None
         websockets.cancel()
         cut = self.in_flight()
         if self.descriptors is not None:
             self.descriptors.stop()
         now = time.monotonic()
         for connection in list(self.connections):
+            if moving and not is_websocket(connection) and not getattr(connection, "lame_duck", False):
+                self.fell_back += 1  # neither moved nor drained here in time
             if _busy(connection) or is_websocket(connection):
                 log.warning("graceful timeout: cut %s", describe_cut(connection, now))
             if is_websocket(connection) and begin_close(connection, GOING_AWAY, "server shutdown"):
@@ -520,3 +655,101 @@ class Engine:
         if self._header_ticker is not None:
             self._header_ticker.cancel()
         await self.server.lifespan.shutdown()
+
+    # ---- connection handover -------------------------------------------------------------------
+
+    @staticmethod
+    def movable(connection) -> tuple[Verdict, str]:
+        """May `connection` move to another process now? (verdict, why)."""
+        return judge(connection_state(connection))
+
+    def detach(self, connection) -> int | None:
+        """Let go of an idle connection without closing it: return a duplicate of its descriptor, or
+        None if it is not movable now (see `movable`).
+
+        Reading stops first, then the duplicate is made and our transport
+        aborted: the kernel keeps the connection open (no FIN, no RST) while
+        any descriptor refers to it, and whatever the client sends from now on
+        waits in the kernel for whoever adopts the descriptor.
+        """
+        if self.movable(connection)[0] is not Verdict.MOVE:
+            return None
+        transport = connection.transport
+        transport.pause_reading()
+        fd = os.dup(transport.get_extra_info("socket").fileno())
+        connection.quiesce()
+        self.connections.discard(connection)
+        transport.abort()
+        return fd
+
+    async def adopt(self, sock: socket.socket, lame_duck: bool = False):
+        """Serve a connection another process detached, exactly as if we had accepted it: same protocol,
+        counted in `connections` (draining, stats and head limits apply). Bytes the client sent while
+        it was in flight are read at once. Returns the protocol; takes ownership of `sock`.
+        `lame_duck`: it is being taken back by a draining engine, which closes it after each response."""
+        sock.setblocking(False)
+        try:
+            _, protocol = await asyncio.get_running_loop().connect_accepted_socket(
+                lambda: self._adopted_protocol(lame_duck), sock=sock)
+        except BaseException:
+            sock.close()
+            raise
+        if not lame_duck:
+            self.adopted += 1
+        return protocol
+
+    def _adopted_protocol(self, lame_duck: bool):
+        config = self.server.config
+        protocol_class = config.http_protocol_class
+        arguments = {"config": config, "server_state": self.server.server_state}
+        if "app_state" in inspect.signature(protocol_class.__init__).parameters:  # newer uvicorn
+            arguments["app_state"] = self.server.lifespan.state
+        protocol = protocol_class(**arguments)
+        protocol.adopted = True
+        protocol.lame_duck = lame_duck
+        return protocol
+
+    async def _hand_over_idle(self, movers: list[Handover]) -> list[Handover]:
+        """Detach every idle connection and send them, spread over `movers`; serve here (lame duck) what
+        can never move or was not taken. Returns the movers still usable."""
+        batch = []
+        for connection in list(self.connections):
+            if is_websocket(connection) or getattr(connection, "lame_duck", False):
+                continue  # WebSockets drain their own way (see websocket_drain)
+            verdict, why = self.movable(connection)
+            if verdict is Verdict.MOVE:
+                batch.append(self.detach(connection))
+            elif verdict is Verdict.NEVER:
+                self._fall_back(connection, why)
+        if not batch:
+            return movers
+        groups: list[list[int]] = [[] for _ in movers]
+        for index, fd in enumerate(batch):
+            groups[(self._next_mover + index) % len(movers)].append(fd)
+        self._next_mover = (self._next_mover + len(batch)) % len(movers)
+        sent = [(mover, group) for mover, group in zip(movers, groups) if group]
+        taken = await asyncio.gather(*(mover.send(group) for mover, group in sent))
+        for (mover, group), count in zip(sent, taken):
+            self.handed_over += count
+            for fd in group[count:]:
+                log.debug("connection handover: the new generation did not take a connection; it drains here")
+                self.fell_back += 1
+                try:
+                    await self.adopt(socket.socket(fileno=fd), lame_duck=True)
+                except OSError as exc:  # the client went away meanwhile
+                    log.debug("connection handover: could not take a connection back: %s", exc)
+        return [mover for mover in movers if mover.usable]
+
+    def fall_back_all(self, why: str) -> None:
+        """Drain every connection here, lame-duck style: they can't move (`why`)."""
+        for connection in list(self.connections):
+            if not is_websocket(connection):
+                self._fall_back(connection, why)
+
+    def _fall_back(self, connection, why: str) -> None:
+        if getattr(connection, "lame_duck", False):
+            return
+        connection.lame_duck = True
+        self.fell_back += 1
+        log.debug("connection handover: %s stays and drains here: %s", _peer(getattr(connection, "client", None)), why)
+        _close_after_response(connection)

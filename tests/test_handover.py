@@ -1,0 +1,156 @@
+"""Connection handover, in one process: the "may this connection move" decision (pure, then read from
+each engine's real protocol objects), the descriptor channel, and connections moving between two engines
+with a real client on real sockets.
+
+Engines: Debian 12's uvicorn 0.17.6 (h11, asyncio) through /usr/bin/python3, and the newest uvicorn from
+PyPI in the venv with each protocol (httptools, h11) on each loop (uvloop, asyncio). The scenarios run in
+`support/handover_scenarios.py` under the engine's interpreter and report what they saw as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SERVICE = Path(__file__).resolve().parents[1] / "service"
+if str(SERVICE) not in sys.path:
+    sys.path.insert(0, str(SERVICE))
+
+from graceful_http.handover import decode, encode  # noqa: E402
+from graceful_http.movable import ConnectionState, Verdict, judge  # noqa: E402
+
+SCENARIOS = Path(__file__).resolve().parent / "support" / "handover_scenarios.py"
+ENGINES = {
+    "debian-h11-asyncio": ("/usr/bin/python3", "h11", "asyncio"),
+    "pypi-httptools-uvloop": (sys.executable, "httptools", "uvloop"),
+    "pypi-httptools-asyncio": (sys.executable, "httptools", "asyncio"),
+    "pypi-h11-uvloop": (sys.executable, "h11", "uvloop"),
+    "pypi-h11-asyncio": (sys.executable, "h11", "asyncio"),
+}
+
+
+def run_scenario(name: str, engine: str) -> dict:
+    python, http, loop = ENGINES[engine]
+    result = subprocess.run([python, str(SCENARIOS), name, http, loop], capture_output=True, text=True, timeout=90)
+    assert result.returncode == 0, f"{name} on {engine} failed:\n{result.stderr[-4000:]}"
+    return json.loads(result.stdout)
+
+
+# ---- the decision, pure --------------------------------------------------------------------------
+
+IDLE = ConnectionState()
+
+
+@pytest.mark.parametrize("state, verdict", [
+    (IDLE, Verdict.MOVE),
+    (ConnectionState(response_complete=False), Verdict.WAIT),
+    (ConnectionState(request_pending=True), Verdict.WAIT),
+    (ConnectionState(unsent_bytes=1), Verdict.WAIT),
+    (ConnectionState(upgraded=True), Verdict.NEVER),
+    (ConnectionState(encrypted=True), Verdict.NEVER),
+    (ConnectionState(closing=True), Verdict.NEVER),
+    (ConnectionState(keep_alive=False), Verdict.NEVER),
+    # What can never move is not waited for, whatever else is going on.
+    (ConnectionState(keep_alive=False, response_complete=False, request_pending=True), Verdict.NEVER),
+    (ConnectionState(upgraded=True, response_complete=False), Verdict.NEVER),
+    (ConnectionState(closing=True, unsent_bytes=10), Verdict.NEVER),
+])
+def test_judge(state, verdict):
+    assert judge(state)[0] is verdict
+
+
+def test_every_reason_is_said():
+    reasons = {judge(ConnectionState(**{field: value}))[1] for field, value in [
+        ("upgraded", True), ("encrypted", True), ("closing", True), ("keep_alive", False),
+        ("response_complete", False), ("request_pending", True), ("unsent_bytes", 5)]}
+    assert len(reasons) == 7 and all(reasons)
+
+
+# ---- the channel's lines, pure -------------------------------------------------------------------
+
+
+def test_lines_round_trip():
+    assert encode("conns", 3) == b"conns 3\n"
+    assert decode(b"conns 3") == ("conns", [3])
+    assert decode(b"done") == ("done", [])
+    assert decode(b"") == ("", [])
+    assert decode(b"took three") == ("", [])  # not a number: meaningless, never a count
+    assert decode(b"\xff\xfe 1") == ("\ufffd\ufffd", [1])
+
+
+# ---- each engine -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("engine", list(ENGINES))
+def test_decision_read_from_each_engine(engine):
+    """Real connections in each state, judged from the engine's own protocol objects; only the idle
+    ones are detached."""
+    verdicts = run_scenario("states", engine)
+    assert verdicts == {
+        "idle": ["move", "detached"],
+        "fresh": ["move", "detached"],
+        "partial head": ["wait", "kept"],
+        "partial head, then complete": ["move"],
+        "pipelined behind a slow request": ["wait", "kept"],
+        "pipelined, both answered": ["move"],
+        "response under way": ["wait", "kept"],
+        "answered before its body was read": ["wait", "kept"],
+        "answered, then its body read": ["move"],
+        "Connection: close asked": ["never", "kept"],
+        "HTTP/1.0, answered": ["never", "kept"],
+        "WebSocket": ["never", "kept"],
+    }
+
+
+@pytest.mark.parametrize("engine", list(ENGINES))
+def test_connection_moves_between_engines_with_requests_in_flight(engine):
+    """Detach → adopt three times; each time the client's next request (a GET, a POST with a 100 kB body,
+    two pipelined GETs) is sent while the connection belongs to neither engine. One TCP connection
+    throughout, every request answered by the engine holding it, no descriptor left behind."""
+    seen = run_scenario("journey", engine)
+    assert seen["answers"] == ["A:/one:0", "B:/two:0", "B:/three:0", "A:/four:100000", "B:/five:0", "B:/six:0",
+                               "B:/seven:0"]
+    assert seen["connects"] == 1 and seen["same_connection"]
+    assert seen["served"] == {"A": 2, "B": 5}  # adopted connections count in the adopter's stats
+    assert seen["fds_after"] == seen["fds_before"]
+
+
+@pytest.mark.parametrize("engine", list(ENGINES))
+def test_connections_through_the_channel(engine):
+    """Over a real socketpair with SCM_RIGHTS: taken and served by the receiver; a receiver that dies
+    before acknowledging leaves the connection with the sender, which serves it; a peer without the
+    feature (closed, or silent) is detected."""
+    seen = run_scenario("channel", engine)
+    assert seen["negotiated"] and seen["taken"] == 1 and seen["adopted"] == 1
+    assert seen["negotiated with the dying receiver"] and seen["taken by the dying receiver"] == 0
+    assert seen["answers"] == ["A:/one:0", "B:/two:0", "B:/three:0"]
+    assert seen["connects"] == 1
+    assert not seen["negotiated with a closed peer"] and not seen["negotiated with a silent peer"]
+    assert seen["fds_after"] == seen["fds_before"]
+
+
+@pytest.mark.parametrize("engine", list(ENGINES))
+def test_drain_hands_every_connection_over(engine):
+    """A draining engine with two adoption points (a new generation's two workers): six idle keep-alive
+    clients move at once, spread over both; a busy one finishes its request without `Connection: close`
+    and moves; a half-sent request is answered, then its connection moves; one that asked for
+    `Connection: close` stays and counts as fallen back. Every client's next request is answered by the
+    new engines on the same connection, and the drain ends as soon as nothing is left."""
+    seen = run_scenario("drain", engine)
+    answers = seen["answers"]
+    for index in range(6):
+        first, second = answers[f"naive{index}"]
+        assert first == "A:/one:0 None" and second.startswith("B") and second.endswith(":/two:0 None")
+    assert answers["busy"][0] == "A:/slow:0 None"  # no Connection: close on the handover path
+    assert answers["busy"][1].startswith("B")
+    assert answers["partial"][0] == "A:/partial:0" and answers["partial"][1].startswith("B")
+    assert seen["closing"] == ["A:/slow:0"]
+    assert seen["connects"] == 7  # one per http.client client: nobody reconnected
+    assert seen["counts"] == {"moved at once": 6, "fell back at once": 1}
+    assert (seen["handed_over"], seen["fell_back"]) == (8, 1)
+    assert sorted(seen["adopted"]) == [4, 4]
+    assert seen["cut"] == 0 and seen["returned_before_deadline"]
