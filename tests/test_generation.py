@@ -415,3 +415,11 @@ def test_only_the_main_generation_notifies_and_one_spawn_at_a_time(sequence):
         if isinstance(event, ReloadRequested) and event.requester is not None:
             if not (m.phase in RELOAD_PHASES and requester == current_requester):
                 assert finals.get(requester) == 1, (requester, finals)
+
+
+def test_serving_status_counts_adopted_connections_only_when_there_are_some():
+    m = machine_in("SERVING")
+    assert m.serving_status(0, 7, 0) == "gen 1 · pid 100 · serving · 0 in flight · 7 requests"
+    assert m.serving_status(1, 7, 12) == "gen 1 · pid 100 · serving · 1 in flight · 7 requests · 12 connections adopted"
+    m.traffic = (0, 3, 5)
+    assert m.serving_status().endswith("· 3 requests · 5 connections adopted")

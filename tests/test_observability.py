@@ -243,7 +243,7 @@ def test_metrics_with_workers_count_reloads_too():
 
 # ---- STATUS= in systemctl status -------------------------------------------------------------
 
-SERVING = re.compile(r"gen (\d+) · pid (\d+) · serving · (\d+) in flight · (\d+) requests")
+SERVING = re.compile(r"gen (\d+) · pid (\d+) · serving · (\d+) in flight · (\d+) requests(?: · \d+ connections adopted)?")
 
 
 def status_text(service: InstalledService) -> str:

@@ -71,7 +71,7 @@ class FakeServer:
     def in_flight(self) -> int:
         return 0
 
-    def stop_accepting(self, replaced: bool = False) -> None:
+    def stop_accepting(self, replaced: bool = False, moving_to: int | None = None) -> None:
         self.accepting = False
 
     async def drain(self, deadline: float, websocket_code: int | None = None) -> tuple[int, int]:
@@ -93,6 +93,7 @@ class FakeSuccessor:
         self.living = True
         self.told_main = False
         self.killed = False
+        self.adopts = False  # a successor that does not take connections over: the lame-duck drain
         self.closed = False
 
     async def until_ready(self):

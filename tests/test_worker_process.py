@@ -24,7 +24,7 @@ class EngineWhoseAppCannotShutDown:
     def in_flight(self) -> int:
         return 0
 
-    def stop_accepting(self, replaced: bool = False) -> None:
+    def stop_accepting(self, replaced: bool = False, moving_to: int | None = None) -> None:
         self.accepting = False
 
     async def drain(self, deadline: float, websocket_code: int | None = None) -> tuple[int, int]:
@@ -71,7 +71,7 @@ def test_worker_reports_drained_when_the_apps_shutdown_raises(monkeypatch, caplo
     main_end.close()
     assert code == 0
     assert lines[0] == ("ready", "")
-    assert ("stats", "0 4") in lines
-    assert lines[-1] == ("drained", "2 0")
+    assert ("stats", "0 4 0") in lines  # in flight, requests, connections adopted
+    assert lines[-1] == ("drained", "2 0 0 0")  # answered, cut, handed over, fell back
     assert not engine.accepting
     assert "the app's lifespan shutdown failed" in caplog.text

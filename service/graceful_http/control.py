@@ -29,6 +29,8 @@ class ControlState:
 
     request_reload: Callable[[str], Outcome | Awaitable[Outcome]]
     accepting: bool = True  # False once this generation drains or stops
+    connections_move: bool = False  # draining hands connections over: no `Connection: close` (the engine
+    # says it itself on each connection that can't move)
 
 
 @dataclass(frozen=True)
@@ -234,7 +236,7 @@ class ControlLayer:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                if close or not state.accepting:  # decided when the response starts: draining may have begun
+                if close or not (state.accepting or state.connections_move):  # decided at the response's start
                     message = {**message, "headers": [*message.get("headers", ()), CONNECTION_CLOSE]}
             await send(message)
 

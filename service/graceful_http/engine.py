@@ -537,13 +537,13 @@ class Engine:
     def open_websockets(self) -> int:
         return sum(1 for c in self.connections if is_websocket(c))
 
-    def stop_accepting(self, replaced: bool = False, moving: bool = False) -> None:
+    def stop_accepting(self, replaced: bool = False, moving_to: int | None = None) -> None:
         """Stop accepting now; close our copies of the listeners a loop turn later (in `drain`).
 
         Closing an asyncio server at once drops the connections it accepted in
         this same loop turn (their transports are still being attached): the
         kernel resets them. So we only stop watching the listeners here.
-        Unless the connections are `moving` to the new generation, requests
+        Unless the connections are moving to a new generation (`moving_to`, its main), requests
         already in flight whose response has not started are told
         `Connection: close`, so their clients move to the new generation too.
         """
@@ -551,8 +551,8 @@ class Engine:
         watched = [loop.remove_reader(sock.fileno()) for server in self.server.servers for sock in server.sockets or ()]
         if not all(watched):  # not asyncio's selector loop (uvloop): its own close is safe
             self._close_listeners()
-        self._moving = moving
-        if not moving:
+        self._moving = moving_to is not None
+        if not self._moving:
             for connection in list(self.connections):
                 _close_after_response(connection)
 

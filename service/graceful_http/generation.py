@@ -168,7 +168,7 @@ class HandoffMachine:
         self.pid = pid
         self.ready_timeout = ready_timeout
         self.state = State(phase=Phase.STARTING, generation=generation)
-        self.traffic = (0, 0)  # (in flight, requests served), kept current by the supervisor for STATUS=
+        self.traffic = (0, 0, 0)  # (in flight, requests served, connections adopted), kept current for STATUS=
 
     @property
     def phase(self) -> Phase:
@@ -182,12 +182,16 @@ class HandoffMachine:
         handler = getattr(self, "_on_" + type(event).__name__)
         return handler(event)
 
-    def serving_status(self, in_flight: int | None = None, total: int | None = None) -> str:
+    def serving_status(self, in_flight: int | None = None, total: int | None = None, adopted: int | None = None) -> str:
         if in_flight is None:
             in_flight = self.traffic[0]
         if total is None:
             total = self.traffic[1]
+        if adopted is None:
+            adopted = self.traffic[2]
         status = f"gen {self.state.generation} · pid {self.pid} · serving · {in_flight} in flight · {total} requests"
+        if adopted:  # keep-alive connections taken over from the previous generation
+            status += f" · {adopted} connections adopted"
         if self.state.last_failure:
             status = f"reload failed: {self.state.last_failure} · {status}"
         return status

@@ -18,7 +18,7 @@ import os
 import socket
 
 from graceful_http.inherited import Inherited
-from graceful_http.wire import FAILED, MAIN, READY, SERVING, decode, encode
+from graceful_http.wire import ADOPTS, FAILED, MAIN, READY, SERVING, decode, encode
 
 CONFIRM_TIMEOUT = 5.0
 
@@ -42,12 +42,13 @@ class PredecessorLink:
         except OSError:
             pass  # the old generation is gone; nobody to tell
 
-    async def report_ready_and_wait_until_main(self) -> bool:
-        """True once the old main has handed over (then `confirm_serving`); False if it went away first."""
+    async def report_ready_and_wait_until_main(self, adopts: bool = False) -> bool:
+        """True once the old main has handed over (then `confirm_serving`); False if it went away first.
+        `adopts`: we take over its keep-alive connections (see `handover`); an older main ignores the word."""
         loop = asyncio.get_running_loop()
         self.sock.setblocking(False)
         try:
-            await loop.sock_sendall(self.sock, encode(READY))
+            await loop.sock_sendall(self.sock, encode(READY, ADOPTS if adopts else ""))
             data = b""
             while not data.endswith(b"\n"):
                 chunk = await loop.sock_recv(self.sock, 256)

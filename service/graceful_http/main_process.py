@@ -23,7 +23,14 @@ from graceful_http.listenfds import ListenFdsError
 from graceful_http.metrics import Metrics
 from graceful_http.pidfile import PidFile
 from graceful_http.sdnotify import Notifier, watchdog_interval
-from graceful_http.serving import Servers, StartError, build_engines, report_start_failure, start_engines
+from graceful_http.serving import (
+    Servers,
+    StartError,
+    build_engines,
+    open_adoption_point,
+    report_start_failure,
+    start_engines,
+)
 from graceful_http.settings import ServeSettings
 from graceful_http.spawn import fork_worker
 from graceful_http.successor import Successor, wait_until_reaped
@@ -133,6 +140,7 @@ async def _serve(settings: ServeSettings, inherited: Inherited, listeners, prede
         else:
             supervisor.servers = Servers(build_engines(settings, listeners, supervisor.control, metrics))
             await start_engines(supervisor.servers)
+            supervisor.adoption = open_adoption_point(supervisor.servers, pid, 1, metrics)
     except StartError as exc:
         return report_start_failure(str(exc), predecessor)
     log.info("graceful-http %s serving %s on %s", __version__, settings.app, supervisor.servers[0].describe())
@@ -142,7 +150,8 @@ async def _serve(settings: ServeSettings, inherited: Inherited, listeners, prede
 
     handed_over = False
     if predecessor is not None:
-        handed_over = await predecessor.report_ready_and_wait_until_main()
+        adopts = supervisor.adoption is not None or settings.workers > 1  # workers each open their own
+        handed_over = await predecessor.report_ready_and_wait_until_main(adopts)
         if not handed_over:
             log.warning("the previous generation went away before handing over; serving as main")
     if not await supervisor.become_main(handed_over):

@@ -53,6 +53,11 @@ class Metrics:
                                     registry=self.registry, multiprocess_mode="livesum").labels(**labels)
             self.duration = Histogram("graceful_http_request_duration_seconds", "Time to answer an HTTP request",
                                       ["worker"], registry=self.registry).labels(**labels)
+            self.handover = Counter("graceful_http_handover_connections",
+                                    "Keep-alive connections of the previous generation at the reload that started"
+                                    " this one: adopted here, and handed over or fallen back (drained there, closed)"
+                                    " as the previous generation counted them", ["worker", "result"],
+                                    registry=self.registry)
         self.cut = Counter("graceful_http_drain_cut_requests", "Requests cut at the graceful timeout by this process",
                            registry=self.registry)
         if worker is not None:  # the reloads are the main's
@@ -85,6 +90,11 @@ class Metrics:
         status_class = f"{status // 100}xx" if status else "5xx"
         self.requests.labels(worker=self._labels["worker"], status_class=status_class).inc()
         self.duration.observe(seconds)
+
+    def connections(self, adopted: int = 0, handed_over: int = 0, fell_back: int = 0) -> None:
+        for result, count in (("adopted", adopted), ("handed_over", handed_over), ("fell_back", fell_back)):
+            if count:
+                self.handover.labels(worker=self._labels["worker"], result=result).inc(count)
 
     def became_main_after_handoff(self) -> None:
         """This generation now serves as main: the reload that started it succeeded."""

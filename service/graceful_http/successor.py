@@ -15,7 +15,7 @@ from graceful_http import generation as g
 from graceful_http.handoff import CONFIRM_TIMEOUT, SuccessorLink
 from graceful_http.inherited import Inherited
 from graceful_http.spawn import spawn_successor, wait_exit
-from graceful_http.wire import FAILED, READY
+from graceful_http.wire import ADOPTS, FAILED, READY
 
 log = logging.getLogger("graceful_http")
 
@@ -28,6 +28,7 @@ class Successor:
         self.pid = pid
         self.link = link
         self.pidfd = os.pidfd_open(pid)
+        self.adopts = False  # it said it takes over our keep-alive connections (`ready adopts`)
 
     @classmethod
     def start(cls, attempt: int, generation: int, listeners: Sequence, inherited: Inherited,
@@ -53,6 +54,7 @@ class Successor:
             if message in done:
                 word, detail = message.result()
                 if word == READY:
+                    self.adopts = ADOPTS in detail.split()
                     return g.ChildReady(self.attempt, self.pid)
                 if word == FAILED:
                     return g.ChildFailed(self.attempt, detail or gone)

@@ -16,7 +16,7 @@ from typing import Any
 
 from graceful_http import generation as g
 from graceful_http.control import ControlState
-from graceful_http.serving import Servers, drain_and_shut_down
+from graceful_http.serving import Servers, connect_successor, drain_and_shut_down, stop_accepting
 from graceful_http.status import StatusReporter
 from graceful_http.successor import Successor, kill_group
 from graceful_http.websocket_drain import GOING_AWAY, SERVICE_RESTART
@@ -52,6 +52,8 @@ class Supervisor:
         self._events: collections.deque = collections.deque()
         self._dispatching = False
         self._tasks: dict[str, asyncio.Task] = {}  # kept: the loop holds tasks only weakly
+        self.adoption = None  # handover.AdoptionPoint: where we take the previous generation's connections
+        self._moving_to: int | None = None  # the successor our connections move to, once handed over
 
     async def become_main(self, handed_over: bool) -> bool:
         """Serving, and main now (made main by a predecessor, or the first): False if stopped meanwhile."""
@@ -72,7 +74,8 @@ class Supervisor:
         self._events.append(event)
         if self._dispatching:
             return
-        self.machine.traffic = (self.servers.in_flight(), self.servers.total_requests)  # for a STATUS= this event may send
+        self.machine.traffic = (self.servers.in_flight(), self.servers.total_requests,  # for a STATUS= this event
+                                self.servers.adopted)  # may send
         self._dispatching = True
         try:
             while self._events:
@@ -138,12 +141,14 @@ class Supervisor:
         self._run("successor", self._until_serving(self.successor, action))
 
     def _do_StartDraining(self, action: g.StartDraining) -> None:
-        self.control.accepting = False
         self.control_server.close()
         self.status.stop()
+        if self.adoption is not None:
+            self.adoption.close()
         replaced = self.machine.phase is not g.Phase.STOPPING
-        for server in self.servers:
-            server.stop_accepting(replaced=replaced)
+        if not replaced:
+            self._moving_to = None
+        stop_accepting(self.servers, self.control, replaced, self._moving_to)
         self._run("drain", self._drain_and_finish())
 
     async def _until_ready(self, successor: Successor) -> None:
@@ -159,6 +164,11 @@ class Supervisor:
             return
         if self.ports.pid_file:
             self.ports.pid_file.write(action.pid)  # systemd re-reads it when ExecReload exits
+        if successor.adopts:  # it takes our keep-alive connections over as they become idle
+            self._moving_to = action.pid
+        else:
+            log.info("generation %d (pid %d) does not take connections over (an older version):"
+                     " they drain here", action.generation, action.pid)
         self._forget_successor()
         self.dispatch(g.HandedOver(action.attempt))
 
@@ -182,7 +192,9 @@ class Supervisor:
         log.info("no longer accepting; finishing %d in-flight request(s), up to %gs", self.servers.in_flight(),
                  self.graceful_timeout)
         code = GOING_AWAY if self.machine.phase is g.Phase.STOPPING else SERVICE_RESTART
-        await drain_and_shut_down(self.servers, self.graceful_timeout, code, self.metrics)
+        movers = await connect_successor(self.servers, self.control, self._moving_to)
+        await drain_and_shut_down(self.servers, self.graceful_timeout, code, self.metrics, movers, self.adoption,
+                                  moving=self._moving_to is not None)
         if self.ports.pid_file and self.machine.phase is g.Phase.STOPPING:
             self.ports.pid_file.remove(self.machine.pid)
         log.info("exited: generation %d (pid %d), %d request(s) served in all",
@@ -195,4 +207,5 @@ class Supervisor:
     def _serving_status(self) -> str | None:
         if self.machine.phase is not g.Phase.SERVING:
             return None
-        return self.machine.serving_status(self.servers.in_flight(), self.servers.total_requests)
+        return self.machine.serving_status(self.servers.in_flight(), self.servers.total_requests,
+                                           self.servers.adopted)

@@ -3,11 +3,13 @@
 Three channels, one framing: a line is a word and an optional detail,
 `word detail\\n`, the detail put on one line whatever it held.
 
-- handoff channel, a new generation → the main it replaces: `ready`,
-  `failed <reason>`; back: `main` (systemd has been told), then → `serving`.
+- handoff channel, a new generation → the main it replaces: `ready` (`ready adopts`
+  if it takes over the old generation's connections), `failed <reason>`; back: `main`
+  (systemd has been told), then → `serving`.
 - worker channel, a worker → its main: `ready`, `failed <reason>`,
-  `stats <in flight> <total>`, `reload <source>`, `drained <answered> <cut>`;
-  back: `outcome <code> <pid> <detail>`.
+  `stats <in flight> <total> <adopted>`, `reload <source>`,
+  `drained <answered> <cut> <handed over> <fell back>`; back: `outcome <code> <pid> <detail>`,
+  `drain <pid>` (hand the connections over to that generation's main, and drain).
 - control socket, `graceful-http reload` → a main: `reload`; back: lines
   `<code> <pid> <detail>`, `started` ones, then one of FINAL_CODES.
 
@@ -24,6 +26,8 @@ from dataclasses import dataclass
 
 READY, FAILED, MAIN, SERVING = "ready", "failed", "main", "serving"
 STATS, RELOAD, DRAINED, OUTCOME = "stats", "reload", "drained", "outcome"
+ADOPTS = "adopts"  # after `ready`: the new generation takes over the old one's keep-alive connections
+DRAIN = "drain"  # main → worker: hand your connections over to the generation whose main is <pid>, and drain
 FINAL_CODES = ("done", "failed", "refused")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 
 from graceful_http import __version__, logs
@@ -17,9 +18,12 @@ from graceful_http.serving import (
     Servers,
     StartError,
     build_engines,
+    connect_successor,
     drain_and_shut_down,
+    open_adoption_point,
     report_start_failure,
     start_engines,
+    stop_accepting,
 )
 from graceful_http.settings import ServeSettings
 from graceful_http.websocket_drain import GOING_AWAY, SERVICE_RESTART
@@ -58,17 +62,29 @@ async def run_worker(settings: ServeSettings, link: MainLink, inherited: Inherit
         await start_engines(engines)
     except (ListenerError, ListenFdsError, StartError) as exc:
         return report_start_failure(str(exc), link)
+    adoption = open_adoption_point(engines, os.getppid(), link.index, metrics)  # our main is our parent
+
+    def handing_over() -> None:  # ...or a new generation took over that adopts our connections (`drain <pid>`)
+        nonlocal websocket_code
+        websocket_code = SERVICE_RESTART
+        stopping.set()
+
+    link.on_drain = handing_over
     await link.connect()
     link.send(READY)
     stats = asyncio.create_task(link.report_stats(engines[0]))
     await stopping.wait()
-    control.accepting = False
-    for engine in engines:
-        engine.stop_accepting()
+    if adoption is not None:
+        adoption.close()
+    moving_to = link.moving_to
+    stop_accepting(engines, control, websocket_code == SERVICE_RESTART, moving_to)
+    movers = await connect_successor(engines, control, moving_to)
     # The main counts what was cut.
-    served, cut = await drain_and_shut_down(engines, settings.graceful_timeout, websocket_code)
+    served, cut, handed_over, fell_back = await drain_and_shut_down(
+        engines, settings.graceful_timeout, websocket_code, movers=movers, adoption=adoption,
+        moving=moving_to is not None)
     stats.cancel()
-    link.send(STATS, f"0 {engines.total_requests}")
-    link.send(DRAINED, f"{served} {cut}")
+    link.send(STATS, f"0 {engines.total_requests} {engines.adopted}")
+    link.send(DRAINED, f"{served} {cut} {handed_over} {fell_back}")
     await link.writer.drain()
     return 0

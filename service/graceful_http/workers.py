@@ -13,8 +13,9 @@ The first N workers are forked from the main before its event loop starts
 The channel's lines are in `wire`.
 With `--metrics`, the main and its workers share their metrics through files
 (see `metrics`), not through the channel.
-Draining is SIGUSR2 (a new generation took over) or SIGTERM (the service stops): the worker stops
-accepting and drains lame-duck style (WebSockets closed with 1012 or 1001).
+Draining is `drain <pid>` (a new generation took over and adopts connections: the worker hands them
+over), SIGUSR2 (a new generation took over that does not) or SIGTERM (the service stops): the worker stops
+accepting and drains (WebSockets closed with 1012 or 1001).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from graceful_http import __version__
 from graceful_http.inherited import Inherited
 from graceful_http.spawn import spawn_worker, wait_exit
 from graceful_http.wire import (
+    DRAIN,
     DRAINED,
     FAILED,
     OUTCOME,
@@ -92,7 +94,8 @@ class Worker:
         self.exited = asyncio.get_running_loop().create_future()
         self.in_flight = 0
         self.total = 0
-        self.drained = (0, 0)  # (answered while draining, cut), as the worker reports it
+        self.adopted = 0  # connections it took over from the previous generation
+        self.drained = (0, 0, 0, 0)  # (answered while draining, cut, handed over, fell back), as it reports them
 
 
 class WorkerPool:
@@ -111,6 +114,9 @@ class WorkerPool:
         self.accepting = True
         self._tasks: set[asyncio.Task] = set()
         self._total_of_dead = 0
+        self._adopted_by_dead = 0
+        self.handed_over = 0  # connections the workers handed over while draining
+        self.fell_back = 0
 
     def describe(self) -> str:
         return f"{self.count} worker processes"
@@ -163,11 +169,10 @@ class WorkerPool:
             elif word == FAILED and not worker.ready.done():
                 worker.ready.set_exception(WorkerStartFailed(detail))
             elif word == STATS:
-                in_flight, _, total = detail.partition(" ")
-                worker.in_flight, worker.total = int(in_flight), int(total)
+                numbers = [int(n) for n in detail.split()] + [0]
+                worker.in_flight, worker.total, worker.adopted = numbers[:3]
             elif word == DRAINED:
-                served, _, cut = detail.partition(" ")
-                worker.drained = (int(served), int(cut))
+                worker.drained = tuple(([int(n) for n in detail.split()] + [0, 0, 0, 0])[:4])
             elif word == RELOAD:
                 outcome = self.request_reload(f"{detail} (via worker {worker.index + 1})")
                 worker.writer.write(encode(OUTCOME, outcome_text(outcome)))
@@ -181,6 +186,7 @@ class WorkerPool:
         _, status = os.waitpid(worker.pid, 0)
         del self.workers[worker.pid]
         self._total_of_dead += worker.total
+        self._adopted_by_dead += worker.adopted
         if self.metrics is not None:
             self.metrics.process_exited(worker.pid)
         worker.writer.close()
@@ -208,6 +214,10 @@ class WorkerPool:
     def total_requests(self) -> int:
         return self._total_of_dead + sum(w.total for w in self.workers.values())
 
+    @property
+    def adopted(self) -> int:
+        return self._adopted_by_dead + sum(w.adopted for w in self.workers.values())
+
     def terminate(self, signum=signal.SIGTERM) -> None:
         for pid in list(self.workers):
             try:
@@ -215,11 +225,17 @@ class WorkerPool:
             except ProcessLookupError:
                 pass
 
-    def stop_accepting(self, replaced: bool = False) -> None:
-        """Workers drain on SIGUSR2 when a new generation took over, on SIGTERM when the service stops (as
-        systemd's own SIGTERM to the whole unit says); the main closes its own copies of the listeners."""
+    def stop_accepting(self, replaced: bool = False, moving_to: int | None = None) -> None:
+        """Workers drain on `drain <pid>` when a new generation took over that adopts their connections
+        (`moving_to`, its main), on SIGUSR2 when one took over that does not, on SIGTERM when the service
+        stops (as systemd's own SIGTERM to the whole unit says); the main closes its own copies of the
+        listeners."""
         self.accepting = False
-        self.terminate(signal.SIGUSR2 if replaced else signal.SIGTERM)
+        if moving_to is not None:
+            for worker in self.workers.values():
+                worker.writer.write(encode(DRAIN, str(moving_to)))
+        else:
+            self.terminate(signal.SIGUSR2 if replaced else signal.SIGTERM)
         for listener in self.listeners:
             listener.sock.close()
 
@@ -233,6 +249,8 @@ class WorkerPool:
             if late:
                 self.terminate(signal.SIGKILL)
                 await asyncio.wait(late, timeout=5)
+        self.handed_over = sum(w.drained[2] for w in draining)
+        self.fell_back = sum(w.drained[3] for w in draining)
         return sum(w.drained[0] for w in draining), sum(w.drained[1] for w in draining)
 
     async def shutdown_app(self) -> None:
@@ -258,6 +276,8 @@ class MainLink:
         self.reader = None
         self.writer = None
         self._replies: asyncio.Queue | None = None
+        self.on_drain = None  # called when the main says `drain <pid>`
+        self.moving_to: int | None = None  # that pid: the new generation's main, which adopts our connections
 
     @classmethod
     def from_inherited(cls, inherited: Inherited) -> MainLink:
@@ -276,6 +296,10 @@ class MainLink:
             word, detail = decode(line)
             if word == OUTCOME:
                 await self._replies.put(parse_outcome(detail))
+            elif word == DRAIN:
+                self.moving_to = int(detail) if detail.isdigit() else None
+                if self.on_drain is not None:
+                    self.on_drain()
         # The main is gone: a worker never outlives its generation.
         os.kill(os.getpid(), signal.SIGTERM)
 
@@ -295,5 +319,5 @@ class MainLink:
 
     async def report_stats(self, engine) -> None:
         while True:
-            self.send(STATS, f"{engine.in_flight()} {engine.total_requests}")
+            self.send(STATS, f"{engine.in_flight()} {engine.total_requests} {getattr(engine, 'adopted', 0)}")
             await asyncio.sleep(STATS_INTERVAL)

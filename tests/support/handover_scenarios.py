@@ -390,7 +390,7 @@ async def drain(http: str) -> dict:
                    and all(getattr(c, "last_data_at", 0) for c in a.connections if c.cycle is None),
                    "9 connections, 2 busy, the partial head read")
 
-    a.stop_accepting(moving=True)
+    a.stop_accepting(moving_to=os.getpid())
     movers = await connect_all(os.getpid())
     deadline = time.monotonic() + DEADLINE
     draining = asyncio.ensure_future(a.drain(deadline, movers=movers))

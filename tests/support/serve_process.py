@@ -59,7 +59,7 @@ def clean_environ(**extra: str) -> dict[str, str]:
                if not k.startswith(("LISTEN_", "GRACEFUL_HTTP_", "WATCHDOG_"))
                and k not in ("NOTIFY_SOCKET", "MAINPID", "JOURNAL_STREAM", "PYTHONHOME", "INVOCATION_ID",
                             "FORWARDED_ALLOW_IPS")}
-    environ.update(PYTHONPATH=str(SERVICE_DIR), PYTHONDONTWRITEBYTECODE="1", **extra)
+    environ.update({"PYTHONPATH": str(SERVICE_DIR), "PYTHONDONTWRITEBYTECODE": "1", **extra})  # extra may move the code
     return environ
 
 
