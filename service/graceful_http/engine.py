@@ -402,6 +402,14 @@ class OneLineProtocolErrors(logging.Filter):
         return True
 
 
+def _takes_app_state(protocol_class) -> bool:
+    """Does uvicorn's own protocol class (under our subclass) take `app_state` (newer uvicorn)?"""
+    for klass in protocol_class.__mro__:
+        if klass.__module__.startswith("uvicorn.protocols"):
+            return "app_state" in inspect.signature(klass.__init__).parameters
+    return False
+
+
 def _peer(client) -> str:
     if isinstance(client, (tuple, list)) and len(client) >= 2:
         return f"the connection from {client[0]}:{client[1]}"
@@ -702,7 +710,7 @@ class Engine:
         config = self.server.config
         protocol_class = config.http_protocol_class
         arguments = {"config": config, "server_state": self.server.server_state}
-        if "app_state" in inspect.signature(protocol_class.__init__).parameters:  # newer uvicorn
+        if _takes_app_state(protocol_class):  # newer uvicorn
             arguments["app_state"] = self.server.lifespan.state
         protocol = protocol_class(**arguments)
         protocol.adopted = True
