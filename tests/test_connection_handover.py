@@ -30,7 +30,7 @@ from harness.systemd_service import SERVICE, SOCKET, InstalledService, count
 
 APPS = Path(__file__).resolve().parent / "apps"
 REPO = Path(__file__).resolve().parents[1]
-WITHOUT_HANDOVER = "f2a5a25"  # the last commit before connection handover
+WITHOUT_HANDOVER = "7c244e1"  # the last commit before connection handover
 RELOADS = 30
 CLIENTS = 12
 DRAINED = re.compile(r"gen \d+: drained: .*; connections: (\d+) handed over, (\d+) fell back")  # a main's
