@@ -23,10 +23,10 @@ from pathlib import Path
 import pytest
 
 from harness.container import wait_until as wait_in_container
+from harness.systemd_service import SERVICE, SOCKET, InstalledService, count
 from support.naive_load import NaiveClients
 from support.prometheus import scrape
 from support.serve_process import ENGINES, HOST, SERVICE_DIR, ServeProcess, wait_until
-from harness.systemd_service import SERVICE, SOCKET, InstalledService, count
 
 APPS = Path(__file__).resolve().parent / "apps"
 REPO = Path(__file__).resolve().parents[1]
@@ -77,10 +77,10 @@ def test_naive_keep_alive_clients_see_no_close_across_30_reloads(engine, workers
 def handover_counts(server: ServeProcess) -> dict[str, float]:
     """graceful_http_handover_connections_total by result, summed over workers (a scrape is a new connection)."""
     totals: dict[str, float] = {}
-    for (name, labels), count in scrape(HOST, server.port).items():
+    for (name, labels), gauge in scrape(HOST, server.port).items():
         if name == "graceful_http_handover_connections_total":
             result = dict(labels)["result"]
-            totals[result] = totals.get(result, 0) + count
+            totals[result] = totals.get(result, 0) + gauge
     return totals
 
 
@@ -102,7 +102,7 @@ def test_metrics_and_the_drain_line_count_what_moved(engine, workers, tmp_path):
             connection.getresponse().read()
         busy.request("GET", "/sleep?seconds=2")
         os.kill(old, signal.SIGHUP)
-        new = server.wait_new_main(old)
+        server.wait_new_main(old)
         assert busy.getresponse().read().startswith(b"Hello, graceful pid:")
         server.wait_gone(old)
         for connection in [*idle, busy]:

@@ -19,9 +19,9 @@ from email.utils import formatdate
 import uvicorn
 
 from graceful_http.drain import ConnectionView, IdleCloser
+from graceful_http.fdlimit import DescriptorWatch
 from graceful_http.handover import Handover
 from graceful_http.movable import ConnectionState, Verdict, judge
-from graceful_http.fdlimit import DescriptorWatch
 from graceful_http.settings import (
     DEFAULT_FORWARDED_ALLOW_IPS,
     FORWARDED_ALLOW_IPS_VARIABLE,
@@ -737,7 +737,7 @@ class Engine:
         self._next_mover = (self._next_mover + len(batch)) % len(movers)
         sent = [(mover, group) for mover, group in zip(movers, groups) if group]
         taken = await asyncio.gather(*(mover.send(group) for mover, group in sent))
-        for (mover, group), count in zip(sent, taken):
+        for (_mover, group), count in zip(sent, taken):
             self.handed_over += count
             for fd in group[count:]:
                 log.debug("connection handover: the new generation did not take a connection; it drains here")

@@ -21,7 +21,8 @@ as the same user. A new generation without the feature has no such address:
 the old one finds nothing and drains lame-duck style, as before.
 
 Lines (sender → receiver): `handover <version>`, `conns <n>` (with n
-descriptors), `done <handed over> <fell back>` (the sender's drain, counted). Receiver → sender: `adopting <version>` (or nothing, if
+descriptors), `done <handed over> <fell back>` (the sender's drain, counted).
+Receiver → sender: `adopting <version>` (or nothing, if
 it does not know the feature: the sender falls back), `took <k>` (the first k
 of the batch; the rest were lost in transit and stay the sender's).
 """

@@ -190,7 +190,7 @@ async def journey(http: str) -> dict:
     served = {"A": a.total_requests, "B": b.total_requests}
     client.close()
     await wait_for(lambda: not a.connections and not b.connections, "the connection to close")
-    for engine, sock in ((a, a_sock), (b, b_sock)):
+    for engine, _sock in ((a, a_sock), (b, b_sock)):
         engine.stop_accepting()
         await engine.drain(time.monotonic() + 5)
     return {"answers": answers, "connects": CountingConnection.connects, "same_connection": same_connection,
@@ -429,7 +429,8 @@ def main() -> None:
         import uvloop
 
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    result = asyncio.run(asyncio.wait_for({"journey": journey, "channel": channel, "drain": drain, "states": states}[scenario](http), 60))
+    scenarios = {"journey": journey, "channel": channel, "drain": drain, "states": states}
+    result = asyncio.run(asyncio.wait_for(scenarios[scenario](http), 60))
     print(json.dumps(result))
 
 

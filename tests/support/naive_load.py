@@ -160,7 +160,7 @@ def _read_answers(sock: socket.socket, paths: list[str]) -> list[int]:
         end = data.find(b"\r\n\r\n")
         if end >= 0:
             status_line, *lines = data[:end].decode("latin-1").split("\r\n")
-            headers = {name.strip().lower(): value.strip() for name, _, value in (l.partition(":") for l in lines)}
+            headers = {name.strip().lower(): value.strip() for name, _, value in (line.partition(":") for line in lines)}
             length = int(headers.get("content-length", "0"))
             if len(data) >= end + 4 + length:
                 text = data[end + 4:end + 4 + length].decode()
