@@ -7,6 +7,7 @@ Sections (see README, "Benchmark"):
   reloads   wrk -c50 (totals) and the per-request load tool (each request) while reloading every 1–2 s
   soak      graceful-http under systemd, many reloads under wrk: errors, RSS, descriptors, processes
   websockets  WebSocket clients that reconnect at once, through reloads: close codes, time back, stampede
+  naive     keep-alive clients that reuse a connection without checking it, through reloads: failed, reconnects
 
 Timings are figures to read, never pass/fail: the targets table says how they compare with the issue's.
 """
@@ -73,14 +74,18 @@ class Plan:
     ws_clients: int = 50
     ws_reloads: int = 3
     ws_interval: float = 6.0  # above graceful-http's default WebSocket close spread (5 s)
+    naive_clients: int = 60
+    naive_duration: float = 20.0
+    naive_interval: float = 1.2
     systemd: bool = True
-    sections: tuple[str, ...] = ("steady", "handoff", "reloads", "soak", "websockets")
+    sections: tuple[str, ...] = ("steady", "handoff", "reloads", "soak", "websockets", "naive")
 
 
 FULL = Plan("full")
 SMOKE = Plan("smoke", steady_runs=1, steady_duration=1, steady_warmup=0, reload_duration=3, reload_interval=1.0,
              reload_warmup=0.5, reload_tail=0.8, peers=("gunicorn-hup",), handoff_reloads=3, soak_reloads=3,
-             soak_interval=0.5, soak_chunk=3, ws_clients=10, ws_reloads=1, ws_interval=3.0)
+             soak_interval=0.5, soak_chunk=3, ws_clients=10, ws_reloads=1, ws_interval=3.0,
+             naive_clients=10, naive_duration=3.0)
 
 
 def say(message: str) -> None:
@@ -174,6 +179,21 @@ def websocket_section(plan: Plan, raw: Path) -> list[dict]:
         try:
             rows.append(websocket_reloads(server, plan.ws_clients, plan.ws_reloads, plan.ws_interval,
                                           settle=plan.ws_interval))
+        finally:
+            server.stop()
+    return rows
+
+
+def naive_section(plan: Plan, raw: Path) -> list[dict]:
+    """The same naive keep-alive clients through reloads of graceful-http, uvicorn and gunicorn."""
+    from bench.naive import naive_reloads
+
+    rows = []
+    for server in (GracefulHttp(2, raw), Uvicorn(2, raw), Gunicorn(2, raw, "HUP")):
+        say(f"naive clients: {server.label}, {plan.naive_clients} clients, {plan.naive_duration} s")
+        server.start()
+        try:
+            rows.append(naive_reloads(server, plan.naive_clients, plan.naive_duration, plan.naive_interval))
         finally:
             server.stop()
     return rows
@@ -673,6 +693,14 @@ def markdown(results: dict) -> str:
     if results.get("picture"):
         parts += ["## Latency during reloads", "", f"![request latency during reloads]({results['picture']})", "",
                   results.get("picture_note", ""), ""]
+    if results.get("naive"):
+        parts += ["", f"## Naive keep-alive clients through reloads ({s['naive_clients']} clients, http.client reusing"
+                      f" its connection without checking it, no retry, 0.6–1.4 s between requests; a reload every"
+                      f" {s['naive_interval']} s for {s['naive_duration']} s, 2 workers)", ""]
+        rows = [[r["server"], r["reloads"], r["requests"], r["failed"], r["reconnects"], r["p99_steady_ms"],
+                 r["p99_after_reload_ms"]] for r in results["naive"]]
+        parts.append(_table(["server (reload)", "reloads", "requests", "failed", "reconnects", "p99 steady ms",
+                             "p99 within 1 s after a reload ms"], rows))
     if results.get("websockets"):
         parts += ["", f"## WebSockets through reloads ({s['ws_clients']} clients that reconnect at once, "
                       f"{s['ws_reloads']} reload(s) {s['ws_interval']} s apart, 2 workers)", "",
@@ -718,7 +746,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--smoke", action="store_true", help="a few seconds of everything (what CI runs)")
     parser.add_argument("--out", type=Path, help="where to write results (default: bench/results, or "
                                                  "bench/results/smoke with --smoke)")
-    parser.add_argument("--only", help="comma-separated sections: steady,handoff,reloads,soak,websockets")
+    parser.add_argument("--only", help="comma-separated sections: steady,handoff,reloads,soak,websockets,naive")
     parser.add_argument("--no-systemd", action="store_true", help="skip everything that boots systemd in a container")
     parser.add_argument("--runs", type=int, help="steady-state runs per server")
     parser.add_argument("--duration", type=int, help="seconds per steady-state run")
@@ -760,7 +788,7 @@ def main(argv: list[str] | None = None) -> int:
     began = time.monotonic()
     results = {"kind": plan.kind, "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
                "machine": machine(), "versions": versions(), "settings": dataclasses.asdict(plan),
-               "steady": [], "reloads": [], "handoff": {}, "soak": None, "websockets": []}
+               "steady": [], "reloads": [], "handoff": {}, "soak": None, "websockets": [], "naive": []}
     if plan.systemd:
         from bench.systemd import boot_check
 
@@ -775,6 +803,8 @@ def main(argv: list[str] | None = None) -> int:
             results["reloads"] = standalone_reloads(plan, raw, keep)
         if "websockets" in plan.sections:
             results["websockets"] = websocket_section(plan, raw)
+        if "naive" in plan.sections:
+            results["naive"] = naive_section(plan, raw)
         if plan.systemd and set(plan.sections) & {"handoff", "reloads", "soak"}:
             systemd_sections(plan, raw, keep, results)
     finally:

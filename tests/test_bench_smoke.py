@@ -82,6 +82,12 @@ def test_results_json_is_complete(smoke):
         assert row["connections_ended"] >= 1 and sum(row["close_codes"].values()) == row["connections_ended"], label
         assert is_number(row["back_p50_ms"]) and row["peak_ends_per_100ms"] >= 1, label
 
+    naive = {row["server"]: row for row in data["naive"]}
+    assert len(naive) == 3, naive
+    for label, row in naive.items():
+        assert row["reloads"] >= 1 and row["requests"] > 0, label
+        assert isinstance(row["failed"], int) and isinstance(row["reconnects"], int), label
+
     assert data["targets"], "the targets table is empty"
     for row in data["targets"]:
         assert set(row) == {"target", "measured", "met"} and isinstance(row["met"], bool), row
@@ -91,7 +97,7 @@ def test_markdown_and_table_are_printed(smoke):
     out, stdout = smoke
     text = (out / "results.md").read_text()
     for heading in ("## Steady state", "## Reloads under load", "## Soak", "## Handoff time", "## WebSockets",
-                    "## Against the issue's targets", "](reload-latency.png)"):
+                    "## Naive keep-alive", "## Against the issue's targets", "](reload-latency.png)"):
         assert heading in text, heading
         assert heading in stdout, heading
 
