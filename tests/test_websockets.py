@@ -12,6 +12,7 @@ never a traceback.
 from __future__ import annotations
 
 import asyncio
+import functools
 import http.client
 import os
 import re
@@ -86,6 +87,26 @@ async def hold_then_reconnect(port: int, trigger) -> list[Client]:
     return clients
 
 
+async def hold_until_stopped(port: int, stop, clients: int = 3) -> list[int | None]:
+    """Hold `clients` WebSockets, call `stop` (blocking, in a thread), return each one's close code."""
+    codes = []
+
+    async def one():
+        async with connect(f"ws://{HOST}:{port}/ws", close_timeout=10) as ws:
+            try:
+                async for _ in ws:
+                    pass
+            except ConnectionClosed:
+                pass
+            codes.append(ws.close_code)
+
+    tasks = [asyncio.create_task(one()) for _ in range(clients)]
+    await asyncio.sleep(0.5)  # the app has sent a message or two on each (it sends every 0.2 s)
+    await asyncio.get_running_loop().run_in_executor(None, stop)
+    await asyncio.wait_for(asyncio.gather(*tasks), timeout=30)
+    return codes
+
+
 @pytest.mark.parametrize("engine, ws", IMPLEMENTATIONS, ids=[f"{e}-{w}" for e, w in IMPLEMENTATIONS])
 @pytest.mark.parametrize("workers", [1, 2])
 def test_a_reload_closes_websockets_with_1012_and_clients_reconnect_to_the_new_generation(engine, ws, workers,
@@ -126,25 +147,7 @@ def test_a_stop_closes_websockets_with_1001(engine, ws, tmp_path):
     with serve(engine, tmp_path, "--ws", ws, "--workers", "2") as server:
         server.wait_serving(timeout=30)
 
-        async def hold_until_stopped() -> list[int | None]:
-            codes = []
-
-            async def one():
-                async with connect(f"ws://{HOST}:{server.port}/ws", close_timeout=10) as ws:
-                    try:
-                        async for _ in ws:
-                            pass
-                    except ConnectionClosed:
-                        pass
-                    codes.append(ws.close_code)
-
-            tasks = [asyncio.create_task(one()) for _ in range(3)]
-            await asyncio.sleep(0.5)  # the app has sent a message or two on each (it sends every 0.2 s)
-            server.popen.send_signal(signal.SIGTERM)
-            await asyncio.wait_for(asyncio.gather(*tasks), timeout=30)
-            return codes
-
-        codes = asyncio.run(hold_until_stopped())
+        codes = asyncio.run(hold_until_stopped(server.port, lambda: server.popen.send_signal(signal.SIGTERM)))
         assert codes == [1001, 1001, 1001]
         assert server.popen.wait(timeout=30) == 0
         assert server.log().count("app saw websocket.disconnect code=1001") == 3
@@ -207,24 +210,7 @@ def test_under_systemd_reload_closes_with_1012_and_stop_with_1001(engine, worker
         wait_until(lambda: service.journal().count("app saw websocket.disconnect code=1012") == CLIENTS, 30,
                    "the old generation's app to see every disconnect")
 
-        async def hold_until_stopped() -> list[int | None]:
-            codes = []
-
-            async def one():
-                async with connect(f"ws://{HOST}:{service.port}/ws", close_timeout=10) as ws:
-                    try:
-                        async for _ in ws:
-                            pass
-                    except ConnectionClosed:
-                        pass
-                    codes.append(ws.close_code)
-
-            tasks = [asyncio.create_task(one()) for _ in range(3)]
-            await asyncio.sleep(0.5)
-            await asyncio.get_running_loop().run_in_executor(None, service.container.systemctl, "stop", SERVICE)
-            await asyncio.wait_for(asyncio.gather(*tasks), timeout=30)
-            return codes
-
-        assert asyncio.run(hold_until_stopped()) == [1001, 1001, 1001]
+        stop = functools.partial(service.container.systemctl, "stop", SERVICE)
+        assert asyncio.run(hold_until_stopped(service.port, stop)) == [1001, 1001, 1001]
         assert service.state()["Result"] == "success"
         assert service.journal().count("app saw websocket.disconnect code=1001") == 3
