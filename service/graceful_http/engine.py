@@ -542,9 +542,6 @@ class Engine:
         """Requests being answered and open WebSockets: the work a drain waits for."""
         return sum(1 for c in self.connections if _busy(c) or is_websocket(c))
 
-    def open_websockets(self) -> int:
-        return sum(1 for c in self.connections if is_websocket(c))
-
     def stop_accepting(self, replaced: bool = False, moving_to: int | None = None) -> None:
         """Stop accepting now; close our copies of the listeners a loop turn later (in `drain`).
 
