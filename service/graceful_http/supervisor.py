@@ -131,6 +131,7 @@ class Supervisor:
 
     def _do_HandOver(self, action: g.HandOver) -> None:
         notifier = self.ports.notifier
+        self.status.stop()  # no WATCHDOG=1/STATUS= from us once systemd may take the successor as main
         notifier.send(MAINPID=action.pid, READY=1, STATUS=f"gen {action.generation} · pid {action.pid} · serving")
         if notifier.enabled and not notifier.barrier():
             log.warning("systemd did not confirm the handover within 5s")
@@ -179,6 +180,7 @@ class Supervisor:
             self.ports.wait_until_reaped(action.pid)
         self.dispatch(g.HandOverFailed(action.attempt, f"new generation (pid {action.pid}) exited during the"
                                                        " handover"))
+        self.status.start()  # main again
 
     def _forget_successor(self) -> None:
         task = self._tasks.pop("successor", None)
