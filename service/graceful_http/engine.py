@@ -189,6 +189,7 @@ def tracked_protocol(base):
         request_started_at = 0.0
         adopted = False  # set by Engine.adopt before connection_made: it arrived idle from another process
         lame_duck = False  # set by a draining engine that can't hand it over: each response closes it
+        fd_name = None  # its name in systemd's fd store while it is stored there (see fdstore)
         _head_timer = None
         _head_bytes = 0
         max_head_bytes = MAX_HEAD_BYTES
@@ -213,6 +214,8 @@ def tracked_protocol(base):
                                                                     self.timeout_keep_alive_handler)
 
         def data_received(self, data):
+            if self.fd_name is not None:  # busy now: out of the store before anything else happens
+                self.server_state.fd_store.got_busy_or_closed(self)
             self.last_data_at = time.monotonic()
             before = getattr(self, "cycle", None)
             super().data_received(data)
@@ -241,6 +244,8 @@ def tracked_protocol(base):
                 wake()
 
         def connection_lost(self, exc):
+            if self.fd_name is not None:  # a stored copy would keep it open
+                self.server_state.fd_store.got_busy_or_closed(self)
             self._head_received()
             super().connection_lost(exc)
 
@@ -277,6 +282,8 @@ def tracked_protocol(base):
 
         def quiesce(self) -> None:
             """Stop every timer of this connection: it is leaving this process."""
+            if self.fd_name is not None:
+                self.server_state.fd_store.leaving(self)
             self._head_received()
             self._unset_keepalive_if_required()
 

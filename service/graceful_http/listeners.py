@@ -7,6 +7,7 @@ import socket
 import stat
 from dataclasses import dataclass
 
+from graceful_http.fdstore import is_connection_name
 from graceful_http.listenfds import LISTEN_FDS_START, LISTEN_VARIABLES, passed_fd_count
 from graceful_http.settings import BindAddress
 
@@ -35,14 +36,22 @@ class Listener:
         return f"{text} ({self.name}, {'inherited' if self.inherited else 'bound here'})"
 
 
-def acquire(binds: tuple[BindAddress, ...], environ=os.environ, backlog: int = 2048) -> list[Listener]:
+class Acquired(list):
+    """The listeners, and the connections systemd's fd store handed back with them (see `fdstore`)."""
+
+    def __init__(self, listeners=(), restored: list[tuple[str, socket.socket | None]] | None = None):
+        super().__init__(listeners)
+        self.restored = restored or []
+
+
+def acquire(binds: tuple[BindAddress, ...], environ=os.environ, backlog: int = 2048) -> Acquired:
     """Sockets passed with LISTEN_FDS if any (the bind addresses are then unused), else bound."""
     if passed_fd_count(environ, os.getpid()):
         return inherited(environ)
-    return [bind(address, backlog) for address in binds]
+    return Acquired(bind(address, backlog) for address in binds)
 
 
-def inherited(environ) -> list[Listener]:
+def inherited(environ) -> Acquired:
     from systemd import daemon
 
     expected = passed_fd_count(environ, os.getpid())
@@ -54,8 +63,16 @@ def inherited(environ) -> list[Listener]:
     passed = daemon.listen_fds_with_names(unset_environment=True)
     for variable in LISTEN_VARIABLES:
         environ.pop(variable, None)  # a new generation gets them fresh
-    listeners = []
+    listeners = Acquired()
     for fd, name in sorted(passed.items()):
+        if is_connection_name(name):  # a keep-alive connection we stored before a restart: adopted, not listened on
+            os.set_inheritable(fd, False)
+            if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+                os.close(fd)  # not what we store: it goes, and its entry with it
+                listeners.restored.append((name, None))
+                continue
+            listeners.restored.append((name, socket.socket(fileno=fd)))
+            continue
         if not stat.S_ISSOCK(os.fstat(fd).st_mode):
             raise ListenerError(f"fd {fd} ({name}) passed in LISTEN_FDS is not a socket")
         sock = socket.socket(fileno=fd)

@@ -15,6 +15,7 @@ from graceful_http import __version__, logs
 from graceful_http import generation as g
 from graceful_http.controlsocket import ControlServer
 from graceful_http.fdlimit import describe_limit, raise_soft_limit
+from graceful_http.fdstore_systemd import discard_restored, open_connection_store
 from graceful_http.handoff import PredecessorLink
 from graceful_http.holder import report_main
 from graceful_http.inherited import Inherited
@@ -61,6 +62,7 @@ def run_main(settings: ServeSettings, inherited: Inherited) -> int:
     try:
         forked = []
         if settings.workers > 1:
+            discard_restored(listeners.restored)  # the workers would hold them open: only a serving main stores
             try:
                 forked = fork_workers(settings, listeners, inherited, predecessor, metrics)
             except OSError as exc:
@@ -141,6 +143,9 @@ async def _serve(settings: ServeSettings, inherited: Inherited, listeners, prede
             supervisor.servers = Servers(build_engines(settings, listeners, supervisor.control, metrics))
             await start_engines(supervisor.servers)
             supervisor.adoption = open_adoption_point(supervisor.servers, pid, 1, metrics)
+            supervisor.fd_store = open_connection_store(supervisor.servers, listeners.restored, pid)
+            if supervisor.fd_store is not None:
+                await supervisor.fd_store.adopt_restored(listeners.restored)
     except StartError as exc:
         return report_start_failure(str(exc), predecessor)
     log.info("graceful-http %s serving %s on %s", __version__, settings.app, supervisor.servers[0].describe())
@@ -160,6 +165,8 @@ async def _serve(settings: ServeSettings, inherited: Inherited, listeners, prede
         await supervisor.finished.wait()
         return 0
     report_main(inherited.generation)  # to the stable-pid holder, if any: signals come here now
+    if supervisor.fd_store is not None:
+        supervisor.fd_store.start()
     if handed_over:
         predecessor.confirm_serving()  # now the old main may report the reload done
     await supervisor.finished.wait()

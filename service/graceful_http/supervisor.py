@@ -54,6 +54,7 @@ class Supervisor:
         self._tasks: dict[str, asyncio.Task] = {}  # kept: the loop holds tasks only weakly
         self.adoption = None  # handover.AdoptionPoint: where we take the previous generation's connections
         self._moving_to: int | None = None  # the successor our connections move to, once handed over
+        self.fd_store = None  # fdstore_systemd.ConnectionStore: idle connections kept in systemd's fd store
 
     async def become_main(self, handed_over: bool) -> bool:
         """Serving, and main now (made main by a predecessor, or the first): False if stopped meanwhile."""
@@ -132,6 +133,8 @@ class Supervisor:
     def _do_HandOver(self, action: g.HandOver) -> None:
         notifier = self.ports.notifier
         self.status.stop()  # no WATCHDOG=1/STATUS= from us once systemd may take the successor as main
+        if self.fd_store is not None:  # the successor stores our connections under its names once it has them
+            self.fd_store.withdraw()
         notifier.send(MAINPID=action.pid, READY=1, STATUS=f"gen {action.generation} · pid {action.pid} · serving")
         if notifier.enabled and not notifier.barrier():
             log.warning("systemd did not confirm the handover within 5s")
@@ -149,8 +152,10 @@ class Supervisor:
         replaced = self.machine.phase is not g.Phase.STOPPING
         if not replaced:
             self._moving_to = None
-        stop_accepting(self.servers, self.control, replaced, self._moving_to)
-        self._run("drain", self._drain_and_finish())
+        # At a stop, connections go into systemd's fd store as they become idle, for the next start.
+        keeper = self.fd_store.keeper() if self.fd_store is not None and not replaced else None
+        stop_accepting(self.servers, self.control, replaced, self._moving_to if keeper is None else self.machine.pid)
+        self._run("drain", self._drain_and_finish(keeper))
 
     async def _until_ready(self, successor: Successor) -> None:
         self.dispatch(await successor.until_ready())
@@ -181,6 +186,8 @@ class Supervisor:
         self.dispatch(g.HandOverFailed(action.attempt, f"new generation (pid {action.pid}) exited during the"
                                                        " handover"))
         self.status.start()  # main again
+        if self.fd_store is not None:
+            self.fd_store.resume()
 
     def _forget_successor(self) -> None:
         task = self._tasks.pop("successor", None)
@@ -190,13 +197,14 @@ class Supervisor:
             self.successor.close()
             self.successor = None
 
-    async def _drain_and_finish(self) -> None:
+    async def _drain_and_finish(self, keeper=None) -> None:
         log.info("no longer accepting; finishing %d in-flight request(s), up to %gs", self.servers.in_flight(),
                  self.graceful_timeout)
         code = GOING_AWAY if self.machine.phase is g.Phase.STOPPING else SERVICE_RESTART
-        movers = await connect_successor(self.servers, self.control, self._moving_to)
+        movers = [keeper] if keeper is not None else await connect_successor(self.servers, self.control,
+                                                                               self._moving_to)
         await drain_and_shut_down(self.servers, self.graceful_timeout, code, self.metrics, movers, self.adoption,
-                                  moving=self._moving_to is not None)
+                                  moving=self._moving_to is not None or keeper is not None)
         if self.ports.pid_file and self.machine.phase is g.Phase.STOPPING:
             self.ports.pid_file.remove(self.machine.pid)
         log.info("exited: generation %d (pid %d), %d request(s) served in all",

@@ -1,0 +1,212 @@
+"""Idle keep-alive connections across `systemctl restart` and a crash, through systemd's fd store.
+
+The pure decisions (`fdstore.StoreBook`) first; then, under real systemd (Debian 12's 252 on the host's
+root, Debian 13's 257 on a debootstrapped root), the shipped unit serving tests/apps/echo_app.py:
+- naive keep-alive clients (support/naive_load.py: they never check a connection before reusing it and
+  never retry) across 5 `systemctl restart`s: 0 failed requests, 0 reconnects, and the store never holds
+  more descriptors than there are open connections, restart after restart;
+- idle connections across a SIGKILL of the main (Restart=on-failure): each client's next request on its
+  same connection is answered by the new main;
+- a reload (a new generation, MAINPID handoff) leaves each connection stored once, by the new generation;
+- a crash loop still ends with the unit failed as `Restart=` and the start limit say, the store released.
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from graceful_http.fdstore import Candidate, StoreBook, capacity, split_passed
+from harness.container import wait_until as wait_in_container
+from harness.systemd_service import SERVICE, SOCKET, InstalledService
+from support.naive_load import ANSWER, NaiveClients
+
+APPS = Path(__file__).resolve().parent / "apps"
+HOST = "127.0.0.1"
+CLIENTS = 8
+RESTARTS = 5
+
+
+# ---- the pure core ----------------------------------------------------------------------------
+
+
+def test_capacity_comes_from_FDSTORE_and_anything_else_means_no_store():
+    assert capacity({"FDSTORE": "4096"}) == 4096
+    assert capacity({}) == capacity({"FDSTORE": "many"}) == capacity({"FDSTORE": "-1"}) == 0
+
+
+def test_passed_names_split_into_listeners_and_stored_connections():
+    assert split_passed(["http", "control", "conn-12-1", "conn-9-4"]) == ([0, 1], [2, 3])
+
+
+def test_only_connections_idle_for_the_settle_time_are_stored_longest_idle_first_within_room():
+    book = StoreBook(pid=7, capacity=2, settle=1.0)
+    plan = book.plan([Candidate(1, True, 9.5), Candidate(2, True, 8.0), Candidate(3, False, 0.0),
+                      Candidate(4, True, 8.5)], now=10.0)
+    assert plan.store == [(2, "conn-7-1"), (4, "conn-7-2")] and plan.remove == []
+    assert book.room() == 0
+    plan = book.plan([Candidate(1, True, 9.5), Candidate(2, True, 8.0), Candidate(4, True, 8.5)], now=11.0)
+    assert plan.store == [] and plan.remove == []  # no room for 1 until one leaves
+
+
+def test_a_stored_connection_that_is_not_idle_is_taken_out_and_its_room_reused():
+    book = StoreBook(pid=7, capacity=1, settle=1.0)
+    book.plan([Candidate(1, True, 0.0)], now=5.0)
+    plan = book.plan([Candidate(1, False, 0.0), Candidate(2, True, 0.0)], now=6.0)
+    assert plan.remove == [(1, "conn-7-1")] and plan.store == [(2, "conn-7-2")]
+
+
+def test_busy_or_closed_takes_out_once_and_leaving_keeps_the_entry_counted_only_at_a_stop():
+    book = StoreBook(pid=7, capacity=3, settle=0.0)
+    book.record(1, "conn-3-9")  # handed back by the store at start
+    book.plan([Candidate(2, True, 0.0), Candidate(3, True, 0.0)], now=1.0)
+    assert book.taken_out(1) == "conn-3-9" and book.taken_out(1) is None
+    book.forget(2, still_stored=True)
+    book.forget(3, still_stored=False)
+    assert book.stored == {} and book.left_in_store == 1 and book.room() == 2
+
+
+def test_withdraw_all_names_everything_stored_and_empties_the_book():
+    book = StoreBook(pid=7, capacity=5, settle=0.0)
+    book.record(1, "conn-3-9")
+    book.plan([Candidate(2, True, 0.0)], now=1.0)
+    assert sorted(book.withdraw_all()) == ["conn-3-9", "conn-7-1"] and book.stored == {}
+
+
+# ---- under systemd ------------------------------------------------------------------------------
+
+
+def stored(service: InstalledService) -> int:
+    return int(service.container.show(SERVICE, "NFileDescriptorStore")["NFileDescriptorStore"])
+
+
+def request(connection: http.client.HTTPConnection, path: str) -> int:
+    """One GET on this connection as it is (no check, no retry); the answering pid."""
+    connection.request("GET", path)
+    response = connection.getresponse()
+    text = response.read().decode()
+    match = ANSWER.fullmatch(text)
+    assert response.status == 200 and match and match.group(2) == path, (response.status, text)
+    return int(match.group(1))
+
+
+class Counting(http.client.HTTPConnection):
+    connects = 0
+
+    def connect(self):
+        type(self).connects += 1
+        super().connect()
+
+
+@pytest.fixture(scope="module", params=["debian"])
+def service(request):
+    engine = request.param
+    with InstalledService(f"gh-fdstore-{engine}-{os.getpid()}", engine,
+                          serve_args="echo_app:app --no-access-log") as installed:
+        installed.write_app("echo_app", (APPS / "echo_app.py").read_text())
+        installed.container.systemctl("start", SOCKET)
+        yield installed
+
+
+def wait_stored(service: InstalledService, count: int, what: str) -> None:
+    wait_in_container(lambda: stored(service) == count, timeout=15, what=what)
+
+
+@pytest.mark.systemd
+def test_naive_clients_lose_nothing_across_restarts_and_the_store_never_outgrows_the_connections(service):
+    with NaiveClients(HOST, service.port, count=CLIENTS) as clients:  # the first connection starts it
+        clients.wait_for_requests(40)
+        pids = [service.main_pid()]
+        most = 0
+        for _ in range(RESTARTS):
+            service.container.systemctl("reset-failed", SERVICE)  # the start limit (5 in 10 s) counts restarts too
+            service.container.systemctl("restart", SERVICE, timeout=120)
+            pids.append(service.main_pid())
+            most = max(most, stored(service))
+            clients.wait_for_requests(CLIENTS * 3)
+            most = max(most, stored(service))
+        result = clients.stop()
+    state = service.state()
+    journal = service.journal()
+    assert result.failures == [], result.summary()
+    assert result.connects == CLIENTS, f"clients had to reconnect: {result.summary()}"
+    assert len(set(pids)) == RESTARTS + 1 and set(result.pids) >= set(pids[1:])
+    assert state["ActiveState"] == "active"
+    assert most <= CLIENTS, f"the store held {most} descriptors for {CLIENTS} connections"
+    wait_stored(service, 0, "the closed connections to leave the store")
+    assert len(re.findall(rf"adopted {CLIENTS} keep-alive connection\(s\) from systemd's fd store", journal)) \
+        == RESTARTS, journal[-3000:]
+    assert "reception only permitted for main PID" not in journal
+
+
+@pytest.mark.systemd
+def test_idle_connections_survive_a_sigkilled_main(service):
+    connections = [Counting(HOST, service.port, timeout=30) for _ in range(CLIENTS)]
+    try:
+        first = {request(c, f"/before/{i}") for i, c in enumerate(connections)}
+        wait_stored(service, CLIENTS, "the idle connections to be stored")
+        old = service.main_pid()
+        restarts = int(service.state()["NRestarts"])
+        service.container.run(f"kill -KILL {old}")
+        wait_in_container(lambda: int(service.state()["NRestarts"]) == restarts + 1
+                          and service.state()["ActiveState"] == "active", timeout=30, what="the restart")
+        after = {request(c, f"/after/{i}") for i, c in enumerate(connections)}
+    finally:
+        for connection in connections:
+            connection.close()
+    assert first == {old} and after == {service.main_pid()} and old not in after
+    assert Counting.connects == CLIENTS, "a client had to reconnect"
+    wait_stored(service, 0, "the closed connections to leave the store")
+
+
+@pytest.mark.systemd
+def test_a_reload_stores_each_connection_once_under_the_new_generation(service):
+    connections = [http.client.HTTPConnection(HOST, service.port, timeout=30) for _ in range(CLIENTS)]
+    try:
+        for i, c in enumerate(connections):
+            request(c, f"/before/{i}")
+        wait_stored(service, CLIENTS, "the idle connections to be stored")
+        assert service.reload().returncode == 0
+        new = service.main_pid()
+        wait_stored(service, CLIENTS, "the new generation to store the connections it adopted")
+        assert {request(c, f"/after/{i}") for i, c in enumerate(connections)} == {new}
+        wait_stored(service, CLIENTS, "the connections, idle again, to be stored again")
+    finally:
+        for connection in connections:
+            connection.close()
+    wait_stored(service, 0, "the closed connections to leave the store")
+
+
+@pytest.mark.systemd
+def test_a_crash_loop_still_fails_the_unit_and_releases_the_store(service):
+    service.container.systemctl("reset-failed", SERVICE)  # a fresh start-limit count
+    connection = http.client.HTTPConnection(HOST, service.port, timeout=30)
+    try:
+        request(connection, "/before")
+        wait_stored(service, 1, "the idle connection to be stored")
+        killed: set[int] = set()
+
+        def crash_until_failed() -> bool:  # kill every main as soon as it serves
+            state = service.state()
+            pid = int(state["MainPID"])
+            if state["ActiveState"] == "active" and pid and pid not in killed:
+                killed.add(pid)
+                service.container.run(f"kill -KILL {pid}", check=False)
+            return state["ActiveState"] == "failed"
+
+        wait_in_container(crash_until_failed, timeout=60, what="the crash loop to fail the unit")
+        state = service.state()
+        # Restart=on-failure restarted each crash until the start limit (5 starts in 10 s, the default).
+        assert state["ActiveState"] == "failed" and state["Result"] == "signal", state
+        assert (len(killed), state["NRestarts"]) == (5, "5"), (killed, state)
+        assert stored(service) == 0
+        # The store let the connection go: the client sees it closed instead of waiting forever.
+        connection.sock.settimeout(10)
+        assert connection.sock.recv(1) == b""
+    finally:
+        connection.close()
+        service.container.run(f"systemctl reset-failed {SERVICE}", check=False)
