@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from pathlib import Path
 
 from harness.container import SystemdContainer, require_container_support
@@ -38,15 +39,27 @@ def venv_path() -> Path:
 class InstalledService:
     """A booted container with graceful-http's units installed and a test drop-in."""
 
-    def __init__(self, name: str, engine: str, serve_args: str = "", service_extra: str = ""):
+    def __init__(self, name: str, engine: str, serve_args: str = "", service_extra: str = "",
+                 root: str | None = None):
+        """`root`: boot this root file system (e.g. a debootstrapped Debian 13, for its systemd) instead of the
+        host's; the venv's interpreter (the host's python, with the PyPI engine) is bound into it."""
         require_container_support()
         venv = venv_path()
         if engine == "pypi" and not (venv / "bin" / "python").exists():
             raise RuntimeError(f"no venv at {venv}: run tests/run, which makes it")
+        if root is not None and engine != "pypi":
+            raise ValueError("another root runs the venv's engine only")
         self.engine = engine
         self.python = ENGINES[engine]
         self.port = free_port()
-        self.container = SystemdContainer(name, binds_ro={str(REPO / "service"): CODE_DIR, str(venv): VENV_DIR})
+        binds = {str(REPO / "service"): CODE_DIR, str(venv): VENV_DIR}
+        if root is not None:
+            interpreter = os.path.realpath(venv / "bin" / "python")
+            version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+            binds.update({interpreter: os.readlink(venv / "bin" / "python3") if (venv / "bin" / "python3").is_symlink()
+                          else interpreter, f"/usr/lib/{version}": f"/usr/lib/{version}",
+                          "/usr/lib/python3/dist-packages": "/usr/lib/python3/dist-packages"})
+        self.container = SystemdContainer(name, binds_ro=binds, directory=root)
         self.serve_args = serve_args
         self.service_extra = service_extra
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 import http.client
 import os
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -102,14 +104,29 @@ class Counting(http.client.HTTPConnection):
         super().connect()
 
 
-@pytest.fixture(scope="module", params=["debian"])
-def service(request):
-    engine = request.param
-    with InstalledService(f"gh-fdstore-{engine}-{os.getpid()}", engine,
-                          serve_args="echo_app:app --no-access-log") as installed:
-        installed.write_app("echo_app", (APPS / "echo_app.py").read_text())
-        installed.container.systemctl("start", SOCKET)
-        yield installed
+@pytest.fixture(scope="module", params=["systemd-252", "systemd-257"])
+def service(request, tmp_path_factory):
+    """Debian 12's systemd on the host's root with Debian's uvicorn 0.17.6; Debian 13's on a copy of the
+    debootstrapped root the package tests boot, with the venv's newest uvicorn."""
+    root = None
+    engine = "debian"
+    if request.param == "systemd-257":
+        from test_debian_package import cached_root
+
+        root = tmp_path_factory.mktemp("trixie") / "root"
+        subprocess.run(["cp", "-a", str(cached_root("trixie")), str(root)], check=True, timeout=600)
+        engine = "pypi"
+    try:
+        with InstalledService(f"gh-fdstore-{request.param[-3:]}-{os.getpid()}", engine, root=root and str(root),
+                              serve_args="echo_app:app --no-access-log") as installed:
+            version = installed.container.run("systemctl --version").stdout.split()[1]
+            assert version == request.param[-3:], f"booted systemd {version}"
+            installed.write_app("echo_app", (APPS / "echo_app.py").read_text())
+            installed.container.systemctl("start", SOCKET)
+            yield installed
+    finally:
+        if root is not None:
+            shutil.rmtree(root, ignore_errors=True)
 
 
 def wait_stored(service: InstalledService, count: int, what: str) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 LISTEN_FDS_START = 3
-LISTEN_VARIABLES = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
+LISTEN_VARIABLES = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES", "LISTEN_PIDFDID")  # the last: systemd >= 258
 
 
 class ListenFdsError(ValueError):
@@ -43,10 +43,12 @@ def passed_fd_count(environ: Mapping[str, str], pid: int) -> int:
     return count
 
 
-def successor_environ(base: Mapping[str, str], names: Sequence[str], pid: int) -> dict[str, str]:
+def successor_environ(base: Mapping[str, str], names: Sequence[str], pid: int,
+                      pidfd_id: int | None = None) -> dict[str, str]:
     """The environment of a new generation that receives `names` sockets at fd 3….
 
-    LISTEN_PID must be the new process's own pid, so this is called after fork.
+    LISTEN_PID must be the new process's own pid, so this is called after fork; LISTEN_PIDFDID, if any,
+    its own pidfd inode id (`pidfd.inode_id`): an inherited one would name another process.
     """
     for name in names:
         if not name or ":" in name or len(name) > 255:
@@ -55,6 +57,8 @@ def successor_environ(base: Mapping[str, str], names: Sequence[str], pid: int) -
     environ["LISTEN_PID"] = str(pid)
     environ["LISTEN_FDS"] = str(len(names))
     environ["LISTEN_FDNAMES"] = ":".join(names)
+    if pidfd_id is not None:
+        environ["LISTEN_PIDFDID"] = str(pidfd_id)
     if "WATCHDOG_USEC" in environ:  # the watchdog follows the main pid
         environ["WATCHDOG_PID"] = str(pid)
     return environ

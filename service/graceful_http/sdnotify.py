@@ -12,7 +12,7 @@ from collections.abc import Mapping
 
 # systemd processes MAINPID= before READY=/RELOADING= in one datagram; we keep
 # that order in the text too so a reader of strace sees the same thing.
-_FIELD_ORDER = ("MAINPID", "READY", "RELOADING", "STOPPING", "STATUS", "WATCHDOG")
+_FIELD_ORDER = ("MAINPID", "MAINPIDFDID", "READY", "RELOADING", "STOPPING", "STATUS", "WATCHDOG")
 
 
 def format_message(fields: Mapping[str, object]) -> str:

@@ -27,6 +27,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 from graceful_http.inherited import Inherited
 from graceful_http.listenfds import LISTEN_FDS_START, successor_environ
+from graceful_http.pidfd import inode_id
 
 _PR_SET_PDEATHSIG = 1
 
@@ -163,7 +164,9 @@ def _exec_with_sockets(listen_fds, names, channel_fd, inherited, environ, comman
         temporaries = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, floor) for fd in [*listen_fds, channel_fd]]
         for index, fd in enumerate(temporaries):
             os.dup2(fd, LISTEN_FDS_START + index, inheritable=True)
-        env = inherited.with_channel(LISTEN_FDS_START + count).to_environ(successor_environ(environ, names, os.getpid()))
+        pid = os.getpid()
+        listen = successor_environ(environ, names, pid, inode_id(pid))
+        env = inherited.with_channel(LISTEN_FDS_START + count).to_environ(listen)
         os.execve(command[0], command, env)
     except BaseException as exc:
         os.write(2, f"graceful-http: cannot start a new process: {exc}\n".encode())

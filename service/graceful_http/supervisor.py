@@ -16,6 +16,7 @@ from typing import Any
 
 from graceful_http import generation as g
 from graceful_http.control import ControlState
+from graceful_http.pidfd import inode_id
 from graceful_http.serving import Servers, connect_successor, drain_and_shut_down, stop_accepting
 from graceful_http.status import StatusReporter
 from graceful_http.successor import Successor, kill_group
@@ -135,7 +136,9 @@ class Supervisor:
         self.status.stop()  # no WATCHDOG=1/STATUS= from us once systemd may take the successor as main
         if self.fd_store is not None:  # the successor stores our connections under its names once it has them
             self.fd_store.withdraw()
-        notifier.send(MAINPID=action.pid, READY=1, STATUS=f"gen {action.generation} · pid {action.pid} · serving")
+        identity = {"MAINPIDFDID": pidfd_id} if (pidfd_id := inode_id(action.pid)) is not None else {}
+        notifier.send(MAINPID=action.pid, **identity, READY=1,  # with an id, PID reuse cannot mislead systemd
+                      STATUS=f"gen {action.generation} · pid {action.pid} · serving")
         if notifier.enabled and not notifier.barrier():
             log.warning("systemd did not confirm the handover within 5s")
         if self.successor is None or not self.successor.alive():
