@@ -233,3 +233,42 @@ def test_a_crash_loop_still_fails_the_unit_and_releases_the_store(service):
     finally:
         connection.close()
         service.container.run(f"rm -f {limit}; systemctl daemon-reload; systemctl reset-failed {SERVICE}", check=False)
+
+
+# ---- Type=notify-reload, evaluated: why graceful-http keeps ExecReload= ----------------------------
+
+NOTIFY_RELOAD_SERVICE = '''
+import signal, time
+from systemd import daemon
+
+def reload(*_):  # a reload that fails, reported the only ways sd_notify offers
+    daemon.notify(f"RELOADING=1\\nMONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
+    daemon.notify("READY=1\\nSTATUS=reload failed: the new generation did not start\\nERRNO=5")
+
+signal.signal(signal.SIGHUP, reload)
+daemon.notify("READY=1")
+while True:
+    time.sleep(60)
+'''
+
+
+@pytest.mark.systemd
+def test_type_notify_reload_cannot_make_systemctl_reload_fail(service):
+    """Under Type=notify-reload `systemctl reload` succeeds whatever the service reports (READY=1 ends the
+    reload; ERRNO= and STATUS= change nothing); only an ExecReload= command's exit status can fail it.
+    systemd 252 does not know the type: it runs such a unit as Type=simple."""
+    c = service.container
+    c.write_file("/srv/notify_reload.py", NOTIFY_RELOAD_SERVICE)
+    c.write_file("/etc/systemd/system/notify-reload-probe.service",
+                 f"[Service]\nType=notify-reload\nExecStart={service.python} /srv/notify_reload.py\n")
+    c.systemctl("daemon-reload")
+    if c.run("systemctl --version").stdout.split()[1] == "252":  # ignores the setting: a Type=simple service
+        assert c.show("notify-reload-probe.service", "Type")["Type"] == "simple"
+        assert "Failed to parse service type, ignoring: notify-reload" in c.run("journalctl --no-pager -o cat").stdout
+        return
+    c.systemctl("start", "notify-reload-probe.service")
+    result = c.systemctl("reload", "notify-reload-probe.service", check=False)
+    status = c.show("notify-reload-probe.service", "StatusText", "ActiveState")
+    c.systemctl("stop", "notify-reload-probe.service")
+    assert result.returncode == 0, result.stderr
+    assert status == {"StatusText": "reload failed: the new generation did not start", "ActiveState": "active"}
