@@ -13,6 +13,7 @@ root, Debian 13's 257 on a debootstrapped root), the shipped unit serving tests/
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import os
 import re
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from graceful_http import generation as g
 from graceful_http.fdstore import Candidate, StoreBook, capacity, split_passed
 from harness.container import wait_until as wait_in_container
 from harness.systemd_service import SERVICE, SOCKET, InstalledService
@@ -77,6 +79,83 @@ def test_withdraw_all_names_everything_stored_and_empties_the_book():
     book.record(1, "conn-3-9")
     book.plan([Candidate(2, True, 0.0)], now=1.0)
     assert sorted(book.withdraw_all()) == ["conn-3-9", "conn-7-1"] and book.stored == {}
+
+
+# ---- the supervisor's part: withdraw before the handoff, resume if it fails, keep at a stop -------
+
+
+class FakeStore:
+    """Records what the supervisor asks of the fd store, in the same log as what systemd was told."""
+
+    def __init__(self, log: list):
+        self.log = log
+        self.kept = None
+
+    def withdraw(self):
+        self.log.append("withdraw")
+
+    def resume(self):
+        self.log.append("resume")
+
+    def keeper(self):
+        self.log.append("keeper")
+        store = self
+
+        class Keeper:
+            usable = True
+
+            async def finish(self, handed_over=0, fell_back=0):
+                store.log.append("kept")
+
+        self.kept = Keeper()
+        return self.kept
+
+
+def world_with_store():
+    from test_supervisor import World
+
+    world = World()
+    log: list = []
+    send = world.notifier.send
+    world.notifier.send = lambda **fields: (log.append(fields), send(**fields))[1]
+    world.supervisor.fd_store = FakeStore(log)
+    return world, log
+
+
+def test_the_store_is_withdrawn_before_mainpid_moves_and_resumed_when_the_handover_fails():
+    from test_supervisor import settle
+
+    async def scenario():
+        world, log = world_with_store()
+        assert await world.supervisor.become_main(handed_over=False)
+        world.reload()
+        await settle()
+        [successor] = world.successors
+        successor.living = False  # dies once told ready: the old main takes the main PID back
+        successor.ready.set_result(g.ChildReady(successor.attempt, successor.pid))
+        await settle()
+        steps = [entry if isinstance(entry, str) else "MAINPID" for entry in log
+                 if isinstance(entry, str) or "MAINPID" in entry]
+        # (resume only re-arms the store's timer: its first message comes half a settle time later, after the
+        # old main has taken the main PID back)
+        assert steps[:2] == ["withdraw", "MAINPID"] and sorted(steps[2:]) == ["MAINPID", "resume"]
+
+    asyncio.run(scenario())
+
+
+def test_a_stop_drains_into_the_store():
+    from test_supervisor import PID
+
+    async def scenario():
+        world, log = world_with_store()
+        assert await world.supervisor.become_main(handed_over=False)
+        world.supervisor.dispatch(g.StopRequested("SIGTERM"))
+        await asyncio.wait_for(world.supervisor.finished.wait(), 5)
+        assert [entry for entry in log if isinstance(entry, str)] == ["keeper", "kept"]
+        assert world.supervisor.control.connections_move, "nobody is told Connection: close"
+        assert world.supervisor.machine.pid == PID
+
+    asyncio.run(scenario())
 
 
 # ---- under systemd ------------------------------------------------------------------------------
