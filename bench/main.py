@@ -78,14 +78,19 @@ class Plan:
     naive_duration: float = 20.0
     naive_interval: float = 1.2
     systemd: bool = True
-    sections: tuple[str, ...] = ("steady", "handoff", "reloads", "soak", "websockets", "naive")
+    restart_duration: float = 20.0
+    restart_interval: float = 2.0
+    store_restarts: int = 100
+    store_cost_pairs: int = 20000
+    sections: tuple[str, ...] = ("steady", "handoff", "reloads", "soak", "websockets", "naive", "restart")
 
 
 FULL = Plan("full")
 SMOKE = Plan("smoke", steady_runs=1, steady_duration=1, steady_warmup=0, reload_duration=3, reload_interval=1.0,
              reload_warmup=0.5, reload_tail=0.8, peers=("gunicorn-hup",), handoff_reloads=3, soak_reloads=3,
              soak_interval=0.5, soak_chunk=3, ws_clients=10, ws_reloads=1, ws_interval=3.0,
-             naive_clients=10, naive_duration=3.0)
+             naive_clients=10, naive_duration=3.0, restart_duration=3.0, restart_interval=1.5, store_restarts=0,
+             store_cost_pairs=500)
 
 
 def say(message: str) -> None:
@@ -439,6 +444,10 @@ def systemd_sections(plan: Plan, raw: Path, keep: dict, results: dict) -> None:
 
     say(f"booting systemd in a container (graceful-http --workers {plan.reload_workers}, uvicorn socket unit)")
     with Containers(plan.reload_workers) as containers:
+        if "restart" in plan.sections:
+            from bench.restart import restart_section
+
+            results["restart"] = restart_section(plan, containers, say)
         graceful = containers.graceful()
         graceful.start()
         try:
@@ -701,6 +710,10 @@ def markdown(results: dict) -> str:
                  r["p99_after_reload_ms"]] for r in results["naive"]]
         parts.append(_table(["server (reload)", "reloads", "requests", "failed", "reconnects", "p99 steady ms",
                              "p99 within 1 s after a reload ms"], rows))
+    if results.get("restart"):
+        from bench.restart import markdown as restart_markdown
+
+        parts += restart_markdown(results["restart"], s)
     if results.get("websockets"):
         parts += ["", f"## WebSockets through reloads ({s['ws_clients']} clients that reconnect at once, "
                       f"{s['ws_reloads']} reload(s) {s['ws_interval']} s apart, 2 workers)", "",
@@ -746,7 +759,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--smoke", action="store_true", help="a few seconds of everything (what CI runs)")
     parser.add_argument("--out", type=Path, help="where to write results (default: bench/results, or "
                                                  "bench/results/smoke with --smoke)")
-    parser.add_argument("--only", help="comma-separated sections: steady,handoff,reloads,soak,websockets,naive")
+    parser.add_argument("--only", help="comma-separated sections: steady,handoff,reloads,soak,websockets,naive,"
+                                       "restart")
     parser.add_argument("--no-systemd", action="store_true", help="skip everything that boots systemd in a container")
     parser.add_argument("--runs", type=int, help="steady-state runs per server")
     parser.add_argument("--duration", type=int, help="seconds per steady-state run")
@@ -805,7 +819,7 @@ def main(argv: list[str] | None = None) -> int:
             results["websockets"] = websocket_section(plan, raw)
         if "naive" in plan.sections:
             results["naive"] = naive_section(plan, raw)
-        if plan.systemd and set(plan.sections) & {"handoff", "reloads", "soak"}:
+        if plan.systemd and set(plan.sections) & {"handoff", "reloads", "soak", "restart"}:
             systemd_sections(plan, raw, keep, results)
     finally:
         left = kill_marked()

@@ -88,6 +88,13 @@ def test_results_json_is_complete(smoke):
         assert row["reloads"] >= 1 and row["requests"] > 0, label
         assert isinstance(row["failed"], int) and isinstance(row["reconnects"], int), label
 
+    restart = data["restart"]
+    assert len(restart["naive"]) == 3, restart["naive"]
+    for row in restart["naive"]:
+        assert row["reloads"] >= 1 and row["requests"] > 0 and isinstance(row["failed"], int), row
+    assert restart["store_cost"]["pairs"] == data["settings"]["store_cost_pairs"]
+    assert is_number(restart["store_cost"]["sender_us_per_message"])
+
     assert data["targets"], "the targets table is empty"
     for row in data["targets"]:
         assert set(row) == {"target", "measured", "met"} and isinstance(row["met"], bool), row
