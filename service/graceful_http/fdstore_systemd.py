@@ -212,7 +212,7 @@ class StoreKeeper:
 
     async def finish(self, handed_over: int = 0, fell_back: int = 0) -> None:
         if handed_over:
-            log.info("stored %d keep-alive connection(s) in systemd's fd store for the next start", handed_over)
+            log.info("kept %d keep-alive connection(s) in systemd's fd store: the next start adopts them", handed_over)
 
 
 def discard_restored(restored: list[tuple[str, socket.socket | None]], send: Send = notify) -> None:
