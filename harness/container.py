@@ -150,7 +150,8 @@ class SystemdContainer:
     path so its interpreter link still resolves).  ``directory``, if given,
     is a root file system to boot instead of the host's /usr on a tmpfs (for
     example a copy of a debootstrapped Debian): it is booted read-write, so
-    the caller owns the copy and deletes it afterwards.
+    the caller owns the copy and deletes it afterwards; or, with ``overlay``,
+    read-only under a tmpfs overlay, so the root itself needs no copy.
     """
 
     def __init__(
@@ -159,8 +160,10 @@ class SystemdContainer:
         binds_ro: dict[str, str] | None = None,
         boot_timeout: float = 60,
         directory: str | None = None,
+        overlay: bool = False,
     ) -> None:
         self.name = name
+        self.overlay = overlay
         self.binds_ro = dict(binds_ro or {})
         self.boot_timeout = boot_timeout
         self.directory = directory
@@ -194,6 +197,8 @@ class SystemdContainer:
         fd, self._log_path = tempfile.mkstemp(prefix=f"nspawn-{self.name}-", suffix=".log")
         if self.directory is None:
             root = ["-D", "/", "--volatile=yes"]
+        elif self.overlay:  # read-only, with a tmpfs over it: no copy to make, nothing written to it
+            root = ["-D", self.directory, "--volatile=overlay"]
         else:
             root = ["-D", self.directory]
         cmd = [

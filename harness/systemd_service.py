@@ -42,7 +42,8 @@ class InstalledService:
     def __init__(self, name: str, engine: str, serve_args: str = "", service_extra: str = "",
                  root: str | None = None):
         """`root`: boot this root file system (e.g. a debootstrapped Debian 13, for its systemd) instead of the
-        host's; the venv's interpreter (the host's python, with the PyPI engine) is bound into it."""
+        host's, under a tmpfs overlay (it is not written to); the venv's interpreter (the host's python, with
+        the PyPI engine) is bound into it."""
         require_container_support()
         venv = venv_path()
         if engine == "pypi" and not (venv / "bin" / "python").exists():
@@ -59,7 +60,7 @@ class InstalledService:
             binds.update({interpreter: os.readlink(venv / "bin" / "python3") if (venv / "bin" / "python3").is_symlink()
                           else interpreter, f"/usr/lib/{version}": f"/usr/lib/{version}",
                           "/usr/lib/python3/dist-packages": "/usr/lib/python3/dist-packages"})
-        self.container = SystemdContainer(name, binds_ro=binds, directory=root)
+        self.container = SystemdContainer(name, binds_ro=binds, directory=root, overlay=root is not None)
         self.serve_args = serve_args
         self.service_extra = service_extra
 

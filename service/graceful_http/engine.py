@@ -501,6 +501,7 @@ class Engine:
         self.fell_back = 0  # connections that could not move and drained here
         self.adopted = 0  # connections we took from another process
         self._next_mover = 0
+        self.idle_keeper = None  # at a stop: takes an idle connection instead of closing it (see fdstore_systemd)
         self._moving = False
         # One per process: the app's engine watches descriptors (the control socket's has no lifespan).
         self.descriptors = DescriptorWatch(lambda: len(self.connections)) if lifespan else None
@@ -631,7 +632,8 @@ class Engine:
                          for key, c in by_key.items()
                          if not is_websocket(c) and (not moving or getattr(c, "lame_duck", False))]
                 for key in closer.due(views, now):
-                    by_key[key].transport.close()
+                    if self.idle_keeper is None or not self.idle_keeper(by_key[key]):
+                        by_key[key].transport.close()
                 if done():
                     break
                 wakeup.clear()

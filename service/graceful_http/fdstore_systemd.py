@@ -6,8 +6,8 @@ hooks (a stored connection got a byte, closed, or is leaving this process);
 adopting what the store handed back at start; withdrawing everything before a
 reload hands the main PID on (the new generation takes the connections over
 and stores them under its own names; the old one may not talk to systemd
-once it is no longer main); and, at a stop, a `Handover`-like mover that puts
-every connection in the store as it becomes idle, for the next start.
+once it is no longer main); and, at a stop, the lame-duck drain's idle
+connections go into the store instead of being closed, for the next start.
 
 Only the main process talks to systemd (`NotifyAccess=main`), so this runs
 where the main serves itself; with `--workers` the connections live in the
@@ -62,6 +62,7 @@ class ConnectionStore:
         self._first_seen: dict[int, float] = {}
         self._left_inodes: set[int] = set()  # connections stored before they left at a stop
         self.messages = 0  # sd_notify messages sent, for the benchmark and the tests
+        self.kept = 0  # idle connections put in the store at a stop
         engine.server.server_state.fd_store = self  # where the protocol's hooks find us
 
     # ---- the protocol's hooks (engine.tracked_protocol) ----
@@ -135,13 +136,34 @@ class ConnectionStore:
         """The handover failed: main again."""
         self.start()
 
-    def keeper(self) -> StoreKeeper | None:
-        """At a stop: a mover that stores every connection as it becomes idle, for the next start."""
+    def stopping(self) -> None:
+        """At a stop (or the stop half of a restart): connections the lame-duck drain would close once idle
+        go into the store instead, for the next start (`keep`). Busy ones are answered with
+        `Connection: close` as ever: a plain stop closes the store, and a request sent on a stored
+        connection then would be lost, while a reconnect waits in the socket unit's backlog."""
         if not self.active:
-            return None
+            return
         self._stop_timer()
         self._stopping = True
-        return StoreKeeper(self)
+        self.engine.idle_keeper = self.keep
+
+    def keep(self, connection) -> bool:
+        """Put this idle connection in the store and let go of it (True), or leave it to be closed (False)."""
+        fd = self.engine.detach(connection)  # None unless idle and movable; a stored one stays stored (`leaving`)
+        if fd is None:
+            return False
+        inode = os.fstat(fd).st_ino
+        if inode in self._left_inodes:
+            self._left_inodes.discard(inode)
+        elif self.book.room() > 0 and self._store(self.book.new_name(), fd):
+            self.book.left_in_store += 1
+        else:
+            log.debug("fd store: full; an idle connection is closed")
+        os.close(fd)  # the store's copy keeps it open; without one, this closes it, as the drain would have
+        self.kept += 1
+        if self.kept == 1:
+            log.info("stopping: idle keep-alive connections go into systemd's fd store for the next start")
+        return True
 
     async def _run(self) -> None:
         while True:
@@ -185,34 +207,6 @@ class ConnectionStore:
     def _remove(self, name: str) -> None:
         self.messages += 1
         self._send(f"FDSTOREREMOVE=1\nFDNAME={name}", ())
-
-
-class StoreKeeper:
-    """The stop's mover (the interface of `handover.Handover`): into the store instead of a new generation."""
-
-    usable = True
-
-    def __init__(self, store: ConnectionStore):
-        self._store = store
-
-    async def send(self, fds: list[int]) -> int:
-        """Store these detached connections; return how many (the first ones); those are closed here."""
-        taken = 0
-        for fd in fds:
-            inode = os.fstat(fd).st_ino
-            if inode in self._store._left_inodes:  # stored already, under its name
-                self._store._left_inodes.discard(inode)
-            elif self._store.book.room() <= 0 or not self._store._store(self._store.book.new_name(), fd):
-                break  # the rest drain here
-            else:
-                self._store.book.left_in_store += 1
-            os.close(fd)
-            taken += 1
-        return taken
-
-    async def finish(self, handed_over: int = 0, fell_back: int = 0) -> None:
-        if handed_over:
-            log.info("kept %d keep-alive connection(s) in systemd's fd store: the next start adopts them", handed_over)
 
 
 def discard_restored(restored: list[tuple[str, socket.socket | None]], send: Send = notify) -> None:

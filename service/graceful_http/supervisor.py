@@ -155,10 +155,10 @@ class Supervisor:
         replaced = self.machine.phase is not g.Phase.STOPPING
         if not replaced:
             self._moving_to = None
-        # At a stop, connections go into systemd's fd store as they become idle, for the next start.
-        keeper = self.fd_store.keeper() if self.fd_store is not None and not replaced else None
-        stop_accepting(self.servers, self.control, replaced, self._moving_to if keeper is None else self.machine.pid)
-        self._run("drain", self._drain_and_finish(keeper))
+        if self.fd_store is not None and not replaced:  # idle connections go into systemd's fd store, not closed
+            self.fd_store.stopping()
+        stop_accepting(self.servers, self.control, replaced, self._moving_to)
+        self._run("drain", self._drain_and_finish())
 
     async def _until_ready(self, successor: Successor) -> None:
         self.dispatch(await successor.until_ready())
@@ -200,14 +200,13 @@ class Supervisor:
             self.successor.close()
             self.successor = None
 
-    async def _drain_and_finish(self, keeper=None) -> None:
+    async def _drain_and_finish(self) -> None:
         log.info("no longer accepting; finishing %d in-flight request(s), up to %gs", self.servers.in_flight(),
                  self.graceful_timeout)
         code = GOING_AWAY if self.machine.phase is g.Phase.STOPPING else SERVICE_RESTART
-        movers = [keeper] if keeper is not None else await connect_successor(self.servers, self.control,
-                                                                               self._moving_to)
+        movers = await connect_successor(self.servers, self.control, self._moving_to)
         await drain_and_shut_down(self.servers, self.graceful_timeout, code, self.metrics, movers, self.adoption,
-                                  moving=self._moving_to is not None or keeper is not None)
+                                  moving=self._moving_to is not None)
         if self.ports.pid_file and self.machine.phase is g.Phase.STOPPING:
             self.ports.pid_file.remove(self.machine.pid)
         log.info("exited: generation %d (pid %d), %d request(s) served in all",
