@@ -18,12 +18,16 @@ import asyncio
 import http.client
 import os
 import re
+import socket
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from graceful_http import generation as g
 from graceful_http.fdstore import Candidate, StoreBook, capacity, split_passed
+from graceful_http.fdstore_systemd import ConnectionStore
+from graceful_http.movable import Verdict
 from harness.container import wait_until as wait_in_container
 from harness.systemd_service import SERVICE, SOCKET, InstalledService
 from support.load import Load
@@ -79,6 +83,123 @@ def test_withdraw_all_names_everything_stored_and_empties_the_book():
     book.record(1, "conn-3-9")
     book.plan([Candidate(2, True, 0.0)], now=1.0)
     assert sorted(book.withdraw_all()) == ["conn-3-9", "conn-7-1"] and book.stored == {}
+
+
+# ---- the adapter, with a fake engine and a fake notify socket ---------------------------------------
+
+
+class FakeTransport:
+    def __init__(self, sock):
+        self.sock = sock
+
+    def get_extra_info(self, name):
+        return self.sock if name == "socket" else None
+
+    def is_closing(self):
+        return False
+
+
+class FakeConnection:
+    lame_duck = False
+    fd_name = None
+
+    def __init__(self, sock, idle=True):
+        self.transport = FakeTransport(sock)
+        self.idle = idle
+        self.last_data_at = 0.0
+
+    def handover_state(self):  # only its presence matters: the fake engine judges by `idle`
+        raise AssertionError
+
+
+class FakeEngine:
+    def __init__(self):
+        self.connections = set()
+        self.server = SimpleNamespace(server_state=SimpleNamespace())
+        self.idle_keeper = None
+
+    @staticmethod
+    def movable(connection):
+        return (Verdict.MOVE if connection.idle else Verdict.WAIT), ""
+
+    def detach(self, connection):
+        if not connection.idle:
+            return None
+        if connection.fd_name is not None:
+            self.server.server_state.fd_store.leaving(connection)
+        self.connections.discard(connection)
+        return os.dup(connection.transport.sock.fileno())
+
+
+def fake_store(capacity=10):
+    sent = []
+    engine = FakeEngine()
+    store = ConnectionStore(engine, capacity, pid=7, send=lambda text, fds: sent.append((text, len(fds))) or True)
+    return engine, store, sent
+
+
+def test_the_adapter_stores_after_the_settle_time_takes_out_at_the_first_byte_and_withdraws_all():
+    engine, store, sent = fake_store()
+    a, b = socket.socketpair()
+    try:
+        idle, busy = FakeConnection(a), FakeConnection(b, idle=False)
+        engine.connections |= {idle, busy}
+        store.sync(now=100.0)  # first seen now
+        assert sent == []
+        store.sync(now=101.0)
+        assert sent == [("FDSTORE=1\nFDNAME=conn-7-1", 1)] and idle.fd_name == "conn-7-1" and busy.fd_name is None
+        store.got_busy_or_closed(idle)  # the protocol's hook: a byte arrived
+        assert sent[-1] == ("FDSTOREREMOVE=1\nFDNAME=conn-7-1", 0) and idle.fd_name is None
+        store.sync(now=102.0)  # idle again, first seen long ago: stored at once, under a new name
+        assert sent[-1] == ("FDSTORE=1\nFDNAME=conn-7-2", 1)
+        store.withdraw()
+        assert sent[-1] == ("FDSTOREREMOVE=1\nFDNAME=conn-7-2", 0) and idle.fd_name is None
+        assert store.book.stored == {} and len(sent) == 4
+    finally:
+        a.close()
+        b.close()
+
+
+def test_at_a_stop_an_idle_connection_goes_into_the_store_once_and_a_stored_one_is_not_stored_twice():
+    async def scenario():
+        engine, store, sent = fake_store()
+        store.start()
+        pairs = [socket.socketpair() for _ in range(2)]
+        try:
+            stored, fresh = FakeConnection(pairs[0][0]), FakeConnection(pairs[1][0])
+            engine.connections |= {stored, fresh}
+            store.sync(now=0.0)
+            store.sync(now=5.0)
+            assert len(sent) == 2
+            fresh.fd_name = None  # as if it had just been taken out (a request), and is idle again
+            store.book.taken_out(id(fresh))
+            store.stopping()
+            assert engine.idle_keeper == store.keep
+            assert store.keep(stored) and store.keep(fresh)
+            assert sent[2:] == [("FDSTORE=1\nFDNAME=conn-7-3", 1)], "the stored one stays under its name"
+            assert store.book.left_in_store == 2 and store.kept == 2
+            assert not store.keep(FakeConnection(pairs[0][1], idle=False)), "a busy one is left to the drain"
+        finally:
+            for x, y in pairs:
+                x.close()
+                y.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_full_store_stores_nothing_more():
+    engine, store, sent = fake_store(capacity=1)
+    pairs = [socket.socketpair() for _ in range(2)]
+    try:
+        engine.connections |= {FakeConnection(x) for x, _ in pairs}
+        store.sync(now=0.0)
+        store.sync(now=5.0)
+        store.sync(now=10.0)
+        assert [text for text, _ in sent] == ["FDSTORE=1\nFDNAME=conn-7-1"]
+    finally:
+        for x, y in pairs:
+            x.close()
+            y.close()
 
 
 # ---- the supervisor's part: withdraw before the handoff, resume if it fails, keep idle ones at a stop --

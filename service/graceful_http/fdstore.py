@@ -16,8 +16,8 @@ request arrives. A message per request would cost a syscall per keep-alive
 request, so a connection is stored only once it has been idle `settle`
 seconds: one that is busy all the time costs nothing, one with long pauses
 two messages per pause. A crash loses what was not idle that long (and every
-request in flight); `systemctl restart` loses nothing, since a stopping main
-stores every connection as it becomes idle (`keep_all`).
+request in flight). A stopping main (a restart is a stop, then a start) stores
+the idle connections its drain would otherwise close.
 """
 
 from __future__ import annotations
