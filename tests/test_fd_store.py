@@ -25,7 +25,7 @@ from types import SimpleNamespace
 import pytest
 
 from graceful_http import generation as g
-from graceful_http.fdstore import Candidate, StoreBook, capacity, split_passed
+from graceful_http.fdstore import Candidate, StoreBook, capacity, is_connection_name
 from graceful_http.fdstore_systemd import ConnectionStore
 from graceful_http.movable import Verdict
 from harness.container import wait_until as wait_in_container
@@ -47,8 +47,8 @@ def test_capacity_comes_from_FDSTORE_and_anything_else_means_no_store():
     assert capacity({}) == capacity({"FDSTORE": "many"}) == capacity({"FDSTORE": "-1"}) == 0
 
 
-def test_passed_names_split_into_listeners_and_stored_connections():
-    assert split_passed(["http", "control", "conn-12-1", "conn-9-4"]) == ([0, 1], [2, 3])
+def test_stored_connections_are_told_from_listeners_by_name():
+    assert is_connection_name("conn-12-1") and not is_connection_name("http") and not is_connection_name("control")
 
 
 def test_only_connections_idle_for_the_settle_time_are_stored_longest_idle_first_within_room():

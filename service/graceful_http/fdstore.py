@@ -22,7 +22,7 @@ the idle connections its drain would otherwise close.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 CONNECTION_PREFIX = "conn-"
@@ -39,13 +39,6 @@ def capacity(environ: Mapping[str, str]) -> int:
 def is_connection_name(name: str) -> bool:
     """Is this passed descriptor one of our stored connections (not a listening socket)?"""
     return name.startswith(CONNECTION_PREFIX)
-
-
-def split_passed(names: Sequence[str]) -> tuple[list[int], list[int]]:
-    """(indices of listening sockets, indices of stored connections) among the passed descriptors' names."""
-    listeners = [index for index, name in enumerate(names) if not is_connection_name(name)]
-    connections = [index for index, name in enumerate(names) if is_connection_name(name)]
-    return listeners, connections
 
 
 @dataclass(frozen=True)
