@@ -34,8 +34,10 @@ def _p99(values: list[float]) -> float | None:
     return round(statistics.quantiles(values, n=100)[98] * 1000, 2)
 
 
-def naive_reloads(server, clients: int = 60, duration: float = 20.0, interval: float = 1.2) -> dict:
-    """`clients` naive keep-alive clients against `server` (started) while it reloads every `interval` s."""
+def naive_reloads(server, clients: int = 60, duration: float = 20.0, interval: float = 1.2,
+                  limit: int | None = None) -> dict:
+    """`clients` naive keep-alive clients against `server` (started) while it reloads every `interval` s
+    (for `duration` s, or `limit` reloads)."""
     CountingConnection.opened = 0
     stop = threading.Event()
     records: list[tuple[float, float, bool]] = []  # (start, latency, ok)
@@ -64,7 +66,7 @@ def naive_reloads(server, clients: int = 60, duration: float = 20.0, interval: f
         thread.start()
     time.sleep(1.5)  # every client connected and served once
     reloads, ended = [], time.monotonic() + duration
-    while time.monotonic() < ended:
+    while time.monotonic() < ended and (limit is None or len(reloads) < limit):
         record = server.reload()
         reloads.append((record.requested, record.ok))
         time.sleep(max(0.0, interval - (time.monotonic() - record.requested)))

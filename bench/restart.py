@@ -116,7 +116,8 @@ def restart_section(plan, containers, say) -> dict:
             clients = min(plan.naive_clients, 20)
             say(f"restart: store size over {plan.store_restarts} restarts, {clients} clients")
             started = time.monotonic()
-            sized = naive_reloads(server, clients, plan.store_restarts * plan.restart_interval, plan.restart_interval)
+            sized = naive_reloads(server, clients, plan.store_restarts * 60.0, plan.restart_interval,
+                                  limit=plan.store_restarts)
             sizes = {"restarts": len(server.stored), "clients": clients, "max_stored": max(server.stored, default=0),
                      "failed": sized["failed"], "reconnects": sized["reconnects"],
                      "seconds": round(time.monotonic() - started, 1)}
