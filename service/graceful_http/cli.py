@@ -66,7 +66,7 @@ def _serve_help() -> dict[str, tuple[str | None, str]]:
                                 " from trusted proxies only (default: on)"),
         "forwarded_allow_ips": ("IPS", "the trusted proxies: * or addresses and networks, comma-separated"
                                        f" (default: $FORWARDED_ALLOW_IPS, else {','.join(DEFAULT_FORWARDED_ALLOW_IPS)})"),
-        "timeout_keep_alive": ("S", "close a keep-alive connection idle this long (default: 5)"),
+        "timeout_keep_alive": ("S", "close a keep-alive connection idle this long (default: 75)"),
         "limit_concurrency": ("N", "answer 503 beyond N connections or requests at once, per process"
                                    " (default: no limit)"),
         "backlog": ("N", "the listen queue of every listening socket (default: 2048)"),

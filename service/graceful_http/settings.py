@@ -218,7 +218,7 @@ class ServeSettings:
     root_path: str = ""
     proxy_headers: bool = True
     forwarded_allow_ips: tuple[str, ...] | None = None  # None: $FORWARDED_ALLOW_IPS, else the default
-    timeout_keep_alive: float = 5.0
+    timeout_keep_alive: float = 75.0  # above the proxies' own idle timeouts: see README "Behind a proxy"
     limit_concurrency: int | None = None
     backlog: int = 2048
     headers: tuple[tuple[str, str], ...] = ()
