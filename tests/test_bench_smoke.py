@@ -88,6 +88,12 @@ def test_results_json_is_complete(smoke):
         assert row["reloads"] >= 1 and row["requests"] > 0, label
         assert isinstance(row["failed"], int) and isinstance(row["reconnects"], int), label
 
+    proxied = {(row["server"].split(" (")[0], row["proxy"]): row for row in data["proxy"]}
+    assert set(proxied) == {(server, proxy) for server in SERVERS for proxy in ("nginx", "haproxy")}, proxied
+    for key, row in proxied.items():
+        assert row["requests"] == row["bursts"] * 40 and row["posts"] + row["gets"] == row["requests"], key
+        assert isinstance(row["closed_by_server"], int), key
+
     assert data["targets"], "the targets table is empty"
     for row in data["targets"]:
         assert set(row) == {"target", "measured", "met"} and isinstance(row["met"], bool), row
@@ -97,7 +103,7 @@ def test_markdown_and_table_are_printed(smoke):
     out, stdout = smoke
     text = (out / "results.md").read_text()
     for heading in ("## Steady state", "## Reloads under load", "## Soak", "## Handoff time", "## WebSockets",
-                    "## Naive keep-alive", "## Against the issue's targets", "](reload-latency.png)"):
+                    "## Naive keep-alive", "## Behind a proxy", "## Against the issue's targets", "](reload-latency.png)"):
         assert heading in text, heading
         assert heading in stdout, heading
 
