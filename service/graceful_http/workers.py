@@ -36,6 +36,8 @@ from graceful_http.wire import (
     DRAINED,
     FAILED,
     OUTCOME,
+    PING,
+    PONG,
     READY,
     RELOAD,
     STATS,
@@ -96,6 +98,8 @@ class Worker:
         self.total = 0
         self.adopted = 0  # connections it took over from the previous generation
         self.drained = (0, 0, 0, 0)  # (answered while draining, cut, handed over, fell back), as it reports them
+        self.answered_at = self.started_at  # when its event loop last answered (`heartbeat`)
+        self.retiring = False  # being recycled or replaced as stuck: not replaced again when it exits
 
 
 class WorkerPool:
@@ -117,6 +121,7 @@ class WorkerPool:
         self._adopted_by_dead = 0
         self.handed_over = 0  # connections the workers handed over while draining
         self.fell_back = 0
+        self.upkeep = None  # recycling and stuck workers (`worker_upkeep`), if enabled
 
     def describe(self) -> str:
         return f"{self.count} worker processes"
@@ -164,7 +169,10 @@ class WorkerPool:
     async def _listen(self, worker: Worker) -> None:
         while line := await worker.reader.readline():
             word, detail = decode(line)
-            if word == READY and not worker.ready.done():
+            if word == PONG:
+                worker.answered_at = time.monotonic()
+            elif word == READY and not worker.ready.done():
+                worker.answered_at = time.monotonic()
                 worker.ready.set_result(None)
             elif word == FAILED and not worker.ready.done():
                 worker.ready.set_exception(WorkerStartFailed(detail))
@@ -195,7 +203,9 @@ class WorkerPool:
             worker.ready.set_exception(WorkerStartFailed(f"worker {worker.index + 1} (pid {worker.pid}) {how}"
                                                          " before it was ready"))
         worker.exited.set_result(status)
-        if self.accepting and worker.ready.done() and not worker.ready.exception():
+        if self.upkeep is not None:
+            self.upkeep.exited(worker)
+        if self.accepting and not worker.retiring and worker.ready.done() and not worker.ready.exception():
             delay = self.backoff[worker.index].next_delay(time.monotonic() - worker.started_at)
             self.replaced += 1
             log.warning("worker %d (pid %d) %s; replacing it in %gs", worker.index + 1, worker.pid, how, delay)
@@ -294,7 +304,9 @@ class MainLink:
     async def _read_replies(self) -> None:
         while line := await self.reader.readline():
             word, detail = decode(line)
-            if word == OUTCOME:
+            if word == PING:
+                self.send(PONG)
+            elif word == OUTCOME:
                 await self._replies.put(parse_outcome(detail))
             elif word == DRAIN:
                 self.moving_to = int(detail) if detail.isdigit() else None
