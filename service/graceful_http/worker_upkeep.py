@@ -133,6 +133,9 @@ class WorkerUpkeep:
         if not self.pool.accepting:
             raise ReplacementFailed("the generation is draining")
         replacement = await self.pool._spawn(old.index)
+        if not self.pool.accepting:  # the generation started draining meanwhile: it was not told to drain with it
+            _kill(replacement.pid, signal.SIGTERM)
+            raise ReplacementFailed("the generation is draining")
         try:
             await asyncio.wait_for(asyncio.shield(replacement.ready), self.ready_timeout)
         except asyncio.TimeoutError:
@@ -151,6 +154,8 @@ class WorkerUpkeep:
             replacement = await self._start_replacement(old)
         except ReplacementFailed as exc:
             old.retiring = False
+            if not self.pool.accepting:
+                return  # the whole generation drains: so does this worker
             self.policy.failed(old.pid, self.clock())
             log.error("worker %d (pid %d) was not recycled: its replacement did not start (%s); it keeps serving",
                       old.index + 1, old.pid, exc)
