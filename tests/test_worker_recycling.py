@@ -150,3 +150,25 @@ def test_a_worker_over_its_memory_limit_is_recycled(engine, tmp_path):
     assert int(match.group(1)) > 150
     assert counted == {"max-worker-memory": 1.0}
     assert others == [], "only the grown worker was over the limit"
+
+
+def test_reloads_while_workers_recycle_fail_no_request(tmp_path):
+    """A reload drains the whole generation, a recycle in it included; the new generation recycles on."""
+    import os
+    import signal
+
+    with serve("pypi", tmp_path, "--max-requests", "400", "--worker-timeout", "10") as server:
+        server.wait_serving()
+        main = server.main_pid()
+        with NaiveClients(HOST, server.port, count=20) as clients:
+            clients.wait_for_requests(100)
+            for _ in range(3):
+                wait_until(lambda: "is due for recycling" in server.log().split(f"[{main}]", 1)[-1], 20,
+                           "a recycle in this generation", server.log_tail)
+                os.kill(main, signal.SIGHUP)
+                main = server.wait_new_main(main)
+                clients.wait_for_requests(100)
+        result = clients.result
+        log = server.log()
+    assert result.failures == [] and result.connects == 20, result.summary()
+    assert "is stuck" not in log
