@@ -120,7 +120,7 @@ def test_workers_are_recycled_at_the_end_of_their_lifetime_one_at_a_time(engine,
     with serve(engine, tmp_path, "--max-worker-lifetime", "2") as server:
         server.wait_serving()
         with NaiveClients(HOST, server.port, count=8) as clients:
-            wait_until(lambda: server.log().count(" is gone") >= 3, 30, "three recycles by lifetime",
+            wait_until(lambda: server.log().count(" is gone") >= 2, 30, "two recycles by lifetime",
                        server.log_tail)
             clients.wait_for_requests(8)
         result = clients.result
@@ -130,8 +130,8 @@ def test_workers_are_recycled_at_the_end_of_their_lifetime_one_at_a_time(engine,
     assert all(re.fullmatch(r"\d+s old >= max-worker-lifetime 2s", detail) for _, _, detail, _ in logged), logged
     # One at a time: the next worker comes due only once the previous recycled one is gone.
     events = re.findall(r"worker \d \(pid (\d+)\) (is due for recycling|is gone)", log)
-    assert [what for _, what in events[:6]] == ["is due for recycling", "is gone"] * 3, events
-    assert all(events[i][0] == events[i + 1][0] for i in range(0, 6, 2)), events
+    assert [what for _, what in events[:4]] == ["is due for recycling", "is gone"] * 2, events
+    assert events[0][0] == events[1][0] != events[2][0] == events[3][0], events
 
 
 @pytest.mark.parametrize("engine", list(ENGINES))
@@ -172,3 +172,59 @@ def test_reloads_while_workers_recycle_fail_no_request(tmp_path):
         log = server.log()
     assert result.failures == [] and result.connects == 20, result.summary()
     assert "is stuck" not in log
+
+
+# ---- under real systemd: the journal and STATUS= -------------------------------------------------
+
+
+@pytest.mark.systemd
+def test_under_systemd_recycles_show_in_status_and_a_stuck_workers_stack_in_the_journal():
+    """The shipped unit (sandbox included): recycles are counted in `systemctl status`; a stuck worker's
+    faulthandler dump reaches the journal, where the README's `journalctl --grep` finds it."""
+    import os
+
+    from harness.systemd_service import SERVICE, InstalledService
+
+    sleep_line = next(number for number, line in enumerate((APPS / "recycle_app.py").read_text().splitlines(), 1)
+                      if "time.sleep(seconds)" in line)
+    name = f"gh-recycle-{os.getpid()}"
+    with InstalledService(name, "pypi", serve_args="recycle_app:app --workers 2 --no-access-log --max-requests 300"
+                                                   " --worker-timeout 2") as service:
+        for app in ("recycle_app", "echo_app"):
+            service.write_app(app, (APPS / f"{app}.py").read_text())
+        service.container.systemctl("start", SERVICE)
+        main = service.main_pid()
+        with NaiveClients(HOST, service.port, count=10) as clients:
+            service.container.wait_for(lambda: "max-requests)" in service.container.show(SERVICE, "StatusText")
+                                       ["StatusText"], timeout=40, what="a recycle in STATUS=")
+        assert clients.result.failures == [], clients.result.summary()
+        blocked = threading.Thread(target=lambda: _ignore_errors(get, HOST, service.port, "/block?seconds=30",
+                                                                 timeout=40), daemon=True)
+        blocked.start()
+        try:
+            status = service.container.wait_for(
+                lambda: (lambda text: text if "1 worker-timeout" in text else None)(
+                    service.container.show(SERVICE, "StatusText")["StatusText"]),
+                timeout=30, what="the stuck worker counted in STATUS=")
+        except TimeoutError as exc:
+            raise AssertionError(f"{exc}\n--- journal (tail) ---\n{service.journal()[-3000:]}") from None
+        found = service.container.wait_for(
+            lambda: service.container.run("journalctl --no-pager -u graceful-http --grep 'is stuck' -o cat",
+                                          check=False).stdout.strip(), timeout=20, what="journalctl --grep 'is stuck'")
+        journal = service.container.wait_for(
+            lambda: (lambda text: text if "killed stuck worker" in text else None)(service.journal()),
+            timeout=20, what="the stuck worker killed")
+        assert get(HOST, service.port, "/")[0] == 200
+        state = service.state()
+    assert re.fullmatch(r"worker \d \(pid \d+\) is stuck: its event loop has not answered for [\d.]+s"
+                        r" \(worker-timeout 2s\); the stacks of its threads follow; it is replaced, then killed", found)
+    assert re.search(rf'File "/srv/app/recycle_app\.py", line {sleep_line} in block_the_event_loop', journal), journal
+    assert re.search(r"workers recycled \(\d+ max-requests, 1 worker-timeout\)", status), status
+    assert (state["ActiveState"], state["MainPID"], state["NRestarts"]) == ("active", str(main), "0"), state
+
+
+def _ignore_errors(call, *args, **kwargs):
+    try:
+        return call(*args, **kwargs)
+    except OSError:
+        return None

@@ -16,7 +16,7 @@ from graceful_http.worker_upkeep import WorkerUpkeep, resident_mib, spare_adopti
 from graceful_http.workers import WorkerPool
 
 # A stand-in worker: after a start-up time it says ready, logs every line its main sends (with the
-# system-wide monotonic time), answers `ping` unless stuck, and on `drain` reports and exits.
+# system-wide monotonic time), answers `ping` and, on `drain`, reports and exits -- unless stuck.
 STAND_IN = """\
 import os, signal, socket, sys, time
 channel = socket.socket(fileno=int(sys.argv[1]))
@@ -37,7 +37,7 @@ while data := channel.recv(4096):
             note(line.decode())
         if line == b"ping" and not stuck:
             channel.sendall(b"pong\\n")
-        if line.startswith(b"drain"):
+        if line.startswith(b"drain") and not stuck:
             channel.sendall(b"drained 0 0 3 0\\n")
             sys.exit(0)
 """
@@ -48,14 +48,14 @@ def events(path) -> list[tuple[float, int, str]]:
             (line.split(" ", 2) for line in path.read_text().splitlines())]
 
 
-def run_pool(tmp_path, modes: list[str], scenario):
+def run_pool(tmp_path, modes: list[str], scenario, replacement_delay: float = 0.3):
     """Start a pool of stand-ins (`modes`: the first spawns' modes, then "ok"), run `scenario(pool)`."""
     log = tmp_path / "events.log"
     started: list[subprocess.Popen] = []
 
     def spawn(listen_fds, names, channel_fd, inherited, environ) -> int:
         mode = modes[len(started)] if len(started) < len(modes) else "ok"
-        delay = "0" if len(started) < 2 else "0.3"  # a replacement takes a while to be ready
+        delay = "0" if len(started) < 2 else str(replacement_delay)  # a replacement takes a while to be ready
         process = subprocess.Popen([sys.executable, "-c", STAND_IN, str(channel_fd), str(log), delay, mode],
                                    pass_fds=[channel_fd])
         started.append(process)
@@ -127,6 +127,31 @@ def test_a_stuck_worker_is_dumped_then_killed_once_its_replacement_is_ready(tmp_
     assert indexes == [0, 1]
     assert len(started) == 3, "only the stuck worker was replaced"
     assert upkeep.counts == {"worker-timeout": 1}
+
+
+def test_a_worker_stuck_while_it_is_recycled_is_dumped_and_killed_once_its_replacement_is_ready(tmp_path):
+    async def scenario(pool):
+        stuck = next(w for w in pool.workers.values() if w.index == 0)
+        upkeep = WorkerUpkeep(pool, RecycleLimits(max_requests=10), worker_timeout=0.5, ready_timeout=10,
+                              graceful_timeout=30)
+        stuck.total = 11
+        upkeep.check()  # due for recycling first; its silence is noticed while the replacement starts
+        await asyncio.sleep(0)
+        assert stuck.retiring
+        upkeep.start()
+        status = await asyncio.wait_for(stuck.exited, 10)
+        await asyncio.sleep(0)
+        return stuck.pid, status, upkeep, sorted(w.index for w in pool.workers.values())
+
+    (stuck_pid, status, upkeep, indexes), log, started = run_pool(tmp_path, ["stuck", "ok"], scenario,
+                                                                  replacement_delay=1.5)
+    seen = events(log)
+    ready = next(t for t, pid, what in seen if pid == started[2].pid and what == "ready")
+    dumped = next(t for t, pid, what in seen if pid == stuck_pid and what == "stack dump")
+    assert dumped < ready, seen
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, "killed, not left to drain for 30 s"
+    assert indexes == [0, 1] and len(started) == 3, "one replacement for both reasons"
+    assert upkeep.counts == {"max-requests": 1, "worker-timeout": 1}
 
 
 def test_spare_adoption_indexes_follow_the_workers_within_the_gap_a_sender_tolerates():

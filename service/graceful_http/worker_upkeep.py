@@ -68,6 +68,8 @@ class WorkerUpkeep:
         self.read_memory = read_memory
         self.counts: collections.Counter[str] = collections.Counter()  # by reason
         self._tasks: set[asyncio.Task] = set()
+        self._stuck: set[int] = set()  # pids found stuck, being replaced
+        self._starting: dict[int, asyncio.Future] = {}  # pid being recycled -> its replacement's start
         self._main: asyncio.Task | None = None
 
     @classmethod
@@ -93,14 +95,17 @@ class WorkerUpkeep:
         now = self.clock()
         states = []
         for worker in list(self.pool.workers.values()):
-            if worker.retiring or not worker.ready.done() or worker.ready.exception() or worker.exited.done():
+            if not _serving(worker) or worker.pid in self._stuck:
                 continue
-            if self.worker_timeout:
+            if self.worker_timeout:  # also while it is being recycled: a stuck one would not drain
                 silence = silent_for(worker.answered_at, now, self.worker_timeout)
                 if silence is not None:
+                    self._stuck.add(worker.pid)
                     self._spawn_task(self.replace_stuck(worker, silence))
                     continue
                 worker.writer.write(encode(PING))
+            if worker.retiring:
+                continue
             rss = self.read_memory(worker.pid) if self.policy.limits.max_memory_mib else None
             states.append(WorkerState(worker.pid, worker.index + 1, worker.total, now - worker.started_at, rss))
         due = self.policy.next_due(states, now)
@@ -115,6 +120,7 @@ class WorkerUpkeep:
     def exited(self, worker) -> None:
         """The pool saw `worker` exit (recycled or not)."""
         self.policy.forget(worker.pid)
+        self._stuck.discard(worker.pid)
 
     def _count(self, reason: str) -> None:
         self.counts[reason] += 1
@@ -150,10 +156,11 @@ class WorkerUpkeep:
         old.retiring = True
         log.info("worker %d (pid %d) is due for recycling: %s; starting its replacement",
                  old.index + 1, old.pid, due.detail)
+        starting = self._starting[old.pid] = asyncio.ensure_future(self._start_replacement(old))
         try:
-            replacement = await self._start_replacement(old)
+            replacement = await starting
         except ReplacementFailed as exc:
-            old.retiring = False
+            old.retiring = old.pid in self._stuck  # a stuck one is being killed: not replaced again
             if not self.pool.accepting:
                 return  # the whole generation drains: so does this worker
             self.policy.failed(old.pid, self.clock())
@@ -162,6 +169,8 @@ class WorkerUpkeep:
             if old.exited.done() and self.pool.accepting:  # it died meanwhile, and nobody replaced it
                 await self.pool._spawn(old.index)
             return
+        finally:
+            self._starting.pop(old.pid, None)
         if old.exited.done() or not self.pool.accepting:
             return  # it died meanwhile (the replacement stands in), or the whole generation drains now
         old.writer.write(encode(DRAIN, str(os.getpid())))
@@ -178,7 +187,8 @@ class WorkerUpkeep:
         log.info("recycled worker %d (pid %d) is gone", old.index + 1, old.pid)
 
     async def replace_stuck(self, old, silence: float) -> None:
-        """Dump its stacks, start its replacement, then kill it."""
+        """Dump its stacks, start its replacement (unless a recycle already did), then kill it."""
+        recycling = old.retiring
         old.retiring = True
         log.error("worker %d (pid %d) is stuck: its event loop has not answered for %.1fs (worker-timeout %gs);"
                   " the stacks of its threads follow; it is replaced, then killed",
@@ -186,7 +196,16 @@ class WorkerUpkeep:
         _kill(old.pid, STACK_DUMP_SIGNAL)
         self._count(WORKER_TIMEOUT)
         try:
-            replacement = await self._start_replacement(old)
+            if recycling:  # its replacement is on its way, or serves already
+                starting = self._starting.get(old.pid)
+                if starting is None:
+                    await asyncio.sleep(DUMP_GRACE)
+                    _kill(old.pid, signal.SIGKILL)
+                    log.warning("killed stuck worker %d (pid %d) while it was recycled", old.index + 1, old.pid)
+                    return
+                replacement = await asyncio.shield(starting)
+            else:
+                replacement = await self._start_replacement(old)
         except ReplacementFailed as exc:
             log.error("no replacement for stuck worker %d (pid %d): %s", old.index + 1, old.pid, exc)
             await asyncio.sleep(DUMP_GRACE)
@@ -198,6 +217,12 @@ class WorkerUpkeep:
         _kill(old.pid, signal.SIGKILL)
         log.warning("killed stuck worker %d (pid %d); pid %d serves in its place", old.index + 1, old.pid,
                     replacement.pid)
+
+
+def _serving(worker) -> bool:
+    """Ready (it said so), and not gone."""
+    return (worker.ready.done() and not worker.ready.cancelled() and worker.ready.exception() is None
+            and not worker.exited.done())
 
 
 def _kill(pid: int, signum: int) -> None:

@@ -167,6 +167,12 @@ class WorkerPool:
         task.add_done_callback(self._tasks.discard)
 
     async def _listen(self, worker: Worker) -> None:
+        try:
+            await self._listen_lines(worker)
+        except ConnectionError:  # it was killed with our lines unread (a stuck worker): its exit says the rest
+            pass
+
+    async def _listen_lines(self, worker: Worker) -> None:
         while line := await worker.reader.readline():
             word, detail = decode(line)
             if word == PONG:
