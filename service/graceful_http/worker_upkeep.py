@@ -69,6 +69,7 @@ class WorkerUpkeep:
         self.counts: collections.Counter[str] = collections.Counter()  # by reason
         self._tasks: set[asyncio.Task] = set()
         self._stuck: set[int] = set()  # pids found stuck, being replaced
+        self._watched: set[int] = set()  # pids pinged since they serve
         self._starting: dict[int, asyncio.Future] = {}  # pid being recycled -> its replacement's start
         self._main: asyncio.Task | None = None
 
@@ -98,6 +99,9 @@ class WorkerUpkeep:
             if not _serving(worker) or worker.pid in self._stuck:
                 continue
             if self.worker_timeout:  # also while it is being recycled: a stuck one would not drain
+                if worker.pid not in self._watched:  # its silence counts from now, not from its start-up
+                    self._watched.add(worker.pid)
+                    worker.answered_at = max(worker.answered_at, now)
                 silence = silent_for(worker.answered_at, now, self.worker_timeout)
                 if silence is not None:
                     self._stuck.add(worker.pid)
@@ -121,6 +125,7 @@ class WorkerUpkeep:
         """The pool saw `worker` exit (recycled or not)."""
         self.policy.forget(worker.pid)
         self._stuck.discard(worker.pid)
+        self._watched.discard(worker.pid)
 
     def _count(self, reason: str) -> None:
         self.counts[reason] += 1

@@ -98,7 +98,7 @@ class Worker:
         self.total = 0
         self.adopted = 0  # connections it took over from the previous generation
         self.drained = (0, 0, 0, 0)  # (answered while draining, cut, handed over, fell back), as it reports them
-        self.answered_at = self.started_at  # when its event loop last answered (`heartbeat`)
+        self.answered_at = self.started_at  # when its event loop last answered a ping (`heartbeat`)
         self.retiring = False  # being recycled or replaced as stuck: not replaced again when it exits
 
 
@@ -157,7 +157,7 @@ class WorkerPool:
         reader, writer = await asyncio.open_unix_connection(sock=channel)
         worker = Worker(index, pid, reader, writer)
         self.workers[pid] = worker
-        self._track(asyncio.create_task(self._listen(worker)))
+        self._track(asyncio.create_task(self._listen_until_reset(worker)))
         self._track(asyncio.create_task(self._wait_exit(worker)))
         log.info("worker %d started as pid %d", index + 1, pid)
         return worker
@@ -166,19 +166,16 @@ class WorkerPool:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _listen(self, worker: Worker) -> None:
+    async def _listen_until_reset(self, worker: Worker) -> None:
         try:
-            await self._listen_lines(worker)
+            await self._listen(worker)
         except ConnectionError:  # it was killed with our lines unread (a stuck worker): its exit says the rest
             pass
 
-    async def _listen_lines(self, worker: Worker) -> None:
+    async def _listen(self, worker: Worker) -> None:
         while line := await worker.reader.readline():
             word, detail = decode(line)
-            if word == PONG:
-                worker.answered_at = time.monotonic()
-            elif word == READY and not worker.ready.done():
-                worker.answered_at = time.monotonic()
+            if word == READY and not worker.ready.done():
                 worker.ready.set_result(None)
             elif word == FAILED and not worker.ready.done():
                 worker.ready.set_exception(WorkerStartFailed(detail))
@@ -190,6 +187,8 @@ class WorkerPool:
             elif word == RELOAD:
                 outcome = self.request_reload(f"{detail} (via worker {worker.index + 1})")
                 worker.writer.write(encode(OUTCOME, outcome_text(outcome)))
+            elif word == PONG:
+                worker.answered_at = time.monotonic()
 
     async def _wait_exit(self, worker: Worker) -> None:
         pidfd = os.pidfd_open(worker.pid)
