@@ -313,3 +313,18 @@ def test_spawn_failure_is_a_failed_reload():
         assert world.supervisor.machine.phase is g.Phase.SERVING
 
     asyncio.run(scenario())
+
+
+def test_status_adds_what_the_worker_upkeep_reports():
+    class Upkeep:
+        def status_note(self) -> str:
+            return "2 workers recycled (1 max-requests, 1 worker-timeout)"
+
+    async def scenario():
+        world = await serving_world()
+        assert world.supervisor._serving_status() == f"gen 1 · pid {PID} · serving · 0 in flight · 3 requests"
+        world.server.upkeep = Upkeep()
+        assert world.supervisor._serving_status() == (f"gen 1 · pid {PID} · serving · 0 in flight · 3 requests"
+                                                      " · 2 workers recycled (1 max-requests, 1 worker-timeout)")
+
+    asyncio.run(scenario())

@@ -84,6 +84,14 @@ def _serve_help() -> dict[str, tuple[str | None, str]]:
         "ssl_cert_reqs": ("MODE", f"{' | '.join(SSL_CERT_REQS)}: ask clients for a certificate (default: none)"),
         "ssl_ciphers": ("LIST", "OpenSSL cipher list for TLS 1.2 and older (default: TLSv1, as uvicorn)"),
         "env_file": ("PATH", "set environment variables from this dotenv file, re-read by every new generation"),
+        "max_requests": ("N", "recycle a worker after about N requests: a new one first, then the old one hands"
+                              " over its connections and drains (default: 0, off; with --workers 2 or more)"),
+        "max_requests_jitter": ("J", "each worker's limit is N plus a random 0..J, so workers recycle apart"
+                                     " (default: 0)"),
+        "max_worker_memory": ("MIB", "recycle a worker whose resident memory exceeds MIB (default: 0, off)"),
+        "max_worker_lifetime": ("S", "recycle a worker after S seconds (default: 0, off)"),
+        "worker_timeout": ("S", "a worker whose event loop has not answered for S seconds has its threads' stacks"
+                                " logged, is replaced, then killed (default: 0, off)"),
     }
 
 

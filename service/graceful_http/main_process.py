@@ -35,6 +35,7 @@ from graceful_http.settings import ServeSettings
 from graceful_http.spawn import fork_worker
 from graceful_http.successor import Successor, wait_until_reaped
 from graceful_http.supervisor import Ports, Supervisor
+from graceful_http.worker_upkeep import start_worker_upkeep, warn_about_single_process_recycling
 from graceful_http.workers import MainLink, WorkerPool, WorkerStartFailed, worker_environ
 
 log = logging.getLogger("graceful_http")
@@ -114,6 +115,7 @@ async def _serve(settings: ServeSettings, inherited: Inherited, listeners, prede
                  metrics: Metrics | None, forked: list[tuple[int, socket.socket]]) -> int:
     pid = os.getpid()
     loop = asyncio.get_running_loop()
+    warn_about_single_process_recycling(settings)
     ports = Ports(
         start_successor=functools.partial(_start_successor, listeners, inherited, metrics),
         notifier=Notifier(),
@@ -137,6 +139,7 @@ async def _serve(settings: ServeSettings, inherited: Inherited, listeners, prede
                 await pool.start(forked)
             except WorkerStartFailed as exc:
                 raise StartError(str(exc)) from None
+            start_worker_upkeep(pool, settings, metrics)
         else:
             supervisor.servers = Servers(build_engines(settings, listeners, supervisor.control, metrics))
             await start_engines(supervisor.servers)

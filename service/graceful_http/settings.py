@@ -235,6 +235,12 @@ class ServeSettings:
     ssl_ciphers: str = "TLSv1"
     env_file: str | None = None
     idle_grace: float = 1.0
+    # worker recycling and stuck workers (with --workers 2 or more); 0: off
+    max_requests: int = 0
+    max_requests_jitter: int = 0
+    max_worker_memory: int = 0  # MiB of resident memory
+    max_worker_lifetime: float = 0.0
+    worker_timeout: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -296,11 +302,17 @@ OPTIONS = {
         Option("ssl_cert_reqs", _choice(SSL_CERT_REQS)),
         Option("ssl_ciphers", _text),
         Option("env_file", _text),
+        Option("max_requests", lambda v, o: parse_count(v, o, what="requests (0: off)", minimum=0)),
+        Option("max_requests_jitter", lambda v, o: parse_count(v, o, what="requests", minimum=0)),
+        Option("max_worker_memory", lambda v, o: parse_count(v, o, what="MiB (0: off)", minimum=0)),
+        Option("max_worker_lifetime", lambda v, o: parse_seconds(v, o)),
+        Option("worker_timeout", lambda v, o: parse_seconds(v, o)),
     )
 }
 
 
-COUNTS = ("workers", "ws_max_size", "limit_concurrency", "backlog", "h11_max_incomplete_event_size")
+COUNTS = ("workers", "ws_max_size", "limit_concurrency", "backlog", "h11_max_incomplete_event_size",
+          "max_requests", "max_requests_jitter", "max_worker_memory")
 
 
 def build_settings(*layers: Mapping[str, object]) -> ServeSettings:

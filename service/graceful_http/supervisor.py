@@ -209,5 +209,8 @@ class Supervisor:
     def _serving_status(self) -> str | None:
         if self.machine.phase is not g.Phase.SERVING:
             return None
-        return self.machine.serving_status(self.servers.in_flight(), self.servers.total_requests,
-                                           self.servers.adopted)
+        status = self.machine.serving_status(self.servers.in_flight(), self.servers.total_requests,
+                                             self.servers.adopted)
+        notes = [note for server in self.servers if (upkeep := getattr(server, "upkeep", None))
+                 and (note := upkeep.status_note())]  # worker recycling
+        return " · ".join([status, *notes])

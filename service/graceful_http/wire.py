@@ -9,7 +9,8 @@ Three channels, one framing: a line is a word and an optional detail,
 - worker channel, a worker → its main: `ready`, `failed <reason>`,
   `stats <in flight> <total> <adopted>`, `reload <source>`,
   `drained <answered> <cut> <handed over> <fell back>`; back: `outcome <code> <pid> <detail>`,
-  `drain <pid>` (hand the connections over to that generation's main, and drain).
+  `drain <pid>` (hand the connections over to that generation's main, and drain), `ping` (answered with
+  `pong` by the worker's event loop: it runs).
 - control socket, `graceful-http reload` → a main: `reload`; back: lines
   `<code> <pid> <detail>`, `started` ones, then one of FINAL_CODES.
 
@@ -28,6 +29,7 @@ READY, FAILED, MAIN, SERVING = "ready", "failed", "main", "serving"
 STATS, RELOAD, DRAINED, OUTCOME = "stats", "reload", "drained", "outcome"
 ADOPTS = "adopts"  # after `ready`: the new generation takes over the old one's keep-alive connections
 DRAIN = "drain"  # main → worker: hand your connections over to the generation whose main is <pid>, and drain
+PING, PONG = "ping", "pong"  # main → worker, and its event loop's answer (see `heartbeat`)
 FINAL_CODES = ("done", "failed", "refused")
 
 

@@ -36,6 +36,8 @@ from graceful_http.wire import (
     DRAINED,
     FAILED,
     OUTCOME,
+    PING,
+    PONG,
     READY,
     RELOAD,
     STATS,
@@ -96,6 +98,8 @@ class Worker:
         self.total = 0
         self.adopted = 0  # connections it took over from the previous generation
         self.drained = (0, 0, 0, 0)  # (answered while draining, cut, handed over, fell back), as it reports them
+        self.answered_at = self.started_at  # when its event loop last answered a ping (`heartbeat`)
+        self.retiring = False  # being recycled or replaced as stuck: not replaced again when it exits
 
 
 class WorkerPool:
@@ -117,6 +121,7 @@ class WorkerPool:
         self._adopted_by_dead = 0
         self.handed_over = 0  # connections the workers handed over while draining
         self.fell_back = 0
+        self.upkeep = None  # recycling and stuck workers (`worker_upkeep`), if enabled
 
     def describe(self) -> str:
         return f"{self.count} worker processes"
@@ -152,7 +157,7 @@ class WorkerPool:
         reader, writer = await asyncio.open_unix_connection(sock=channel)
         worker = Worker(index, pid, reader, writer)
         self.workers[pid] = worker
-        self._track(asyncio.create_task(self._listen(worker)))
+        self._track(asyncio.create_task(self._listen_until_reset(worker)))
         self._track(asyncio.create_task(self._wait_exit(worker)))
         log.info("worker %d started as pid %d", index + 1, pid)
         return worker
@@ -160,6 +165,12 @@ class WorkerPool:
     def _track(self, task: asyncio.Task) -> None:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    async def _listen_until_reset(self, worker: Worker) -> None:
+        try:
+            await self._listen(worker)
+        except ConnectionError:  # it was killed with our lines unread (a stuck worker): its exit says the rest
+            pass
 
     async def _listen(self, worker: Worker) -> None:
         while line := await worker.reader.readline():
@@ -176,6 +187,8 @@ class WorkerPool:
             elif word == RELOAD:
                 outcome = self.request_reload(f"{detail} (via worker {worker.index + 1})")
                 worker.writer.write(encode(OUTCOME, outcome_text(outcome)))
+            elif word == PONG:
+                worker.answered_at = time.monotonic()
 
     async def _wait_exit(self, worker: Worker) -> None:
         pidfd = os.pidfd_open(worker.pid)
@@ -195,7 +208,9 @@ class WorkerPool:
             worker.ready.set_exception(WorkerStartFailed(f"worker {worker.index + 1} (pid {worker.pid}) {how}"
                                                          " before it was ready"))
         worker.exited.set_result(status)
-        if self.accepting and worker.ready.done() and not worker.ready.exception():
+        if self.upkeep is not None:
+            self.upkeep.exited(worker)
+        if self.accepting and not worker.retiring and worker.ready.done() and not worker.ready.exception():
             delay = self.backoff[worker.index].next_delay(time.monotonic() - worker.started_at)
             self.replaced += 1
             log.warning("worker %d (pid %d) %s; replacing it in %gs", worker.index + 1, worker.pid, how, delay)
@@ -294,7 +309,9 @@ class MainLink:
     async def _read_replies(self) -> None:
         while line := await self.reader.readline():
             word, detail = decode(line)
-            if word == OUTCOME:
+            if word == PING:
+                self.send(PONG)
+            elif word == OUTCOME:
                 await self._replies.put(parse_outcome(detail))
             elif word == DRAIN:
                 self.moving_to = int(detail) if detail.isdigit() else None
