@@ -30,6 +30,7 @@ def _serve_help() -> dict[str, tuple[str | None, str]]:
         INTERFACES,
         LIFESPAN_MODES,
         LOG_LEVELS,
+        ROLLOUT_MODES,
         SSL_CERT_REQS,
         WEBSOCKET_IMPLEMENTATIONS,
     )
@@ -84,6 +85,9 @@ def _serve_help() -> dict[str, tuple[str | None, str]]:
         "ssl_cert_reqs": ("MODE", f"{' | '.join(SSL_CERT_REQS)}: ask clients for a certificate (default: none)"),
         "ssl_ciphers": ("LIST", "OpenSSL cipher list for TLS 1.2 and older (default: TLSv1, as uvicorn)"),
         "env_file": ("PATH", "set environment variables from this dotenv file, re-read by every new generation"),
+        "rollout": ("HOW", f"{' | '.join(ROLLOUT_MODES)}: with --workers, a reload replaces one worker at a time"
+                           " (at most N+1 workers at once) or starts the whole new generation beside the old one"
+                           " (default: worker)"),
     }
 
 

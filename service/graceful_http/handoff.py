@@ -18,7 +18,7 @@ import os
 import socket
 
 from graceful_http.inherited import Inherited
-from graceful_http.wire import ADOPTS, FAILED, MAIN, READY, SERVING, decode, encode
+from graceful_http.wire import ADOPTS, FAILED, MAIN, READY, ROLLOUT, SERVING, decode, encode
 
 CONFIRM_TIMEOUT = 5.0
 
@@ -28,6 +28,7 @@ class PredecessorLink:
 
     def __init__(self, sock: socket.socket):
         self.sock = sock
+        self.rollout_agreed = False  # the old main said `main rollout`: it retires its workers one by one
 
     @classmethod
     def from_inherited(cls, inherited: Inherited) -> PredecessorLink | None:
@@ -42,13 +43,15 @@ class PredecessorLink:
         except OSError:
             pass  # the old generation is gone; nobody to tell
 
-    async def report_ready_and_wait_until_main(self, adopts: bool = False) -> bool:
+    async def report_ready_and_wait_until_main(self, adopts: bool = False, rollout: bool = False) -> bool:
         """True once the old main has handed over (then `confirm_serving`); False if it went away first.
-        `adopts`: we take over its keep-alive connections (see `handover`); an older main ignores the word."""
+        `adopts`: we take over its keep-alive connections (see `handover`); `rollout`: we started one worker
+        and want its workers retired one by one (see `rollout`). An older main ignores the words."""
         loop = asyncio.get_running_loop()
         self.sock.setblocking(False)
+        words = " ".join(word for word, wanted in ((ADOPTS, adopts), (ROLLOUT, rollout)) if wanted)
         try:
-            await loop.sock_sendall(self.sock, encode(READY, ADOPTS if adopts else ""))
+            await loop.sock_sendall(self.sock, encode(READY, words))
             data = b""
             while not data.endswith(b"\n"):
                 chunk = await loop.sock_recv(self.sock, 256)
@@ -59,16 +62,19 @@ class PredecessorLink:
         except OSError:
             self.close()
             return False
-        return decode(data)[0] == MAIN
+        word, detail = decode(data)
+        self.rollout_agreed = rollout and ROLLOUT in detail.split()
+        return word == MAIN
 
-    def confirm_serving(self) -> None:
-        """Tell the old main we act as main now, and close the channel."""
+    def confirm_serving(self, keep_open: bool = False) -> None:
+        """Tell the old main we act as main now, and close the channel (unless a rollout goes on over it)."""
         try:
             self.sock.setblocking(True)
             self.sock.sendall(encode(SERVING))
         except OSError:
             pass
-        self.close()
+        if not keep_open:
+            self.close()
 
     def close(self) -> None:
         self.sock.close()
@@ -111,9 +117,9 @@ class SuccessorLink:
                 return detail
         return None
 
-    def tell_main(self) -> None:
+    def tell_main(self, rollout: bool = False) -> None:
         try:
-            self.mine.send(encode(MAIN))  # a few bytes into an empty socket buffer: never blocks
+            self.mine.send(encode(MAIN, ROLLOUT if rollout else ""))  # a few bytes into an empty socket buffer: never blocks
         except OSError:
             pass  # it is gone: waiting for its confirmation will say so
 
@@ -125,6 +131,10 @@ class SuccessorLink:
         except asyncio.TimeoutError:
             return False
         return word == SERVING
+
+    def buffered(self) -> bytes:
+        """What was read past the last line returned (a rollout's channel goes on from there)."""
+        return self._buffer
 
     def close(self) -> None:
         self.mine.close()

@@ -21,6 +21,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 WEBSOCKET_IMPLEMENTATIONS = ("auto", "websockets", "websockets-sansio", "wsproto", "none")
 LIFESPAN_MODES = ("auto", "on", "off")
 SSL_CERT_REQS = ("none", "optional", "required")
+ROLLOUT_MODES = ("worker", "generation")  # how a reload replaces a generation of workers (see `rollout`)
 DEFAULT_FORWARDED_ALLOW_IPS = ("127.0.0.1", "::1")  # the newest uvicorn's; $FORWARDED_ALLOW_IPS overrides it
 FORWARDED_ALLOW_IPS_VARIABLE = "FORWARDED_ALLOW_IPS"
 
@@ -235,6 +236,8 @@ class ServeSettings:
     ssl_ciphers: str = "TLSv1"
     env_file: str | None = None
     idle_grace: float = 1.0
+    # reloads with workers
+    rollout: str = "worker"
 
 
 @dataclass(frozen=True)
@@ -296,6 +299,8 @@ OPTIONS = {
         Option("ssl_cert_reqs", _choice(SSL_CERT_REQS)),
         Option("ssl_ciphers", _text),
         Option("env_file", _text),
+        # reloads with workers
+        Option("rollout", _choice(ROLLOUT_MODES)),
     )
 }
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from graceful_http import generation as g
+from graceful_http import rollout as r
 from graceful_http.control import ControlState
 from graceful_http.serving import Servers, connect_successor, drain_and_shut_down, stop_accepting
 from graceful_http.status import StatusReporter
@@ -138,7 +139,7 @@ class Supervisor:
         if self.successor is None or not self.successor.alive():
             self._hand_over_failed(action)
             return
-        self.successor.tell_main()
+        self.successor.tell_main(rollout=self._rolls(self.successor))
         self._run("successor", self._until_serving(self.successor, action))
 
     def _do_StartDraining(self, action: g.StartDraining) -> None:
@@ -163,6 +164,8 @@ class Supervisor:
         if not await successor.until_serving():
             self._hand_over_failed(action)
             return
+        if self._rolls(successor) and not await self._retire_workers(successor, action):
+            return
         if self.ports.pid_file:
             self.ports.pid_file.write(action.pid)  # systemd re-reads it when ExecReload exits
         if successor.adopts:  # it takes our keep-alive connections over as they become idle
@@ -172,6 +175,29 @@ class Supervisor:
                      " they drain here", action.generation, action.pid)
         self._forget_successor()
         self.dispatch(g.HandedOver(action.attempt))
+
+    def _rolls(self, successor: Successor) -> bool:
+        """A worker-by-worker rollout: the successor asked for one, and we have workers to retire."""
+        return successor.rolls and bool(self.servers) and hasattr(self.servers[0], "retire")
+
+    async def _retire_workers(self, successor: Successor, action: g.HandOver) -> bool:
+        """Retire our workers one by one as the successor's become ready (see `rollout`). True once it has
+        them all; False if it died first: then we are main again, with all our workers back."""
+        from graceful_http.rolling import LineChannel, RetirementDriver
+
+        pool = self.servers[0]
+        channel = LineChannel(successor.link.mine, successor.link.buffered())
+        outcome = await RetirementDriver(pool, channel, action.pid).run()
+        if not isinstance(outcome, r.Restore):
+            return True
+        if self.machine.phase is not g.Phase.HANDING_OVER:  # stopping meanwhile
+            return False
+        if self.ports.notifier.enabled:
+            self.ports.wait_until_reaped(action.pid)  # then systemd has read PIDFile= (us) again
+        self.dispatch(g.HandOverFailed(action.attempt, outcome.reason))
+        self.status.start()
+        await pool.restore()
+        return False
 
     def _hand_over_failed(self, action: g.HandOver) -> None:
         if self.ports.notifier.enabled:

@@ -5,7 +5,9 @@ Three channels, one framing: a line is a word and an optional detail,
 
 - handoff channel, a new generation → the main it replaces: `ready` (`ready adopts`
   if it takes over the old generation's connections), `failed <reason>`; back: `main`
-  (systemd has been told), then → `serving`.
+  (systemd has been told), then → `serving`. A worker-by-worker rollout (see `rollout`): `ready adopts
+  rollout`, `main rollout` if the old main agrees; then, after `serving`, → `retire <k>` (new worker k is
+  ready), back: `retired <pid> <old workers left>` once that old worker exited; → `rolled` at the end.
 - worker channel, a worker → its main: `ready`, `failed <reason>`,
   `stats <in flight> <total> <adopted>`, `reload <source>`,
   `drained <answered> <cut> <handed over> <fell back>`; back: `outcome <code> <pid> <detail>`,
@@ -27,6 +29,7 @@ from dataclasses import dataclass
 READY, FAILED, MAIN, SERVING = "ready", "failed", "main", "serving"
 STATS, RELOAD, DRAINED, OUTCOME = "stats", "reload", "drained", "outcome"
 ADOPTS = "adopts"  # after `ready`: the new generation takes over the old one's keep-alive connections
+ROLLOUT, RETIRE, RETIRED, ROLLED = "rollout", "retire", "retired", "rolled"  # worker-by-worker handoff
 DRAIN = "drain"  # main → worker: hand your connections over to the generation whose main is <pid>, and drain
 FINAL_CODES = ("done", "failed", "refused")
 

@@ -117,6 +117,8 @@ class WorkerPool:
         self._adopted_by_dead = 0
         self.handed_over = 0  # connections the workers handed over while draining
         self.fell_back = 0
+        self.retiring: set[int] = set()  # pids of workers a rollout retired: not to be replaced
+        self.retired: list[Worker] = []
 
     def describe(self) -> str:
         return f"{self.count} worker processes"
@@ -195,7 +197,7 @@ class WorkerPool:
             worker.ready.set_exception(WorkerStartFailed(f"worker {worker.index + 1} (pid {worker.pid}) {how}"
                                                          " before it was ready"))
         worker.exited.set_result(status)
-        if self.accepting and worker.ready.done() and not worker.ready.exception():
+        if self.accepting and worker.pid not in self.retiring and worker.ready.done() and not worker.ready.exception():
             delay = self.backoff[worker.index].next_delay(time.monotonic() - worker.started_at)
             self.replaced += 1
             log.warning("worker %d (pid %d) %s; replacing it in %gs", worker.index + 1, worker.pid, how, delay)
@@ -243,15 +245,62 @@ class WorkerPool:
         """Wait for the workers to finish draining; kill any still running at the deadline (+5 s grace).
         (Each worker closes its WebSockets: the signal in `stop_accepting` told it which code.)"""
         draining = list(self.workers.values())
+        counted = draining + self.retired
         pending = [w.exited for w in draining]
         if pending:
             _, late = await asyncio.wait(pending, timeout=max(0.0, deadline - time.monotonic()) + 5)
             if late:
                 self.terminate(signal.SIGKILL)
                 await asyncio.wait(late, timeout=5)
-        self.handed_over = sum(w.drained[2] for w in draining)
-        self.fell_back = sum(w.drained[3] for w in draining)
-        return sum(w.drained[0] for w in draining), sum(w.drained[1] for w in draining)
+        self.handed_over = sum(w.drained[2] for w in counted)
+        self.fell_back = sum(w.drained[3] for w in counted)
+        return sum(w.drained[0] for w in counted), sum(w.drained[1] for w in counted)
+
+    # -- a worker-by-worker rollout (see `rollout`, `rolling`)
+
+    async def start_first(self, forked: list[tuple[int, socket.socket]]) -> None:
+        """Take over the workers forked before the event loop started and wait until they are ready; the rest
+        start one by one as the rollout goes on (`start_worker`)."""
+        for index, (pid, channel) in enumerate(forked):
+            await self._adopt(index, pid, channel)
+        for worker in list(self.workers.values()):
+            try:
+                await worker.ready
+            except WorkerStartFailed:
+                self.accepting = False
+                self.terminate(signal.SIGKILL)
+                raise
+
+    async def start_worker(self, number: int) -> None:
+        """Start worker `number` (from 1) and wait until it is ready; WorkerStartFailed if it cannot start."""
+        worker = await self._spawn(number - 1)
+        await worker.ready
+
+    def serving_workers(self) -> dict[int, int]:
+        """pid -> requests in flight, of the ready workers not retiring."""
+        return {pid: w.in_flight for pid, w in self.workers.items()
+                if pid not in self.retiring and w.ready.done() and not w.ready.exception()}
+
+    def retire(self, pid: int, moving_to: int) -> asyncio.Future:
+        """Have one worker stop accepting and drain, handing its connections over to the generation whose main
+        is `moving_to`; it is not replaced. Returns the future of its exit."""
+        worker = self.workers[pid]
+        self.retiring.add(pid)
+        self.retired.append(worker)
+        worker.writer.write(encode(DRAIN, str(moving_to)))
+        return worker.exited
+
+    async def restore(self) -> None:
+        """Start again the workers a rollout retired (the new generation died): back to `count` serving."""
+        present = {w.index for pid, w in self.workers.items() if pid not in self.retiring}
+        missing = [index for index in range(self.count) if index not in present]
+        self.retired = []
+        starting = [await self._spawn(index) for index in missing]
+        for worker in starting:
+            try:
+                await worker.ready
+            except WorkerStartFailed as exc:
+                log.error("restoring a worker failed: %s", exc)
 
     async def shutdown_app(self) -> None:
         """Each worker ran its own lifespan shutdown."""
