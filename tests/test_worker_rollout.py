@@ -1,0 +1,117 @@
+"""Worker-by-worker rollout, standalone (no systemd): real processes, real HTTP load, memory sampled.
+
+With `--workers 4` and an app holding 40 MB in every worker, a reload under load must fail no request and
+never run more than 5 workers; a new worker that fails to start in the middle is retried while the old
+worker it replaces keeps serving; a new main that dies in the middle leaves the old generation serving,
+with all its workers back. (The peak memory figures, against uvicorn and gunicorn, are in bench/run.)
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+
+import pytest
+
+from support.load import Load, get, pid_of
+from support.pss import PeakSampler
+from support.serve_process import ENGINES, HOST, ServeProcess, wait_until
+
+APPS_DIR = os.path.join(os.path.dirname(__file__), "apps")
+WORKERS = 4
+
+
+def footprint_server(engine: str, tmp_path, *args: str, environ: dict[str, str] | None = None,
+                     workers: int = WORKERS) -> ServeProcess:
+    shutil.copy(os.path.join(APPS_DIR, "footprint_app.py"), tmp_path / "footprint_app.py")
+    return ServeProcess(ENGINES[engine], tmp_path, "footprint_app:app", "--app-dir", str(tmp_path),
+                        "--workers", str(workers), "--no-access-log", *args, pid_file=True, environ=environ)
+
+
+def started_as(server: ServeProcess, generation: int) -> int:
+    found = server.wait_for_log(f"generation {generation} started as pid")
+    return int(re.search(rf"generation {generation} started as pid (\d+)", found).group(1))
+
+
+@pytest.mark.parametrize("engine", ["pypi", "debian"])
+def test_a_rollout_under_load_fails_nothing_and_never_runs_more_than_n_plus_one_workers(engine, tmp_path):
+    with footprint_server(engine, tmp_path) as server:
+        server.wait_serving()
+        with PeakSampler(server.processes) as sampler, Load(HOST, server.port, clients=4) as load:
+            load.wait_for_requests(50)
+            steady = sampler.samples[-1]
+            old = server.main_pid()
+            result = server.reload_cli()
+            assert result.returncode == 0, result.stdout + result.stderr + server.log_tail()
+            server.wait_new_main(old)
+            server.wait_gone(old)
+            load.wait_for_requests(50)
+        result = load.result
+        samples = sampler.samples
+    assert not result.failures, result.summary()
+    assert steady[0] == WORKERS, steady
+    assert max(workers for workers, _, _ in samples) == WORKERS + 1, samples[::10]
+    assert max(processes for _, processes, _ in samples) <= WORKERS + 1 + 2, samples[::10]
+    log = server.log()
+    assert log.count("rollout: all 4 workers of this generation serving") == 1, server.log_tail()
+    assert log.count("rollout: retiring worker pid") == WORKERS
+
+
+def test_a_whole_generation_rollout_is_still_there_when_asked_for(tmp_path):
+    with footprint_server("pypi", tmp_path, "--rollout", "generation") as server:
+        server.wait_serving()
+        with PeakSampler(server.processes) as sampler:
+            old = server.main_pid()
+            assert server.reload_cli().returncode == 0, server.log_tail()
+            server.wait_new_main(old)
+            server.wait_gone(old)
+    assert max(workers for workers, _, _ in sampler.samples) == 2 * WORKERS
+    assert "rollout:" not in server.log()
+
+
+def test_a_new_worker_that_fails_mid_rollout_is_retried_while_the_old_one_serves(tmp_path):
+    # Starts 1-3: generation 1; 4: generation 2's first worker; 5 and 6 (its second worker, twice) fail.
+    starts = tmp_path / "starts"
+    environ = {"FOOTPRINT_STARTS_FILE": str(starts), "FOOTPRINT_FAIL_STARTS": "5,6", "FOOTPRINT_MB": "8"}
+    with footprint_server("pypi", tmp_path, environ=environ, workers=3) as server:
+        server.wait_serving()
+        with PeakSampler(server.processes) as sampler, Load(HOST, server.port, clients=4) as load:
+            load.wait_for_requests(50)
+            old = server.main_pid()
+            result = server.reload_cli()
+            assert result.returncode == 0, result.stdout + result.stderr + server.log_tail()
+            server.wait_new_main(old)
+            load.wait_for_requests(50)
+        assert not load.result.failures, load.result.summary()
+        log = server.log()
+        assert log.count("rollout: new worker 2 failed to start") == 2, server.log_tail()
+        assert "retrying in 0.5s" in log and "retrying in 1s" in log
+        assert "rollout: all 3 workers of this generation serving" in log
+        assert len(starts.read_text().split()) == 3 + 3 + 2
+    assert max(workers for workers, _, _ in sampler.samples) <= 3 + 1
+
+
+def test_a_new_main_dying_mid_rollout_leaves_the_old_generation_serving_with_all_its_workers(tmp_path):
+    # Generation 2's second worker never starts: the rollout stalls with one old worker retired.
+    starts = tmp_path / "starts"
+    environ = {"FOOTPRINT_STARTS_FILE": str(starts), "FOOTPRINT_FAIL_STARTS": ",".join(map(str, range(6, 60))),
+               "FOOTPRINT_MB": "8"}
+    with footprint_server("pypi", tmp_path, environ=environ) as server:
+        server.wait_serving()
+        old = server.main_pid()
+        reload = server.run_background("reload", "--pid-file", str(server.pid_file), "--timeout", "60")
+        new = started_as(server, 2)
+        server.wait_for_log("rollout: new worker 2 failed to start")
+        os.kill(new, signal.SIGKILL)
+        stdout, stderr = reload.communicate(timeout=30)
+        assert reload.returncode == 1, stdout + stderr
+        assert f"new generation (pid {new}) exited during the rollout" in stdout + stderr
+        server.wait_for_log("keeps serving")
+        wait_until(lambda: sum(1 for p in server.processes() if p != old) == WORKERS, 20,
+                   "the old main to have 4 workers again", server.log_tail)
+        assert server.main_pid() == old
+        answered = {pid_of(get(HOST, server.port, "/")[1]) for _ in range(40)}
+        assert answered and answered <= server.processes() - {old}
+        assert "rollout: new generation" in server.log() and "restoring 1 worker(s)" in server.log()
