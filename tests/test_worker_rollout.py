@@ -15,8 +15,8 @@ import signal
 
 import pytest
 
+from harness.pss import PeakSampler
 from support.load import Load, get, pid_of
-from support.pss import PeakSampler
 from support.serve_process import ENGINES, HOST, ServeProcess, wait_until
 
 APPS_DIR = os.path.join(os.path.dirname(__file__), "apps")

@@ -27,6 +27,10 @@ class ControlServer:
         sock.bind(control_address(pid))
         self.server = await asyncio.start_unix_server(self._serve, sock=sock)
 
+    def sockets(self) -> list:
+        """Its listening socket(s), for a process forked from ours to close."""
+        return list(self.server.sockets) if self.server is not None else []
+
     def close(self) -> None:
         if self.server is not None:
             self.server.close()

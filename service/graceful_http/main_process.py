@@ -166,12 +166,13 @@ async def _serve(settings: ServeSettings, inherited: Inherited, listeners, prede
     if handed_over:
         predecessor.confirm_serving(keep_open=agreed)  # now the old main may report the reload done
     if rolling:
-        await rollout(supervisor, predecessor if agreed else None)
+        await rollout(supervisor, predecessor if agreed else None, settings, listeners, inherited, metrics)
     await supervisor.finished.wait()
     return 0
 
 
-async def rollout(supervisor: Supervisor, predecessor: PredecessorLink | None) -> None:
+async def rollout(supervisor: Supervisor, predecessor: PredecessorLink | None, settings: ServeSettings, listeners,
+                  inherited: Inherited, metrics: Metrics | None) -> None:
     """Our first worker serves: start the others one by one as the old main retires its own (`predecessor`,
     whose channel stays open for it), or one after the other if it does not take part (an older version, or
     gone: None). Runs until every worker serves."""
@@ -179,12 +180,27 @@ async def rollout(supervisor: Supervisor, predecessor: PredecessorLink | None) -
     from graceful_http.workers import RestartBackoff
 
     supervisor.machine.rolling_out = True
+    pool = supervisor.servers[0]
+    pool.fork_now = functools.partial(fork_later_worker, settings, listeners, inherited, metrics, supervisor,
+                                      predecessor)
     driver = RolloutDriver(supervisor.servers[0], LineChannel(predecessor.sock) if predecessor else None,
                            RestartBackoff())
     try:
         await driver.run()
     finally:
         supervisor.machine.rolling_out = False
+
+
+def fork_later_worker(settings: ServeSettings, listeners, inherited: Inherited, metrics: Metrics | None,
+                      supervisor: Supervisor, predecessor: PredecessorLink | None, number: int):
+    """Fork worker `number` now, from the running main (see `latefork`)."""
+    from graceful_http.latefork import fork_running
+
+    private = [*supervisor.servers[0].channels(), *supervisor.control_server.sockets()]
+    if predecessor is not None:
+        private.append(predecessor.sock)
+    return fork_running(settings, listeners, inherited, number, metrics.shared_dir if metrics is not None else None,
+                        private)
 
 
 def _start_successor(listeners, inherited: Inherited, metrics: Metrics | None, attempt: int,

@@ -119,6 +119,7 @@ class WorkerPool:
         self.fell_back = 0
         self.retiring: set[int] = set()  # pids of workers a rollout retired: not to be replaced
         self.retired: list[Worker] = []
+        self.fork_now = None  # (number) -> (pid, channel): fork a worker from the running main (see `latefork`)
 
     def describe(self) -> str:
         return f"{self.count} worker processes"
@@ -273,8 +274,15 @@ class WorkerPool:
 
     async def start_worker(self, number: int) -> None:
         """Start worker `number` (from 1) and wait until it is ready; WorkerStartFailed if it cannot start."""
-        worker = await self._spawn(number - 1)
+        if self.fork_now is not None:
+            worker = await self._adopt(number - 1, *self.fork_now(number))
+        else:
+            worker = await self._spawn(number - 1)
         await worker.ready
+
+    def channels(self) -> list:
+        """The main's ends of the workers' channels (a worker forked later must not keep them)."""
+        return [w.writer.get_extra_info("socket") for w in self.workers.values()]
 
     def serving_workers(self) -> dict[int, int]:
         """pid -> requests in flight, of the ready workers not retiring."""
