@@ -89,6 +89,7 @@ EVERY_OPTION = {
     "ssl_cert_reqs": ('"required"', "required", ["--ssl-cert-reqs", "optional"], "optional"),
     "ssl_ciphers": ('"ECDHE+AESGCM"', "ECDHE+AESGCM", ["--ssl-ciphers", "HIGH"], "HIGH"),
     "env_file": ('"/etc/shop/env"', "/etc/shop/env", ["--env-file", "/e"], "/e"),
+    "rollout": ('"generation"', "generation", ["--rollout", "worker"], "worker"),
 }
 FIELD = {key: option.name for key, option in settings.OPTIONS.items()}
 
@@ -182,6 +183,7 @@ BAD_CONFIGS = {
                         r"config\.toml:1: h11_max_incomplete_event_size '10': expected a whole number of bytes >= 1024"),
     "cert reqs unknown": ('ssl_cert_reqs = "always"\n', r"config\.toml:1: ssl_cert_reqs 'always': expected one of none,"),
     "env file empty": ('env_file = ""\n', r"config\.toml:1: env_file '': expected a non-empty string"),
+    "rollout unknown": ('rollout = "canary"\n', r"config\.toml:1: rollout 'canary': expected one of worker, generation"),
     "invalid TOML": ("workers = 2\n\nlog_level = = 'info'\n", r"config\.toml: invalid TOML: .*\(at line 3, column \d+\)"),
     "duplicate key": ("workers = 2\nworkers = 3\n", r"config\.toml: invalid TOML: .*\(at line 2, column \d+\)"),
     "unterminated string": ('app = "demo:app\n', r"config\.toml: invalid TOML: .*\(at line 1, column \d+\)"),
