@@ -2,12 +2,16 @@
 processes sharing them, so a sum over processes is the memory they cost together), sampled while it reloads.
 
 Standard library only: also copied into a systemd container and run there as a script,
-`python3 pss.py CGROUP_PROCS_FILE SECONDS OUT_FILE`, writing one `<workers> <processes> <pss KiB>` line per
-sample. A worker is a process whose parent is in the same set (a main's child); mains are PID 1's.
+`python3 pss.py SECONDS OUT_FILE CGROUP_PROCS_FILE...` (the first that can be read), writing one
+`<workers> <processes> <pss KiB>` line per sample. A worker is a process whose parent is in the same set
+(a main's child; mains are PID 1's, or the stable-pid holder's) and that has lived at least 50 ms: a new
+generation is double-forked, and the intermediate process, a child of the old main for a millisecond or
+so, is not a worker.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
@@ -24,20 +28,32 @@ def pss_kib(pid: int) -> int:
     return 0
 
 
-def parent_of(pid: int) -> int | None:
+TRANSIENT = 0.05  # seconds
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def parent_and_age(pid: int) -> tuple[int | None, float]:
+    """(parent pid, seconds since it started), or (None, 0) if it is gone."""
     try:
         with open(f"/proc/{pid}/stat") as file:
-            return int(file.read().rpartition(")")[2].split()[1])
+            fields = file.read().rpartition(")")[2].split()
+        with open("/proc/uptime") as file:
+            uptime = float(file.read().split()[0])
+        return int(fields[1]), uptime - int(fields[19]) / CLOCK_TICKS
     except (OSError, ValueError, IndexError):
-        return None
+        return None, 0.0
+
+
+def parent_of(pid: int) -> int | None:
+    return parent_and_age(pid)[0]
 
 
 def sample(pids) -> tuple[int, int, int]:
     """(workers, processes, PSS KiB summed) of `pids` (those still alive)."""
     pids = set(pids)
-    parents = {pid: parent_of(pid) for pid in pids}
-    alive = {pid for pid, parent in parents.items() if parent is not None}
-    workers = sum(1 for pid in alive if parents[pid] in alive)
+    seen = {pid: parent_and_age(pid) for pid in pids}
+    alive = {pid for pid, (parent, _) in seen.items() if parent is not None}
+    workers = sum(1 for pid in alive if seen[pid][0] in alive and seen[pid][1] >= TRANSIENT)
     return workers, len(alive), sum(pss_kib(pid) for pid in alive)
 
 
@@ -69,20 +85,23 @@ class PeakSampler(threading.Thread):
         self.stop()
 
 
-def _cgroup_pids(path: str) -> list[int]:
-    try:
-        with open(path) as file:
-            return [int(line) for line in file.read().split()]
-    except OSError:
-        return []
+def _cgroup_pids(paths: list[str]) -> list[int]:
+    for path in paths:
+        try:
+            with open(path) as file:
+                return [int(line) for line in file.read().split()]
+        except OSError:
+            continue
+    return []
 
 
 if __name__ == "__main__":
-    procs_file, seconds, out = sys.argv[1], float(sys.argv[2]), sys.argv[3]
+    seconds, out, procs_file = float(sys.argv[1]), sys.argv[2], sys.argv[3:]
     deadline = time.monotonic() + seconds
     with open(out, "w") as output:
         while time.monotonic() < deadline:
-            workers, processes, pss = sample(_cgroup_pids(procs_file))
+            pids = _cgroup_pids(procs_file)
+            workers, processes, pss = sample(pids)
             output.write(f"{workers} {processes} {pss}\n")
             output.flush()
             time.sleep(0.02)

@@ -2,8 +2,9 @@
 and caches have): FOOTPRINT_MB ($FOOTPRINT_MB, default 40) of private memory, touched. Answers `pid:<pid> path:<path>`.
 
 For failure tests: each start counts itself in the file $FOOTPRINT_STARTS_FILE (if set), and the starts
-listed in $FOOTPRINT_FAIL_STARTS (e.g. "6,7") fail at import, as new code that cannot start in some
-process would. FAIL_PERCENT of requests (by a counter, so exactly that share) answer 500.
+listed in $FOOTPRINT_FAIL_STARTS (e.g. "6,7"), or in the file `fail-starts` beside this one, fail at import,
+as new code that cannot start in some process would. FAIL_PERCENT of requests (by a counter, so exactly that
+share) answer 500.
 """
 
 import fcntl
@@ -25,8 +26,18 @@ def _count_start() -> int:
     return number
 
 
+def _failing_starts() -> set[str]:
+    listed = os.environ.get("FOOTPRINT_FAIL_STARTS", "")
+    try:
+        with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "fail-starts")) as file:
+            listed += "," + file.read().strip()
+    except OSError:
+        pass
+    return set(listed.split(",")) - {""}
+
+
 _start = _count_start()
-if str(_start) in os.environ.get("FOOTPRINT_FAIL_STARTS", "").split(","):
+if str(_start) in _failing_starts():
     raise RuntimeError(f"start {_start} fails, as asked")
 
 _ballast = bytes(range(256)) * (FOOTPRINT_MB * 4096)  # FOOTPRINT_MB MiB, every page written
