@@ -88,6 +88,9 @@ def _serve_help() -> dict[str, tuple[str | None, str]]:
         "rollout": ("HOW", f"{' | '.join(ROLLOUT_MODES)}: with --workers, a reload replaces one worker at a time"
                            " (at most N+1 workers at once) or starts the whole new generation beside the old one"
                            " (default: worker)"),
+        "canary": ("S", "at a reload, the new generation's first worker serves beside the old workers for S seconds;"
+                        " if its error rate is worse (5xx and failed requests; a one-sided test at 1 %), the reload"
+                        " fails and the old generation serves on (default: 0, off)"),
     }
 
 
@@ -155,6 +158,8 @@ def _add_reload_command(subparsers) -> None:
     target.add_argument("--pid-file", metavar="PATH", help="read the main pid from PATH")
     reload.add_argument("--timeout", metavar="S",
                         help=f"give up after S seconds (default: {DEFAULT_RELOAD_TIMEOUT:g})")
+    reload.add_argument("--canary", metavar="S", help="this reload with a canary of S seconds (see serve --canary;"
+                                                      " default: the service's setting)")
 
 
 def serve_settings(args: argparse.Namespace) -> ServeSettings:
@@ -287,6 +292,14 @@ def reload(args: argparse.Namespace) -> int:
             timeout = parse_seconds(args.timeout, "--timeout", minimum=0.1)
         except SettingsError as exc:
             return _fail(EXIT_USAGE, str(exc))
+    canary = None
+    if args.canary is not None:
+        from graceful_http.settings import SettingsError, parse_seconds
+
+        try:
+            canary = parse_seconds(args.canary, "--canary", minimum=0.0)
+        except SettingsError as exc:
+            return _fail(EXIT_USAGE, str(exc))
     if args.pid is not None:
         pid = args.pid
     elif args.pid_file:
@@ -303,7 +316,7 @@ def reload(args: argparse.Namespace) -> int:
         print(f"graceful-http reload: {outcome.detail}", file=sys.stderr, flush=True)
 
     try:
-        outcome = request_reload(pid, timeout, progress)
+        outcome = request_reload(pid, timeout, progress, canary)
     except ControlError as exc:
         return _fail(EXIT_USAGE, f"reload: {exc}")
     if outcome.code == "done":

@@ -127,6 +127,7 @@ async def _serve(settings: ServeSettings, inherited: Inherited, listeners, prede
     )
     supervisor = Supervisor(g.HandoffMachine(inherited.generation, pid, settings.ready_timeout), ports,
                             settings.graceful_timeout, metrics)
+    supervisor.canary = settings.canary
     loop.add_signal_handler(signal.SIGHUP, supervisor.dispatch, g.ReloadRequested("SIGHUP"))
     loop.add_signal_handler(signal.SIGTERM, supervisor.dispatch, g.StopRequested("SIGTERM"))
     loop.add_signal_handler(signal.SIGINT, supervisor.dispatch, g.StopRequested("SIGINT"))
@@ -153,7 +154,12 @@ async def _serve(settings: ServeSettings, inherited: Inherited, listeners, prede
     handed_over = False
     if predecessor is not None:
         adopts = supervisor.adoption is not None or settings.workers > 1  # workers each open their own
-        handed_over = await predecessor.report_ready_and_wait_until_main(adopts, rolling)
+        handed_over = await predecessor.report_ready_and_wait_until_main(adopts, rolling, supervisor.counts)
+        if predecessor.rejected:
+            log.error("the previous generation keeps serving: %s; stopping", predecessor.rejected)
+            supervisor.dispatch(g.StopRequested("rejected by the canary"))
+            await supervisor.finished.wait()
+            return 1
         if not handed_over:
             log.warning("the previous generation went away before handing over; serving as main")
     agreed = handed_over and predecessor.rollout_agreed  # the old main retires its workers one by one

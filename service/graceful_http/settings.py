@@ -238,6 +238,7 @@ class ServeSettings:
     idle_grace: float = 1.0
     # reloads with workers
     rollout: str = "worker"
+    canary: float = 0.0  # seconds the new generation's first worker serves beside the old ones before the handoff
 
 
 @dataclass(frozen=True)
@@ -301,6 +302,7 @@ OPTIONS = {
         Option("env_file", _text),
         # reloads with workers
         Option("rollout", _choice(ROLLOUT_MODES)),
+        Option("canary", lambda v, o: parse_seconds(v, o, minimum=0.0)),
     )
 }
 

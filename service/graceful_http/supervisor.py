@@ -55,6 +55,9 @@ class Supervisor:
         self._tasks: dict[str, asyncio.Task] = {}  # kept: the loop holds tasks only weakly
         self.adoption = None  # handover.AdoptionPoint: where we take the previous generation's connections
         self._moving_to: int | None = None  # the successor our connections move to, once handed over
+        self.canary = 0.0  # seconds of canary before a handoff (see `canary`): the setting...
+        self._canary_asked: float | None = None  # ...or what `graceful-http reload --canary` asked for
+        self._canary_now = 0.0  # this reload's, until judged
 
     async def become_main(self, handed_over: bool) -> bool:
         """Serving, and main now (made main by a predecessor, or the first): False if stopped meanwhile."""
@@ -97,9 +100,20 @@ class Supervisor:
             return replies[0]
         return g.Outcome("started", f"reload started: generation {self.machine.state.generation + 1}")
 
-    def start_reload(self, source: str, on_outcome) -> None:
-        """For `graceful-http reload`: start a reload; `on_outcome` hears progress and the end."""
-        self.dispatch(g.ReloadRequested(source, requester=on_outcome))
+    def start_reload(self, source: str, on_outcome, canary: float | None = None) -> None:
+        """For `graceful-http reload`: start a reload (with a canary of `canary` seconds, if given);
+        `on_outcome` hears progress and the end."""
+        self._canary_asked = canary
+        try:
+            self.dispatch(g.ReloadRequested(source, requester=on_outcome))
+        finally:
+            self._canary_asked = None
+
+    def counts(self) -> tuple[int, int]:
+        """(requests answered, of which failed: 5xx or the app raised), for a canary."""
+        server = self.servers[0] if self.servers else None
+        failed = server.failed if hasattr(server, "failed") else self.control.failed
+        return self.servers.total_requests, failed
 
     def _do_Log(self, action: g.Log) -> None:
         log.log(logging.getLevelName(action.level.upper()), "%s", action.message)
@@ -111,6 +125,7 @@ class Supervisor:
         action.requester(action.outcome)
 
     def _do_SpawnSuccessor(self, action: g.SpawnSuccessor) -> None:
+        self._canary_now = self.canary if self._canary_asked is None else self._canary_asked
         try:
             self.successor = self.ports.start_successor(action.attempt, action.generation)
         except OSError as exc:
@@ -131,6 +146,9 @@ class Supervisor:
             kill_group(action.pid)
 
     def _do_HandOver(self, action: g.HandOver) -> None:
+        if self._canary_now > 0 and self.successor is not None:
+            self._run("successor", self._canary_then_hand_over(self.successor, action, self._canary_now))
+            return
         notifier = self.ports.notifier
         self.status.stop()  # no WATCHDOG=1/STATUS= from us once systemd may take the successor as main
         notifier.send(MAINPID=action.pid, READY=1, STATUS=f"gen {action.generation} · pid {action.pid} · serving")
@@ -175,6 +193,35 @@ class Supervisor:
                      " they drain here", action.generation, action.pid)
         self._forget_successor()
         self.dispatch(g.HandedOver(action.attempt))
+
+    async def _canary_then_hand_over(self, successor: Successor, action: g.HandOver, seconds: float) -> None:
+        """Let its first worker serve beside ours for `seconds`, compare the failure rates (see `canary`), and
+        hand over, or stop it and fail the reload with the figures."""
+        from graceful_http.canary import judge
+        from graceful_http.spawn import wait_exit
+
+        log.info("canary: generation %d (pid %d) serves beside us for %gs", action.generation, action.pid, seconds)
+        self.status.send(STATUS=f"reloading: canary, generation {action.generation} serves beside us for {seconds:g}s")
+        successor.link.start_canary()
+        before = self.counts()
+        theirs = await successor.link.counts_during(seconds)
+        after = self.counts()
+        if self.machine.phase is not g.Phase.HANDING_OVER:  # stopped meanwhile
+            return
+        if theirs is None:
+            self.dispatch(g.HandOverFailed(action.attempt, f"new generation (pid {action.pid}) exited during the"
+                                                           " canary"))
+            return
+        verdict = judge(theirs[1], theirs[0], after[1] - before[1], after[0] - before[0], seconds)
+        self._canary_now = 0.0
+        if verdict.promote:
+            log.info("%s: promoting generation %d", verdict.text, action.generation)
+            self._do_HandOver(action)
+            return
+        # Stopped, not killed: it finishes what its worker is answering, then exits.
+        successor.link.reject(verdict.text)
+        await wait_exit(successor.pidfd, self.graceful_timeout + 5)
+        self.dispatch(g.HandOverFailed(action.attempt, verdict.text))
 
     def _rolls(self, successor: Successor) -> bool:
         """A worker-by-worker rollout: the successor asked for one, and we have workers to retire."""

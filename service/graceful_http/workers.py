@@ -95,6 +95,7 @@ class Worker:
         self.in_flight = 0
         self.total = 0
         self.adopted = 0  # connections it took over from the previous generation
+        self.failed = 0  # requests answered 5xx or whose app raised, if it counts them (a canary)
         self.drained = (0, 0, 0, 0)  # (answered while draining, cut, handed over, fell back), as it reports them
 
 
@@ -120,6 +121,7 @@ class WorkerPool:
         self.retiring: set[int] = set()  # pids of workers a rollout retired: not to be replaced
         self.retired: list[Worker] = []
         self.fork_now = None  # (number) -> (pid, channel): fork a worker from the running main (see `latefork`)
+        self._failed_by_dead = 0
 
     def describe(self) -> str:
         return f"{self.count} worker processes"
@@ -174,6 +176,8 @@ class WorkerPool:
             elif word == STATS:
                 numbers = [int(n) for n in detail.split()] + [0]
                 worker.in_flight, worker.total, worker.adopted = numbers[:3]
+                if len(numbers) > 4:  # the padding aside: it counts failures
+                    worker.failed = numbers[3]
             elif word == DRAINED:
                 worker.drained = tuple(([int(n) for n in detail.split()] + [0, 0, 0, 0])[:4])
             elif word == RELOAD:
@@ -190,6 +194,7 @@ class WorkerPool:
         del self.workers[worker.pid]
         self._total_of_dead += worker.total
         self._adopted_by_dead += worker.adopted
+        self._failed_by_dead += worker.failed
         if self.metrics is not None:
             self.metrics.process_exited(worker.pid)
         worker.writer.close()
@@ -284,6 +289,11 @@ class WorkerPool:
         """The main's ends of the workers' channels (a worker forked later must not keep them)."""
         return [w.writer.get_extra_info("socket") for w in self.workers.values()]
 
+    @property
+    def failed(self) -> int:
+        """Requests its workers answered 5xx or whose app raised (counted only with a canary configured)."""
+        return self._failed_by_dead + sum(w.failed for w in self.workers.values())
+
     def serving_workers(self) -> dict[int, int]:
         """pid -> requests in flight, of the ready workers not retiring."""
         return {pid: w.in_flight for pid, w in self.workers.items()
@@ -334,6 +344,8 @@ class MainLink:
         self.writer = None
         self._replies: asyncio.Queue | None = None
         self.on_drain = None  # called when the main says `drain <pid>`
+        self.failures = None  # () -> requests failed so far, reported with the stats if set
+        self.stats_interval = STATS_INTERVAL
         self.moving_to: int | None = None  # that pid: the new generation's main, which adopts our connections
 
     @classmethod
@@ -376,5 +388,6 @@ class MainLink:
 
     async def report_stats(self, engine) -> None:
         while True:
-            self.send(STATS, f"{engine.in_flight()} {engine.total_requests} {getattr(engine, 'adopted', 0)}")
-            await asyncio.sleep(STATS_INTERVAL)
+            failed = f" {self.failures()}" if self.failures is not None else ""
+            self.send(STATS, f"{engine.in_flight()} {engine.total_requests} {getattr(engine, 'adopted', 0)}{failed}")
+            await asyncio.sleep(self.stats_interval)

@@ -55,7 +55,7 @@ async def app(scope, receive, send):
                 await send({"type": "lifespan.shutdown.complete"})
                 return
     _served += 1
-    failing = FAIL_PERCENT and _served % 100 < FAIL_PERCENT
+    failing = FAIL_PERCENT * _served // 100 != FAIL_PERCENT * (_served - 1) // 100  # evenly spread
     answer = f"pid:{os.getpid()} path:{scope['path']}".encode()
     await send({"type": "http.response.start", "status": 500 if failing else 200,
                 "headers": [(b"content-type", b"text/plain"), (b"content-length", str(len(answer)).encode())]})
