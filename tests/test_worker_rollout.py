@@ -16,6 +16,7 @@ import signal
 import pytest
 
 from harness.pss import PeakSampler
+from support.appfiles import app_source
 from support.load import Load, get, pid_of
 from support.serve_process import ENGINES, HOST, ServeProcess, wait_until
 
@@ -24,10 +25,11 @@ WORKERS = 4
 
 
 def footprint_server(engine: str, tmp_path, *args: str, environ: dict[str, str] | None = None,
-                     workers: int = WORKERS) -> ServeProcess:
+                     workers: int = WORKERS, access_log: bool = False) -> ServeProcess:
     shutil.copy(os.path.join(APPS_DIR, "footprint_app.py"), tmp_path / "footprint_app.py")
     return ServeProcess(ENGINES[engine], tmp_path, "footprint_app:app", "--app-dir", str(tmp_path),
-                        "--workers", str(workers), "--no-access-log", *args, pid_file=True, environ=environ)
+                        "--workers", str(workers), "--access-log" if access_log else "--no-access-log", *args,
+                        pid_file=True, environ=environ)
 
 
 def started_as(server: ServeProcess, generation: int) -> int:
@@ -115,3 +117,30 @@ def test_a_new_main_dying_mid_rollout_leaves_the_old_generation_serving_with_all
         answered = {pid_of(get(HOST, server.port, "/")[1]) for _ in range(40)}
         assert answered and answered <= server.processes() - {old}
         assert "rollout: new generation" in server.log() and "restoring 1 worker(s)" in server.log()
+
+
+# ---- the canary ---------------------------------------------------------------------------------------------
+
+
+def test_reload_with_a_canary_rolls_back_a_version_that_fails_one_request_in_five_with_one_worker(tmp_path):
+    """`graceful-http reload --canary S` on a service without a canary setting, --workers 1: the new generation
+    serves beside the old one for S seconds, is found worse, drains and exits; the old one serves on."""
+    # Failures are counted where requests are observed: with the access log (the default), or --canary.
+    with footprint_server("pypi", tmp_path, environ={"FOOTPRINT_MB": "1"}, workers=1, access_log=True) as server:
+        server.wait_serving()
+        old = server.main_pid()
+        (tmp_path / "footprint_app.py").write_text(app_source("footprint_app", FAIL_PERCENT=20))
+        with Load(HOST, server.port, clients=4) as load:
+            load.wait_for_requests(50)
+            result = server.run("reload", "--pid-file", str(server.pid_file), "--canary", "1.5")
+            load.wait_for_requests(50)
+        assert result.returncode == 1, result.stdout + result.stderr + server.log_tail()
+        assert re.search(r"reload failed: canary: (\d+) of (\d+) requests failed vs 0 of (\d+) \(z = [\d.]+ > 2.326\)"
+                         r": worse than the old generation", result.stderr), result.stderr
+        new = started_as(server, 2)
+        server.wait_gone(new)
+        assert server.main_pid() == old
+        assert server.get_pid() == old
+        failures = load.result.failures
+        assert failures and all(f.startswith("HTTP 500") for f in failures), load.result.summary()
+        assert "previous generation keeps serving: canary:" in server.log()

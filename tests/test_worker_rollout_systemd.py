@@ -1,7 +1,9 @@
-"""Worker-by-worker rollout under real systemd: `systemctl reload` with `--workers 4` and an app holding 40 MB
+"""Worker-by-worker rollout and the canary under real systemd: `systemctl reload` with `--workers 4` and an app holding 40 MB
 per worker, under load, sampled from inside the container (the unit's cgroup: processes, workers, PSS); and
 the new main killed in the middle of the rollout, where systemd must take the old main back (it is still the
-one PIDFile= names) and the old main must start again the workers it had retired.
+one PIDFile= names) and the old main must start again the workers it had retired. With `--canary`, a good
+version is promoted and one failing a fifth of its requests is rolled back, with the figures in the journal
+and STATUS=.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import pytest
 
 from harness.container import wait_until
 from harness.systemd_service import APP_DIR, SERVICE, InstalledService
+from support.appfiles import app_source
 from support.faults import IsolatedCgroup, status_text
 from support.load import Load, get, pid_of
 
@@ -125,3 +128,68 @@ def test_the_new_main_killed_mid_rollout_gives_systemd_back_the_old_main_with_al
     assert service.reload(check=False).returncode == 0
     assert service.main_pid() != main
     assert "reception only permitted for main PID" not in service.whole_journal()
+
+
+# ---- the canary -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def canary_service():
+    name = f"gh-canary-{os.getpid()}"
+    with IsolatedCgroup(name) as group, InstalledService(
+            name, "pypi", serve_args="footprint_app:app --workers 2 --canary 1.5 --no-access-log",
+            service_extra="Environment=FOOTPRINT_MB=2\n") as installed:
+        group.leave()
+        installed.write_app("footprint_app", app_source("footprint_app"))
+        installed.container.systemctl("start", SERVICE)
+        yield installed
+
+
+def test_a_canary_promotes_a_good_version_under_load(canary_service):
+    service = canary_service
+    main = service.main_pid()
+    with Load(HOST, service.port, clients=4) as load:
+        load.wait_for_requests(50)
+        result = service.reload(check=False)
+        assert result.returncode == 0, result.stdout + result.stderr + service.journal()[-3000:]
+        load.wait_for_requests(50)
+    assert not load.result.failures, load.result.summary()
+    assert service.main_pid() != main
+    assert re.search(r"canary: 0 of \d+ requests failed vs 0 of \d+ \(z = 0\.0 ≤ 2\.326\): promoting generation",
+                     service.journal())
+
+
+def test_a_canary_rolls_back_a_version_failing_one_request_in_five_under_load(canary_service):
+    service = canary_service
+    main = service.main_pid()
+    service.write_app("footprint_app", app_source("footprint_app", FAIL_PERCENT=20))
+    try:
+        with Load(HOST, service.port, clients=4) as load:
+            load.wait_for_requests(50)
+            result = service.reload(check=False)
+            load.wait_for_requests(50)
+        assert result.returncode != 0, result.stdout + result.stderr
+        figures = r"canary: \d+ of \d+ requests failed vs 0 of \d+ \(z = [\d.]+ > 2\.326\): worse than the old generation"
+        journal = service.journal()
+        assert re.search(r"reload failed: " + figures, journal), journal[-3000:]  # the old main, and ExecReload=
+        assert re.search(r"graceful-http: reload failed: " + figures, journal)
+        assert re.search(r"reload failed: " + figures, status_text(service))
+        state = service.state()
+        assert state == {"MainPID": str(main), "ActiveState": "active", "SubState": "running",
+                         "NRestarts": "0", "Result": "success"}, state
+        # Only the canary's own answers failed: no connection was refused or dropped.
+        failures = load.result.failures
+        assert failures and all(f.startswith("HTTP 500") for f in failures), load.result.summary()
+        wait_until(lambda: set(service.cgroup_pids()) == {main, *workers_of(service, main)}, timeout=30,
+                   what="the rejected generation to be gone")
+    finally:
+        service.write_app("footprint_app", app_source("footprint_app"))
+    # Without traffic a canary judges nothing, and promotes nothing.
+    result = service.reload(check=False)
+    assert result.returncode != 0
+    assert re.search(r"reload failed: canary: 0 of 0 requests failed vs 0 of 0 in 1.5s: too few to judge",
+                     status_text(service))
+    with Load(HOST, service.port, clients=4) as load:  # the fixed version, with traffic, goes through
+        load.wait_for_requests(50)
+        assert service.reload(check=False).returncode == 0
+    assert not load.result.failures, load.result.summary()
