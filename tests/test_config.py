@@ -90,6 +90,7 @@ EVERY_OPTION = {
     "ssl_ciphers": ('"ECDHE+AESGCM"', "ECDHE+AESGCM", ["--ssl-ciphers", "HIGH"], "HIGH"),
     "env_file": ('"/etc/shop/env"', "/etc/shop/env", ["--env-file", "/e"], "/e"),
     "rollout": ('"generation"', "generation", ["--rollout", "worker"], "worker"),
+    "canary": ("10", 10.0, ["--canary", "2.5"], 2.5),
 }
 FIELD = {key: option.name for key, option in settings.OPTIONS.items()}
 
