@@ -91,6 +91,7 @@ EVERY_OPTION = {
     "env_file": ('"/etc/shop/env"', "/etc/shop/env", ["--env-file", "/e"], "/e"),
     "rollout": ('"generation"', "generation", ["--rollout", "worker"], "worker"),
     "canary": ("10", 10.0, ["--canary", "2.5"], 2.5),
+    "preload": ("true", True, ["--no-preload"], False),
 }
 FIELD = {key: option.name for key, option in settings.OPTIONS.items()}
 

@@ -144,3 +144,30 @@ def test_reload_with_a_canary_rolls_back_a_version_that_fails_one_request_in_fiv
         failures = load.result.failures
         assert failures and all(f.startswith("HTTP 500") for f in failures), load.result.summary()
         assert "previous generation keeps serving: canary:" in server.log()
+
+
+# ---- --preload ----------------------------------------------------------------------------------------------
+
+
+def test_preload_imports_the_app_once_and_a_replacement_worker_gets_the_mains_copy(tmp_path):
+    starts = tmp_path / "starts"
+    environ = {"FOOTPRINT_STARTS_FILE": str(starts), "FOOTPRINT_MB": "4"}
+    with footprint_server("pypi", tmp_path, "--preload", environ=environ, workers=2) as server:
+        server.wait_serving()
+        main = server.main_pid()
+        assert len(starts.read_text().split()) == 1  # imported in the main only; the workers share it
+        assert "preloaded footprint_app:app in the main" in server.log()
+        workers = server.processes() - {main}
+        assert len(workers) == 2
+        # New code on disk is not what a replacement runs: it is forked from the main, with the main's copy.
+        (tmp_path / "footprint_app.py").write_text(app_source("footprint_app", FAIL_PERCENT=100))
+        victim = workers.pop()
+        os.kill(victim, signal.SIGKILL)
+        wait_until(lambda: len(server.processes() - {main, *workers}) == 1 and victim not in server.processes(),
+                   20, "a replacement worker", server.log_tail)
+        replacement = (server.processes() - {main, *workers}).pop()
+        wait_until(lambda: server.get_pid() == replacement, 20, "the replacement to answer 200", server.log_tail)
+        assert len(starts.read_text().split()) == 1
+        # A reload imports the code on disk.
+        assert server.reload_cli().returncode == 0, server.log_tail()
+        assert get(HOST, server.port, "/")[0] == 500

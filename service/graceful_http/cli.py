@@ -91,6 +91,9 @@ def _serve_help() -> dict[str, tuple[str | None, str]]:
         "canary": ("S", "at a reload, the new generation's first worker serves beside the old workers for S seconds;"
                         " if its error rate is worse (5xx and failed requests; a one-sided test at 1 %), the reload"
                         " fails and the old generation serves on (default: 0, off)"),
+        "preload": (None, "with --workers: import the app in the generation's main before forking the workers, which"
+                          " share it copy-on-write; a replacement worker is forked from the main too, with the"
+                          " main's copy of the code (default: off)"),
     }
 
 

@@ -58,6 +58,11 @@ def run_main(settings: ServeSettings, inherited: Inherited) -> int:
         except OSError as exc:
             return report_start_failure(f"cannot make the directory the workers share metrics in: {exc}",
                                         predecessor)
+    if settings.preload and settings.workers > 1:
+        try:
+            preload_app(settings)
+        except StartError as exc:
+            return report_start_failure(str(exc), predecessor)
     rolling = settings.workers > 1 and settings.rollout == "worker" and predecessor is not None
     try:
         forked = []
@@ -136,6 +141,9 @@ async def _serve(settings: ServeSettings, inherited: Inherited, listeners, prede
             pool = WorkerPool(settings.workers, listeners, inherited.generation, supervisor.request_reload_now,
                               metrics=metrics)
             supervisor.servers = Servers([pool])
+            if settings.preload:  # replacements too are forked from us, with our copy of the app
+                pool.fork_now = functools.partial(fork_later_worker, settings, listeners, inherited, metrics,
+                                                  supervisor, predecessor)
             try:
                 await (pool.start_first(forked) if rolling else pool.start(forked))
             except WorkerStartFailed as exc:
@@ -195,6 +203,21 @@ async def rollout(supervisor: Supervisor, predecessor: PredecessorLink | None, s
         await driver.run()
     finally:
         supervisor.machine.rolling_out = False
+        if not settings.preload:
+            pool.fork_now = None  # a worker replaced later is exec'd, as in any generation
+
+
+def preload_app(settings: ServeSettings) -> None:
+    """--preload: import the app here, before the workers are forked; StartError if it cannot be."""
+    from graceful_http.apploader import AppLoadError, load_asgi3
+
+    try:
+        load_asgi3(settings.app, settings.app_dir, factory=settings.factory, interface=settings.interface)
+    except AppLoadError as exc:
+        if exc.details:
+            log.error("%s", exc.details.rstrip())
+        raise StartError(str(exc)) from None
+    log.info("preloaded %s in the main", settings.app)
 
 
 def fork_later_worker(settings: ServeSettings, listeners, inherited: Inherited, metrics: Metrics | None,

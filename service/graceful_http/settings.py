@@ -239,6 +239,7 @@ class ServeSettings:
     # reloads with workers
     rollout: str = "worker"
     canary: float = 0.0  # seconds the new generation's first worker serves beside the old ones before the handoff
+    preload: bool = False  # import the app in the main before forking the workers (gunicorn's --preload)
 
 
 @dataclass(frozen=True)
@@ -303,6 +304,7 @@ OPTIONS = {
         # reloads with workers
         Option("rollout", _choice(ROLLOUT_MODES)),
         Option("canary", lambda v, o: parse_seconds(v, o, minimum=0.0)),
+        Option("preload", _boolean),
     )
 }
 

@@ -209,7 +209,7 @@ class WorkerPool:
             log.warning("worker %d (pid %d) %s; replacing it in %gs", worker.index + 1, worker.pid, how, delay)
             await asyncio.sleep(delay)
             if self.accepting:
-                replacement = await self._spawn(worker.index)
+                replacement = await self._replace(worker.index)
                 try:
                     await replacement.ready
                 except WorkerStartFailed as exc:
@@ -284,6 +284,12 @@ class WorkerPool:
         else:
             worker = await self._spawn(number - 1)
         await worker.ready
+
+    async def _replace(self, index: int) -> Worker:
+        """A new process for worker `index`: forked from the running main if it can (`fork_now`), else exec'd."""
+        if self.fork_now is not None:
+            return await self._adopt(index, *self.fork_now(index + 1))
+        return await self._spawn(index)
 
     def channels(self) -> list:
         """The main's ends of the workers' channels (a worker forked later must not keep them)."""
