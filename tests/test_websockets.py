@@ -192,7 +192,9 @@ def test_under_systemd_reload_closes_with_1012_and_stop_with_1001(engine, worker
     from harness.systemd_service import SERVICE, SOCKET, InstalledService
 
     name = f"gh-ws-{engine}-{os.getpid()}"
-    with InstalledService(name, engine, serve_args=f"--workers {workers} --websocket-close-spread {SPREAD}"
+    # The whole generation at once (see test_a_reload_closes_websockets_with_1012_and_clients_reconnect_...).
+    with InstalledService(name, engine, serve_args=f"--workers {workers} --rollout generation"
+                                                   f" --websocket-close-spread {SPREAD}"
                                                    " --no-access-log websocket_app:app") as service:
         service.write_app("websocket_app", (APPS / "websocket_app.py").read_text())
         service.container.systemctl("start", SOCKET)

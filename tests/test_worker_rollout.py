@@ -163,9 +163,10 @@ def test_preload_imports_the_app_once_and_a_replacement_worker_gets_the_mains_co
         (tmp_path / "footprint_app.py").write_text(app_source("footprint_app", FAIL_PERCENT=100))
         victim = workers.pop()
         os.kill(victim, signal.SIGKILL)
-        wait_until(lambda: len(server.processes() - {main, *workers}) == 1 and victim not in server.processes(),
-                   20, "a replacement worker", server.log_tail)
-        replacement = (server.processes() - {main, *workers}).pop()
+        def replaced():
+            now = server.processes() - {main, victim, *workers}
+            return now if len(now) == 1 else None
+        replacement = wait_until(replaced, 20, "a replacement worker", server.log_tail).pop()
         wait_until(lambda: server.get_pid() == replacement, 20, "the replacement to answer 200", server.log_tail)
         assert len(starts.read_text().split()) == 1
         # A reload imports the code on disk.

@@ -179,9 +179,13 @@ async def _serve(settings: ServeSettings, inherited: Inherited, listeners, prede
     report_main(inherited.generation)  # to the stable-pid holder, if any: signals come here now
     if handed_over:
         predecessor.confirm_serving(keep_open=agreed)  # now the old main may report the reload done
-    if rolling:
-        await rollout(supervisor, predecessor if agreed else None, settings, listeners, inherited, metrics)
+    rolling_out = None
+    if rolling:  # beside the supervisor: a stop ends the generation whatever the rollout is waiting for
+        rolling_out = asyncio.ensure_future(rollout(supervisor, predecessor if agreed else None, settings, listeners,
+                                                    inherited, metrics))
     await supervisor.finished.wait()
+    if rolling_out is not None:
+        rolling_out.cancel()
     return 0
 
 

@@ -155,6 +155,10 @@ class RetirementDriver:
         elif isinstance(action, r.ReplyRetired):
             self.channel.send(RETIRED, f"{action.pid} {action.left}")
         elif isinstance(action, r.DrainWorker):
+            if action.pid not in self.pool.workers:  # it died just now (and is being replaced): retired all the same
+                for reply in self.machine.handle(r.WorkerExited(action.pid, len(self.pool.serving_workers()))):
+                    self._carry_out(reply)
+                return
             exited = self.pool.retire(action.pid, self.successor_pid)
             task = asyncio.get_running_loop().create_task(self._until_exited(action.pid, exited))
             self._tasks.add(task)
