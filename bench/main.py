@@ -81,6 +81,9 @@ class Plan:
     memory_workers: int = 4
     memory_reloads: int = 3
     memory_steady: float = 3.0  # seconds of steady-state samples before the reloads
+    memory_per_reload: float = 6.0  # seconds of wrk per reload
+    memory_whole_generation: bool = True  # also graceful-http --rollout generation, for comparison
+    memory_peers: tuple[str, ...] = ("uvicorn", "gunicorn")
     systemd: bool = True
     sections: tuple[str, ...] = ("steady", "handoff", "reloads", "soak", "websockets", "naive", "memory")
 
@@ -89,7 +92,8 @@ FULL = Plan("full")
 SMOKE = Plan("smoke", steady_runs=1, steady_duration=1, steady_warmup=0, reload_duration=3, reload_interval=1.0,
              reload_warmup=0.5, reload_tail=0.8, peers=("gunicorn-hup",), handoff_reloads=3, soak_reloads=3,
              soak_interval=0.5, soak_chunk=3, ws_clients=10, ws_reloads=1, ws_interval=3.0,
-             naive_clients=10, naive_duration=3.0, memory_reloads=1, memory_steady=1.0)
+             naive_clients=10, naive_duration=3.0, memory_reloads=1, memory_steady=0.5, memory_per_reload=3.0,
+             memory_whole_generation=False, memory_peers=("gunicorn",))
 
 
 def say(message: str) -> None:
@@ -828,7 +832,9 @@ def main(argv: list[str] | None = None) -> int:
         if "memory" in plan.sections:
             from bench.memory import memory_section
 
-            results["memory"] = memory_section(plan.memory_workers, plan.memory_reloads, plan.memory_steady, raw, say)
+            results["memory"] = memory_section(plan.memory_workers, plan.memory_reloads, plan.memory_steady,
+                                               plan.memory_per_reload, plan.memory_whole_generation,
+                                               plan.memory_peers, raw, say)
         if plan.systemd and set(plan.sections) & {"handoff", "reloads", "soak"}:
             systemd_sections(plan, raw, keep, results)
     finally:

@@ -19,24 +19,27 @@ FOOTPRINT_APP = "bench.footprint_app:app"
 CONNECTIONS = 16
 
 
-def servers(workers: int, raw) -> list:
-    rollout = GracefulHttp(workers, raw)
-    whole = GracefulHttp(workers, raw)
-    whole.name = "graceful-http --rollout generation"
-    whole.extra = ["--rollout", "generation"]
-    made = [rollout, whole, Uvicorn(workers, raw), Gunicorn(workers, raw, "HUP")]
+def servers(workers: int, whole_generation: bool, peers, raw) -> list:
+    made = [GracefulHttp(workers, raw)]
+    if whole_generation:
+        whole = GracefulHttp(workers, raw)
+        whole.name = "graceful-http --rollout generation"
+        whole.extra = ["--rollout", "generation"]
+        made.append(whole)
+    makers = {"uvicorn": lambda: Uvicorn(workers, raw), "gunicorn": lambda: Gunicorn(workers, raw, "HUP")}
+    made += [makers[peer]() for peer in peers]
     for server in made:
         server.app = FOOTPRINT_APP
     return made
 
 
-def measure(server, reloads: int, steady_seconds: float, say) -> dict:
+def measure(server, reloads: int, steady_seconds: float, per_reload: float, say) -> dict:
     """Steady PSS (median over `steady_seconds`), then `reloads` reloads under wrk, each waited for and followed
     by a second's settling: peak PSS, workers and processes over the whole run."""
     with PeakSampler(lambda: marked_pids(server.tag)) as sampler:
         time.sleep(steady_seconds)
         steady = list(sampler.samples)
-        duration = int(reloads * 6 + 4)
+        duration = int(reloads * per_reload + 4)
         process = wrk.start(f"http://127.0.0.1:{server.port}/", duration, CONNECTIONS)
         time.sleep(1.0)
         records = []
@@ -61,13 +64,14 @@ def measure(server, reloads: int, steady_seconds: float, say) -> dict:
     return row
 
 
-def memory_section(workers: int, reloads: int, steady_seconds: float, raw, say) -> list[dict]:
+def memory_section(workers: int, reloads: int, steady_seconds: float, per_reload: float, whole_generation: bool,
+                   peers, raw, say) -> list[dict]:
     rows = []
-    for server in servers(workers, raw):
+    for server in servers(workers, whole_generation, peers, raw):
         say(f"memory: {server.label}, {reloads} reload(s) under wrk -c{CONNECTIONS}")
         server.start()
         try:
-            rows.append(measure(server, reloads, steady_seconds, say))
+            rows.append(measure(server, reloads, steady_seconds, per_reload, say))
         finally:
             server.stop()
     return rows
