@@ -11,7 +11,7 @@ Three channels, one framing: a line is a word and an optional detail,
   A canary (see `canary`): after `ready`, back: `canary`; then → `counts <requests> <failed>` a few times a
   second until `main`, or `rejected <why>` (then the new generation drains and exits).
 - worker channel, a worker → its main: `ready`, `failed <reason>`,
-  `stats <in flight> <total> <adopted>`, `reload <source>`,
+  `stats <in flight> <total> <adopted> <failed>`, `reload <source>`,
   `drained <answered> <cut> <handed over> <fell back>`; back: `outcome <code> <pid> <detail>`,
   `drain <pid>` (hand the connections over to that generation's main, and drain).
 - control socket, `graceful-http reload` → a main: `reload`; back: lines
