@@ -10,6 +10,7 @@ Sections (see README, "Benchmark"):
   naive     keep-alive clients that reuse a connection without checking it, through reloads: failed, reconnects
   proxy     behind nginx and HAProxy with their defaults, idle gaps around the servers' keep-alive timeouts:
             requests that cross the server's close of an idle upstream connection (502s)
+  memory    PSS of all of a server's processes, steady and at the peak of reloads under wrk, 4 workers of a 40 MB app
 
 Timings are figures to read, never pass/fail: the targets table says how they compare with the issue's.
 """
@@ -82,15 +83,22 @@ class Plan:
     proxy_bursts: int = 8  # bursts per gap length
     proxy_gaps: tuple[float, ...] = (2.0, 5.0)  # idle gaps around the peers' keep-alive timeouts (gunicorn, uvicorn)
     proxy_delay: float = 0.005  # one way, between the proxy and the server
+    memory_workers: int = 4
+    memory_reloads: int = 3
+    memory_steady: float = 3.0  # seconds of steady-state samples before the reloads
+    memory_per_reload: float = 6.0  # seconds of wrk per reload
+    memory_whole_generation: bool = True  # also graceful-http --rollout generation, for comparison
+    memory_peers: tuple[str, ...] = ("uvicorn", "gunicorn")
     systemd: bool = True
-    sections: tuple[str, ...] = ("steady", "handoff", "reloads", "soak", "websockets", "naive", "proxy")
+    sections: tuple[str, ...] = ("steady", "handoff", "reloads", "soak", "websockets", "naive", "proxy", "memory")
 
 
 FULL = Plan("full")
 SMOKE = Plan("smoke", steady_runs=1, steady_duration=1, steady_warmup=0, reload_duration=3, reload_interval=1.0,
              reload_warmup=0.5, reload_tail=0.8, peers=("gunicorn-hup",), handoff_reloads=3, soak_reloads=3,
              soak_interval=0.5, soak_chunk=3, ws_clients=10, ws_reloads=1, ws_interval=3.0,
-             naive_clients=10, naive_duration=3.0, proxy_bursts=1, proxy_gaps=(2.0,))
+             naive_clients=10, naive_duration=3.0, proxy_bursts=1, proxy_gaps=(2.0,), memory_reloads=1,
+             memory_steady=0.5, memory_per_reload=3.0, memory_whole_generation=False, memory_peers=("gunicorn",))
 
 
 def say(message: str) -> None:
@@ -605,6 +613,11 @@ def targets(results: dict) -> list[dict]:
                 add(f"(for reference, not the issue's target) {short[key]}: ≤ 1.5× (floor + no-op reload)",
                     f"{value:.0f} ms vs {floor:.0f} + {noop:.0f} ms ({value / (floor + noop):.2f}×)",
                     value <= 1.5 * (floor + noop))
+    for row in results.get("memory") or []:
+        if row["server"].startswith("graceful-http (") and row["peak_vs_steady"] is not None:
+            add(f"{row['server']}: peak PSS during reloads ≤ 1.3× steady (40 MB per worker)",
+                f"{row['peak_pss_mib']} MiB vs {row['steady_pss_mib']} MiB ({row['peak_vs_steady']}×)",
+                row["peak_vs_steady"] <= 1.3)
     return rows
 
 
@@ -736,6 +749,16 @@ def markdown(results: dict) -> str:
                  f"{r['failed_get']} of {r['gets']}", r["closed_by_server"]] for r in results["proxy"]]
         parts.append(_table(["server", "proxy", "requests", "failed POST", "failed GET",
                              "upstream connections the server closed"], rows))
+    if results.get("memory"):
+        parts += ["", f"## Memory through reloads ({s['memory_workers']} workers of an app holding 40 MB each,"
+                      f" {s['memory_reloads']} reload(s) under wrk -c16; PSS summed over all the server's processes,"
+                      " sampled every 20 ms)", ""]
+        rows = [[r["server"], r["steady_pss_mib"], r["peak_pss_mib"], f"{r['peak_vs_steady']}×",
+                 r["steady_processes"], r["peak_processes"], r["peak_workers"], r["reloads"], r["failed_reloads"],
+                 r["non_2xx_3xx"] + r["socket_errors"]] for r in results["memory"]]
+        parts.append(_table(["server (reload)", "steady PSS MiB", "peak PSS MiB", "peak ÷ steady",
+                             "processes steady", "processes peak", "children of a main, peak", "reloads",
+                             "failed reloads", "errors (wrk)"], rows))
     if results.get("websockets"):
         parts += ["", f"## WebSockets through reloads ({s['ws_clients']} clients that reconnect at once, "
                       f"{s['ws_reloads']} reload(s) {s['ws_interval']} s apart, 2 workers)", "",
@@ -781,7 +804,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--smoke", action="store_true", help="a few seconds of everything (what CI runs)")
     parser.add_argument("--out", type=Path, help="where to write results (default: bench/results, or "
                                                  "bench/results/smoke with --smoke)")
-    parser.add_argument("--only", help="comma-separated sections: steady,handoff,reloads,soak,websockets,naive,proxy")
+    parser.add_argument("--only", help="comma-separated sections: steady,handoff,reloads,soak,websockets,naive,proxy,"
+                                         "memory")
     parser.add_argument("--no-systemd", action="store_true", help="skip everything that boots systemd in a container")
     parser.add_argument("--runs", type=int, help="steady-state runs per server")
     parser.add_argument("--duration", type=int, help="seconds per steady-state run")
@@ -823,7 +847,8 @@ def main(argv: list[str] | None = None) -> int:
     began = time.monotonic()
     results = {"kind": plan.kind, "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
                "machine": machine(), "versions": versions(), "settings": dataclasses.asdict(plan),
-               "steady": [], "reloads": [], "handoff": {}, "soak": None, "websockets": [], "naive": [], "proxy": []}
+               "steady": [], "reloads": [], "handoff": {}, "soak": None, "websockets": [], "naive": [], "proxy": [],
+               "memory": []}
     if plan.systemd:
         from bench.systemd import boot_check
 
@@ -842,6 +867,12 @@ def main(argv: list[str] | None = None) -> int:
             results["naive"] = naive_section(plan, raw)
         if "proxy" in plan.sections:
             results["proxy"] = proxy_section(plan, raw)
+        if "memory" in plan.sections:
+            from bench.memory import memory_section
+
+            results["memory"] = memory_section(plan.memory_workers, plan.memory_reloads, plan.memory_steady,
+                                               plan.memory_per_reload, plan.memory_whole_generation,
+                                               plan.memory_peers, raw, say)
         if plan.systemd and set(plan.sections) & {"handoff", "reloads", "soak"}:
             systemd_sections(plan, raw, keep, results)
     finally:

@@ -94,6 +94,9 @@ EVERY_OPTION = {
     "max_worker_memory": ("512", 512, ["--max-worker-memory", "256"], 256),
     "max_worker_lifetime": ("86400", 86400.0, ["--max-worker-lifetime", "3600"], 3600.0),
     "worker_timeout": ("120", 120.0, ["--worker-timeout", "30"], 30.0),
+    "rollout": ('"generation"', "generation", ["--rollout", "worker"], "worker"),
+    "canary": ("10", 10.0, ["--canary", "2.5"], 2.5),
+    "preload": ("true", True, ["--no-preload"], False),
 }
 FIELD = {key: option.name for key, option in settings.OPTIONS.items()}
 
@@ -193,6 +196,7 @@ BAD_CONFIGS = {
                              r" number of MiB \(0: off\) >= 0"),
     "worker timeout a word": ('worker_timeout = "never"\n',
                               r"config\.toml:1: worker_timeout 'never': expected a number of seconds"),
+    "rollout unknown": ('rollout = "canary"\n', r"config\.toml:1: rollout 'canary': expected one of worker, generation"),
     "invalid TOML": ("workers = 2\n\nlog_level = = 'info'\n", r"config\.toml: invalid TOML: .*\(at line 3, column \d+\)"),
     "duplicate key": ("workers = 2\nworkers = 3\n", r"config\.toml: invalid TOML: .*\(at line 2, column \d+\)"),
     "unterminated string": ('app = "demo:app\n', r"config\.toml: invalid TOML: .*\(at line 1, column \d+\)"),

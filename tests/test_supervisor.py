@@ -94,6 +94,7 @@ class FakeSuccessor:
         self.told_main = False
         self.killed = False
         self.adopts = False  # a successor that does not take connections over: the lame-duck drain
+        self.rolls = False  # nor asks for a worker-by-worker rollout
         self.closed = False
 
     async def until_ready(self):
@@ -102,7 +103,7 @@ class FakeSuccessor:
     def alive(self) -> bool:
         return self.living
 
-    def tell_main(self) -> None:
+    def tell_main(self, rollout: bool = False) -> None:
         self.told_main = True
 
     async def until_serving(self) -> bool:

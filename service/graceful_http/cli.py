@@ -30,6 +30,7 @@ def _serve_help() -> dict[str, tuple[str | None, str]]:
         INTERFACES,
         LIFESPAN_MODES,
         LOG_LEVELS,
+        ROLLOUT_MODES,
         SSL_CERT_REQS,
         WEBSOCKET_IMPLEMENTATIONS,
     )
@@ -92,6 +93,15 @@ def _serve_help() -> dict[str, tuple[str | None, str]]:
         "max_worker_lifetime": ("S", "recycle a worker after S seconds (default: 0, off)"),
         "worker_timeout": ("S", "a worker whose event loop has not answered for S seconds has its threads' stacks"
                                 " logged, is replaced, then killed (default: 0, off)"),
+        "rollout": ("HOW", f"{' | '.join(ROLLOUT_MODES)}: with --workers, a reload replaces one worker at a time"
+                           " (at most N+1 workers at once) or starts the whole new generation beside the old one"
+                           " (default: worker)"),
+        "canary": ("S", "at a reload, the new generation's first worker serves beside the old workers for S seconds;"
+                        " if its error rate is worse (5xx and failed requests; a one-sided test at 1 %), the reload"
+                        " fails and the old generation serves on (default: 0, off)"),
+        "preload": (None, "with --workers: import the app in the generation's main before forking the workers, which"
+                          " share it copy-on-write; a replacement worker is forked from the main too, with the"
+                          " main's copy of the code (default: off)"),
     }
 
 
@@ -159,6 +169,8 @@ def _add_reload_command(subparsers) -> None:
     target.add_argument("--pid-file", metavar="PATH", help="read the main pid from PATH")
     reload.add_argument("--timeout", metavar="S",
                         help=f"give up after S seconds (default: {DEFAULT_RELOAD_TIMEOUT:g})")
+    reload.add_argument("--canary", metavar="S", help="this reload with a canary of S seconds (see serve --canary;"
+                                                      " default: the service's setting)")
 
 
 def serve_settings(args: argparse.Namespace) -> ServeSettings:
@@ -291,6 +303,14 @@ def reload(args: argparse.Namespace) -> int:
             timeout = parse_seconds(args.timeout, "--timeout", minimum=0.1)
         except SettingsError as exc:
             return _fail(EXIT_USAGE, str(exc))
+    canary = None
+    if args.canary is not None:
+        from graceful_http.settings import SettingsError, parse_seconds
+
+        try:
+            canary = parse_seconds(args.canary, "--canary", minimum=0.0)
+        except SettingsError as exc:
+            return _fail(EXIT_USAGE, str(exc))
     if args.pid is not None:
         pid = args.pid
     elif args.pid_file:
@@ -307,7 +327,7 @@ def reload(args: argparse.Namespace) -> int:
         print(f"graceful-http reload: {outcome.detail}", file=sys.stderr, flush=True)
 
     try:
-        outcome = request_reload(pid, timeout, progress)
+        outcome = request_reload(pid, timeout, progress, canary)
     except ControlError as exc:
         return _fail(EXIT_USAGE, f"reload: {exc}")
     if outcome.code == "done":

@@ -100,7 +100,7 @@ def build_engines(settings: ServeSettings, listeners, control: ControlState, met
     engines = []
     if public:
         policy = ControlPolicy(allow=settings.control_allow, token=token, control_socket_elsewhere=bool(private))
-        stack = ControlLayer(app, control, policy, access, metrics)
+        stack = ControlLayer(app, control, policy, access, metrics, observe_all=settings.canary > 0)
         websockets = {"ws": settings.ws, "ws_max_size": settings.ws_max_size,
                       "ws_ping_interval": settings.ws_ping_interval, "ws_ping_timeout": settings.ws_ping_timeout}
         try:

@@ -21,6 +21,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 WEBSOCKET_IMPLEMENTATIONS = ("auto", "websockets", "websockets-sansio", "wsproto", "none")
 LIFESPAN_MODES = ("auto", "on", "off")
 SSL_CERT_REQS = ("none", "optional", "required")
+ROLLOUT_MODES = ("worker", "generation")  # how a reload replaces a generation of workers (see `rollout`)
 DEFAULT_FORWARDED_ALLOW_IPS = ("127.0.0.1", "::1")  # the newest uvicorn's; $FORWARDED_ALLOW_IPS overrides it
 FORWARDED_ALLOW_IPS_VARIABLE = "FORWARDED_ALLOW_IPS"
 
@@ -241,6 +242,10 @@ class ServeSettings:
     max_worker_memory: int = 0  # MiB of resident memory
     max_worker_lifetime: float = 0.0
     worker_timeout: float = 0.0
+    # reloads with workers
+    rollout: str = "worker"
+    canary: float = 0.0  # seconds the new generation's first worker serves beside the old ones before the handoff
+    preload: bool = False  # import the app in the main before forking the workers (gunicorn's --preload)
 
 
 @dataclass(frozen=True)
@@ -307,6 +312,10 @@ OPTIONS = {
         Option("max_worker_memory", lambda v, o: parse_count(v, o, what="MiB (0: off)", minimum=0)),
         Option("max_worker_lifetime", lambda v, o: parse_seconds(v, o)),
         Option("worker_timeout", lambda v, o: parse_seconds(v, o)),
+        # reloads with workers
+        Option("rollout", _choice(ROLLOUT_MODES)),
+        Option("canary", lambda v, o: parse_seconds(v, o, minimum=0.0)),
+        Option("preload", _boolean),
     )
 }
 

@@ -51,6 +51,9 @@ async def run_worker(settings: ServeSettings, link: MainLink, inherited: Inherit
         loop.add_signal_handler(signum, stopping.set)
     loop.add_signal_handler(signal.SIGUSR2, replaced)
     control = ControlState(request_reload=link.request_reload)
+    link.failures = lambda: control.failed
+    if settings.canary > 0:
+        link.stats_interval = 0.25  # a canary of a few seconds compares these counts
     try:
         if link.main_version != __version__:
             raise StartError(f"graceful-http {__version__} is installed but this generation runs {link.main_version}:"
@@ -89,7 +92,7 @@ async def run_worker(settings: ServeSettings, link: MainLink, inherited: Inherit
         engines, settings.graceful_timeout, websocket_code, movers=movers, adoption=adoption,
         moving=moving_to is not None)
     stats.cancel()
-    link.send(STATS, f"0 {engines.total_requests} {engines.adopted}")
+    link.send(STATS, f"0 {engines.total_requests} {engines.adopted} {control.failed}")
     link.send(DRAINED, f"{served} {cut} {handed_over} {fell_back}")
     await link.writer.drain()
     return 0
