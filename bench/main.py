@@ -8,6 +8,9 @@ Sections (see README, "Benchmark"):
   soak      graceful-http under systemd, many reloads under wrk: errors, RSS, descriptors, processes
   websockets  WebSocket clients that reconnect at once, through reloads: close codes, time back, stampede
   naive     keep-alive clients that reuse a connection without checking it, through reloads: failed, reconnects
+  proxy     behind nginx and HAProxy with their defaults, idle gaps around the servers' keep-alive timeouts:
+            requests that cross the server's close of an idle upstream connection (502s)
+  memory    PSS of all of a server's processes, steady and at the peak of reloads under wrk, 4 workers of a 40 MB app
 
 Timings are figures to read, never pass/fail: the targets table says how they compare with the issue's.
 """
@@ -77,20 +80,31 @@ class Plan:
     naive_clients: int = 60
     naive_duration: float = 20.0
     naive_interval: float = 1.2
+    proxy_bursts: int = 8  # bursts per gap length
+    proxy_gaps: tuple[float, ...] = (2.0, 5.0)  # idle gaps around the peers' keep-alive timeouts (gunicorn, uvicorn)
+    proxy_delay: float = 0.005  # one way, between the proxy and the server
+    memory_workers: int = 4
+    memory_reloads: int = 3
+    memory_steady: float = 3.0  # seconds of steady-state samples before the reloads
+    memory_per_reload: float = 6.0  # seconds of wrk per reload
+    memory_whole_generation: bool = True  # also graceful-http --rollout generation, for comparison
+    memory_peers: tuple[str, ...] = ("uvicorn", "gunicorn")
     systemd: bool = True
     restart_duration: float = 20.0
     restart_interval: float = 2.0
     store_restarts: int = 100
     store_cost_pairs: int = 20000
-    sections: tuple[str, ...] = ("steady", "handoff", "reloads", "soak", "websockets", "naive", "restart")
+    sections: tuple[str, ...] = ("steady", "handoff", "reloads", "soak", "websockets", "naive", "proxy", "memory",
+                                 "restart")
 
 
 FULL = Plan("full")
 SMOKE = Plan("smoke", steady_runs=1, steady_duration=1, steady_warmup=0, reload_duration=3, reload_interval=1.0,
              reload_warmup=0.5, reload_tail=0.8, peers=("gunicorn-hup",), handoff_reloads=3, soak_reloads=3,
              soak_interval=0.5, soak_chunk=3, ws_clients=10, ws_reloads=1, ws_interval=3.0,
-             naive_clients=10, naive_duration=3.0, restart_duration=3.0, restart_interval=1.5, store_restarts=0,
-             store_cost_pairs=500)
+             naive_clients=10, naive_duration=3.0, proxy_bursts=1, proxy_gaps=(2.0,), memory_reloads=1,
+             memory_steady=0.5, memory_per_reload=3.0, memory_whole_generation=False, memory_peers=("gunicorn",),
+             restart_duration=3.0, restart_interval=1.5, store_restarts=0, store_cost_pairs=500)
 
 
 def say(message: str) -> None:
@@ -199,6 +213,22 @@ def naive_section(plan: Plan, raw: Path) -> list[dict]:
         server.start()
         try:
             rows.append(naive_reloads(server, plan.naive_clients, plan.naive_duration, plan.naive_interval))
+        finally:
+            server.stop()
+    return rows
+
+
+def proxy_section(plan: Plan, raw: Path) -> list[dict]:
+    """Each server with its default keep-alive timeout behind nginx and HAProxy, the same bursts of clients."""
+    from bench.proxy_keepalive import gap_schedule, keepalive_behind_proxy
+
+    rows, gaps = [], gap_schedule(plan.proxy_bursts, plan.proxy_gaps)
+    for server in (GracefulHttp(1, raw), Uvicorn(1, raw), Gunicorn(1, raw, "HUP")):
+        server.start()
+        try:
+            for proxy in ("nginx", "haproxy"):
+                say(f"behind a proxy: {server.label} behind {proxy}, {len(gaps) + 1} bursts")
+                rows.append(keepalive_behind_proxy(server, proxy, gaps, delay=plan.proxy_delay))
         finally:
             server.stop()
     return rows
@@ -562,6 +592,11 @@ def targets(results: dict) -> list[dict]:
             f"processes {b['cgroup_processes']}→{a['cgroup_processes']}",
             a["fds"] <= b["fds"] and a["cgroup_processes"] <= b["cgroup_processes"]
             and a["rss_kib"] <= b["rss_kib"] * 1.1)
+    for row in results.get("proxy") or []:
+        if row["server"].startswith("graceful-http"):
+            failed = row["failed_post"] + row["failed_get"]
+            add(f"behind {row['proxy']} with its defaults: no request crosses the server's close of an idle"
+                " upstream connection", f"{failed} failed of {row['requests']}", failed == 0)
     handoff = results.get("handoff") or {}
     if handoff:
         n = results["settings"]["reload_workers"]
@@ -588,6 +623,11 @@ def targets(results: dict) -> list[dict]:
                 add(f"(for reference, not the issue's target) {short[key]}: ≤ 1.5× (floor + no-op reload)",
                     f"{value:.0f} ms vs {floor:.0f} + {noop:.0f} ms ({value / (floor + noop):.2f}×)",
                     value <= 1.5 * (floor + noop))
+    for row in results.get("memory") or []:
+        if row["server"].startswith("graceful-http (") and row["peak_vs_steady"] is not None:
+            add(f"{row['server']}: peak PSS during reloads ≤ 1.3× steady (40 MB per worker)",
+                f"{row['peak_pss_mib']} MiB vs {row['steady_pss_mib']} MiB ({row['peak_vs_steady']}×)",
+                row["peak_vs_steady"] <= 1.3)
     return rows
 
 
@@ -714,6 +754,25 @@ def markdown(results: dict) -> str:
         from bench.restart import markdown as restart_markdown
 
         parts += restart_markdown(results["restart"], s)
+    if results.get("proxy"):
+        parts += ["", f"## Behind a proxy with its default idle-connection handling ({s['proxy_delay'] * 1000:g} ms"
+                      " each way between proxy and server; bursts of 40 requests, half POST, half GET, after idle gaps"
+                      f" just around {' and '.join(f'{g:g} s' for g in s['proxy_gaps'])}; each server with its default"
+                      " keep-alive timeout)", ""]
+        rows = [[r["server"].split(" (")[0], r["proxy"], r["requests"], f"{r['failed_post']} of {r['posts']}",
+                 f"{r['failed_get']} of {r['gets']}", r["closed_by_server"]] for r in results["proxy"]]
+        parts.append(_table(["server", "proxy", "requests", "failed POST", "failed GET",
+                             "upstream connections the server closed"], rows))
+    if results.get("memory"):
+        parts += ["", f"## Memory through reloads ({s['memory_workers']} workers of an app holding 40 MB each,"
+                      f" {s['memory_reloads']} reload(s) under wrk -c16; PSS summed over all the server's processes,"
+                      " sampled every 20 ms)", ""]
+        rows = [[r["server"], r["steady_pss_mib"], r["peak_pss_mib"], f"{r['peak_vs_steady']}×",
+                 r["steady_processes"], r["peak_processes"], r["peak_workers"], r["reloads"], r["failed_reloads"],
+                 r["non_2xx_3xx"] + r["socket_errors"]] for r in results["memory"]]
+        parts.append(_table(["server (reload)", "steady PSS MiB", "peak PSS MiB", "peak ÷ steady",
+                             "processes steady", "processes peak", "children of a main, peak", "reloads",
+                             "failed reloads", "errors (wrk)"], rows))
     if results.get("websockets"):
         parts += ["", f"## WebSockets through reloads ({s['ws_clients']} clients that reconnect at once, "
                       f"{s['ws_reloads']} reload(s) {s['ws_interval']} s apart, 2 workers)", "",
@@ -759,8 +818,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--smoke", action="store_true", help="a few seconds of everything (what CI runs)")
     parser.add_argument("--out", type=Path, help="where to write results (default: bench/results, or "
                                                  "bench/results/smoke with --smoke)")
-    parser.add_argument("--only", help="comma-separated sections: steady,handoff,reloads,soak,websockets,naive,"
-                                       "restart")
+    parser.add_argument("--only", help="comma-separated sections: steady,handoff,reloads,soak,websockets,naive,proxy,"
+                                         "memory,restart")
     parser.add_argument("--no-systemd", action="store_true", help="skip everything that boots systemd in a container")
     parser.add_argument("--runs", type=int, help="steady-state runs per server")
     parser.add_argument("--duration", type=int, help="seconds per steady-state run")
@@ -802,7 +861,8 @@ def main(argv: list[str] | None = None) -> int:
     began = time.monotonic()
     results = {"kind": plan.kind, "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
                "machine": machine(), "versions": versions(), "settings": dataclasses.asdict(plan),
-               "steady": [], "reloads": [], "handoff": {}, "soak": None, "websockets": [], "naive": []}
+               "steady": [], "reloads": [], "handoff": {}, "soak": None, "websockets": [], "naive": [], "proxy": [],
+               "memory": []}
     if plan.systemd:
         from bench.systemd import boot_check
 
@@ -819,6 +879,14 @@ def main(argv: list[str] | None = None) -> int:
             results["websockets"] = websocket_section(plan, raw)
         if "naive" in plan.sections:
             results["naive"] = naive_section(plan, raw)
+        if "proxy" in plan.sections:
+            results["proxy"] = proxy_section(plan, raw)
+        if "memory" in plan.sections:
+            from bench.memory import memory_section
+
+            results["memory"] = memory_section(plan.memory_workers, plan.memory_reloads, plan.memory_steady,
+                                               plan.memory_per_reload, plan.memory_whole_generation,
+                                               plan.memory_peers, raw, say)
         if plan.systemd and set(plan.sections) & {"handoff", "reloads", "soak", "restart"}:
             systemd_sections(plan, raw, keep, results)
     finally:

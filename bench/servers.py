@@ -180,6 +180,8 @@ class Standalone:
 
     name = ""
     reload_how = ""
+    app = APP  # or another module:attribute of bench/
+    extra: list[str] = []  # more command-line arguments
 
     def __init__(self, workers: int, logdir: Path):
         self.workers = workers
@@ -253,8 +255,8 @@ class GracefulHttp(Standalone):
         self.pid_file = logdir / f"graceful-http-w{workers}-{self.port}.pid"
 
     def argv(self) -> list[str]:
-        return [PYTHON, "-m", "graceful_http", "serve", APP, "--no-access-log", "--bind", f"127.0.0.1:{self.port}",
-                "--pid-file", str(self.pid_file), "--workers", str(self.workers)]
+        return [PYTHON, "-m", "graceful_http", "serve", self.app, "--no-access-log", "--bind", f"127.0.0.1:{self.port}",
+                "--pid-file", str(self.pid_file), "--workers", str(self.workers), *self.extra]
 
     def after_start(self) -> None:
         wait_for(lambda: read_pid(self.pid_file), 10, "the pid file")
@@ -312,7 +314,7 @@ class Uvicorn(Standalone):
     reload_how = "SIGHUP"
 
     def argv(self) -> list[str]:
-        return [PYTHON, "-m", "uvicorn", APP, "--host", "127.0.0.1", "--port", str(self.port), *UVICORN_ENGINE,
+        return [PYTHON, "-m", "uvicorn", self.app, "--host", "127.0.0.1", "--port", str(self.port), *UVICORN_ENGINE,
                 "--workers", str(self.workers), "--log-level", "warning"]
 
     def workers_now(self) -> list[int]:
@@ -356,7 +358,7 @@ class Gunicorn(Standalone):
     def argv(self) -> list[str]:
         # The error log at info level names each worker that finished its startup: that is how a
         # reload's new workers are known to serve. No access log (gunicorn's default).
-        return [str(BIN / "gunicorn"), APP, "-k", "uvicorn.workers.UvicornWorker", "-w", str(self.workers),
+        return [str(BIN / "gunicorn"), self.app, "-k", "uvicorn.workers.UvicornWorker", "-w", str(self.workers),
                 "-b", f"127.0.0.1:{self.port}", "-p", str(self.pid_file), "--log-level", "info",
                 "--error-logfile", str(self.log_path)]
 

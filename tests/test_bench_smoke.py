@@ -88,6 +88,18 @@ def test_results_json_is_complete(smoke):
         assert row["reloads"] >= 1 and row["requests"] > 0, label
         assert isinstance(row["failed"], int) and isinstance(row["reconnects"], int), label
 
+    proxied = {(row["server"].split(" (")[0], row["proxy"]): row for row in data["proxy"]}
+    assert set(proxied) == {(server, proxy) for server in SERVERS for proxy in ("nginx", "haproxy")}, proxied
+    for key, row in proxied.items():
+        assert row["requests"] == row["bursts"] * 40 and row["posts"] + row["gets"] == row["requests"], key
+        assert isinstance(row["closed_by_server"], int), key
+    memory = {row["server"].split(" (")[0]: row for row in data["memory"]}
+    assert set(memory) == {"graceful-http", "gunicorn"}, memory  # the full run adds uvicorn
+    for label, row in memory.items():
+        assert row["reloads"] == data["settings"]["memory_reloads"] and row["samples"] > 10, label
+        assert row["peak_pss_mib"] >= row["steady_pss_mib"] > 0 and is_number(row["peak_vs_steady"]), label
+    assert memory["graceful-http"]["peak_workers"] >= data["settings"]["memory_workers"]
+
     restart = data["restart"]
     assert len(restart["naive"]) == 3, restart["naive"]
     for row in restart["naive"]:
@@ -104,7 +116,8 @@ def test_markdown_and_table_are_printed(smoke):
     out, stdout = smoke
     text = (out / "results.md").read_text()
     for heading in ("## Steady state", "## Reloads under load", "## Soak", "## Handoff time", "## WebSockets",
-                    "## Naive keep-alive", "## Against the issue's targets", "](reload-latency.png)"):
+                    "## Naive keep-alive", "## Behind a proxy", "## Memory through reloads",
+                    "## Against the issue's targets", "](reload-latency.png)"):
         assert heading in text, heading
         assert heading in stdout, heading
 

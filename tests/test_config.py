@@ -89,6 +89,14 @@ EVERY_OPTION = {
     "ssl_cert_reqs": ('"required"', "required", ["--ssl-cert-reqs", "optional"], "optional"),
     "ssl_ciphers": ('"ECDHE+AESGCM"', "ECDHE+AESGCM", ["--ssl-ciphers", "HIGH"], "HIGH"),
     "env_file": ('"/etc/shop/env"', "/etc/shop/env", ["--env-file", "/e"], "/e"),
+    "max_requests": ("1000", 1000, ["--max-requests", "0"], 0),
+    "max_requests_jitter": ("50", 50, ["--max-requests-jitter", "7"], 7),
+    "max_worker_memory": ("512", 512, ["--max-worker-memory", "256"], 256),
+    "max_worker_lifetime": ("86400", 86400.0, ["--max-worker-lifetime", "3600"], 3600.0),
+    "worker_timeout": ("120", 120.0, ["--worker-timeout", "30"], 30.0),
+    "rollout": ('"generation"', "generation", ["--rollout", "worker"], "worker"),
+    "canary": ("10", 10.0, ["--canary", "2.5"], 2.5),
+    "preload": ("true", True, ["--no-preload"], False),
 }
 FIELD = {key: option.name for key, option in settings.OPTIONS.items()}
 
@@ -182,6 +190,13 @@ BAD_CONFIGS = {
                         r"config\.toml:1: h11_max_incomplete_event_size '10': expected a whole number of bytes >= 1024"),
     "cert reqs unknown": ('ssl_cert_reqs = "always"\n', r"config\.toml:1: ssl_cert_reqs 'always': expected one of none,"),
     "env file empty": ('env_file = ""\n', r"config\.toml:1: env_file '': expected a non-empty string"),
+    "max requests negative": ("max_requests = -1\n",
+                              r"config\.toml:1: max_requests '-1': expected a whole number of requests \(0: off\) >= 0"),
+    "worker memory a size": ('max_worker_memory = "2G"\n', r"config\.toml:1: max_worker_memory '2G': expected a whole"
+                             r" number of MiB \(0: off\) >= 0"),
+    "worker timeout a word": ('worker_timeout = "never"\n',
+                              r"config\.toml:1: worker_timeout 'never': expected a number of seconds"),
+    "rollout unknown": ('rollout = "canary"\n', r"config\.toml:1: rollout 'canary': expected one of worker, generation"),
     "invalid TOML": ("workers = 2\n\nlog_level = = 'info'\n", r"config\.toml: invalid TOML: .*\(at line 3, column \d+\)"),
     "duplicate key": ("workers = 2\nworkers = 3\n", r"config\.toml: invalid TOML: .*\(at line 2, column \d+\)"),
     "unterminated string": ('app = "demo:app\n', r"config\.toml: invalid TOML: .*\(at line 1, column \d+\)"),

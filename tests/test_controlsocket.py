@@ -50,3 +50,33 @@ def test_an_unknown_request_is_refused_in_one_line():
             server.close()
 
     assert asyncio.run(scenario()) == b"refused 0 unknown request 'shutdown now'\n"
+
+
+def test_reload_with_a_canary_passes_its_seconds_and_a_bad_value_is_refused():
+    asked = []
+
+    def start_reload(source, on_outcome, canary=None):
+        asked.append(canary)
+        asyncio.get_running_loop().call_soon(on_outcome, Outcome("failed", "canary: 5 of 30 requests failed", 1))
+
+    def ask(request: bytes) -> bytes:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(10)
+            sock.connect(control_address(os.getpid()))
+            sock.sendall(request)
+            return sock.makefile("rb").read()
+
+    async def scenario():
+        server = ControlServer(start_reload)
+        await server.start(os.getpid())
+        try:
+            final = await asyncio.to_thread(request_reload, os.getpid(), 10, lambda _: None, 2.5)
+            bad = await asyncio.to_thread(ask, b"reload canary=soon\n")
+            return final, bad
+        finally:
+            server.close()
+
+    final, bad = asyncio.run(scenario())
+    assert asked == [2.5]
+    assert final == Outcome("failed", "canary: 5 of 30 requests failed", 1)
+    assert bad == b"refused 0 unknown request 'reload canary=soon'\n"

@@ -31,11 +31,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from harness import proxies
 from harness.processes import free_port
 from support.load import Load, pid_of
 from support.serve_process import ENGINES, HOST, ServeProcess, clean_environ, run_cli, wait_until
 
-NGINX = "/usr/sbin/nginx"
 TOKEN = "s3cret-token-for-tests-0123456789"
 
 # How long a server may take to answer, or give up on, a malformed request.
@@ -546,45 +546,15 @@ def test_a_short_token_file_is_refused_at_start(engine, tmp_path):
 
 # ---- POST /graceful through a real reverse proxy ----------------------------------------------------------
 
-NGINX_CONF = """\
-daemon off;
-master_process off;
-worker_processes 1;
-pid {dir}/nginx.pid;
-error_log {dir}/nginx-error.log;
-events {{ worker_connections 256; }}
-http {{
-    access_log {dir}/nginx-access.log;
-    client_body_temp_path {dir}/body;
-    proxy_temp_path {dir}/proxy;
-    fastcgi_temp_path {dir}/fastcgi;
-    uwsgi_temp_path {dir}/uwsgi;
-    scgi_temp_path {dir}/scgi;
-    upstream graceful {{
-        server 127.0.0.1:{upstream};
-        keepalive 16;
-    }}
-    server {{
-        listen 127.0.0.1:{port};
-        location / {{
-            proxy_pass http://graceful;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_set_header Host $host;
-            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
-            proxy_next_upstream off;
-        }}
-    }}
-}}
-"""
+# As people set it up: upstream keep-alive, the client's address passed on, no retry on another upstream.
+NGINX_HEADERS = ("proxy_set_header Host $host; proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;"
+                 " proxy_next_upstream off;")
 
 
 @pytest.fixture
 def nginx_and_service(engine, tmp_path):
     """graceful-http as the shipped units start it (sockets "http" and "control" passed with LISTEN_FDS),
     behind a real nginx on loopback."""
-    if not os.access(NGINX, os.X_OK):
-        pytest.fail(f"{NGINX} is missing: apt-get install nginx (tests/run installs it)")
     upstream = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     upstream.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     upstream.bind((HOST, 0))
@@ -598,30 +568,16 @@ def nginx_and_service(engine, tmp_path):
                            pass_fds=[upstream.fileno(), control.fileno()],
                            environ={"LISTEN_FDS": "2", "LISTEN_PID": "self", "LISTEN_FDNAMES": "http:control"})
     nginx_port = free_port()
-    (tmp_path / "nginx.conf").write_text(NGINX_CONF.format(dir=tmp_path, upstream=upstream_port, port=nginx_port))
-    nginx = None
+    blocks = (proxies.nginx_upstream("graceful", f"{HOST}:{upstream_port}", keepalive=16),
+              proxies.nginx_site(f"{HOST}:{nginx_port}", "http://graceful", NGINX_HEADERS))
     try:
         service.start().wait_serving(timeout=30)
         upstream.close()
         control.close()  # the service holds them now
-        nginx = subprocess.Popen([NGINX, "-c", str(tmp_path / "nginx.conf"), "-p", str(tmp_path)],
-                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                 start_new_session=True)
-
-        def proxying():
-            if nginx.poll() is not None:
-                raise AssertionError(f"nginx exited: {nginx.stderr.read().decode(errors='replace')}")
-            with contextlib.suppress(OSError):
-                return request(nginx_port, "GET", "/")[0] == 200
-        wait_until(proxying, 20, "nginx to proxy to graceful-http", service.log_tail)
-        yield service, nginx_port, control_path
+        with proxies.nginx(tmp_path / "nginx", *blocks, wait_for=(HOST, nginx_port)):
+            wait_until(lambda: _get_ok(nginx_port), 20, "nginx to proxy to graceful-http", service.log_tail)
+            yield service, nginx_port, control_path
     finally:
-        if nginx is not None:
-            nginx.terminate()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                nginx.wait(timeout=10)
-            if nginx.poll() is None:
-                nginx.kill()
         service.kill_all()
 
 
@@ -673,20 +629,15 @@ def test_graceful_relayed_by_nginx_with_the_token(engine, tmp_path):
     token_file.write_text(TOKEN + "\n")
     port = free_port()
     nginx_port = free_port()
-    (tmp_path / "nginx.conf").write_text(NGINX_CONF.format(dir=tmp_path, upstream=port, port=nginx_port))
-    with running(ENGINES[engine], tmp_path, "--control-token-file", str(token_file), port=port) as server:
-        nginx = subprocess.Popen([NGINX, "-c", str(tmp_path / "nginx.conf"), "-p", str(tmp_path)],
-                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                 start_new_session=True)
-        try:
-            wait_until(lambda: _get_ok(nginx_port), 20, "nginx to proxy")
-            assert request(nginx_port, "POST", "/graceful")[0] == 403
-            status, body, _ = request(nginx_port, "POST", "/graceful", headers={"Authorization": f"Bearer {TOKEN}"})
-            assert status == 202, (status, body)
-            server.wait_new_main(server.pid, timeout=30)
-        finally:
-            nginx.terminate()
-            nginx.wait(timeout=10)
+    blocks = (proxies.nginx_upstream("graceful", f"{HOST}:{port}", keepalive=16),
+              proxies.nginx_site(f"{HOST}:{nginx_port}", "http://graceful", NGINX_HEADERS))
+    with running(ENGINES[engine], tmp_path, "--control-token-file", str(token_file), port=port) as server, \
+            proxies.nginx(tmp_path / "nginx", *blocks, wait_for=(HOST, nginx_port)):
+        wait_until(lambda: _get_ok(nginx_port), 20, "nginx to proxy")
+        assert request(nginx_port, "POST", "/graceful")[0] == 403
+        status, body, _ = request(nginx_port, "POST", "/graceful", headers={"Authorization": f"Bearer {TOKEN}"})
+        assert status == 202, (status, body)
+        server.wait_new_main(server.pid, timeout=30)
 
 
 def _get_ok(port: int) -> bool:

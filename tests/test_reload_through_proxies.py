@@ -20,12 +20,11 @@ from pathlib import Path
 
 import pytest
 
+from harness import proxies
 from harness.processes import free_port
 from support.load import pid_of
 from support.serve_process import ENGINES, HOST, ServeProcess, wait_until
 
-NGINX = "/usr/sbin/nginx"
-HAPROXY = "/usr/sbin/haproxy"
 CURL = "/usr/bin/curl"
 TOKEN = "proxied-token-for-the-tests-0123456789"
 
@@ -45,56 +44,6 @@ NGINX_SITES = {
     "nginx X-Real-IP": "proxy_set_header X-Real-IP $remote_addr;",
     "nginx Forwarded": 'proxy_set_header Forwarded "for=$remote_addr";',
 }
-
-NGINX_CONF = """\
-daemon off;
-master_process off;
-worker_processes 1;
-pid {dir}/nginx.pid;
-error_log {dir}/nginx-error.log;
-events {{ worker_connections 256; }}
-http {{
-    access_log {dir}/nginx-access.log;
-    client_body_temp_path {dir}/body;
-    proxy_temp_path {dir}/proxy;
-    fastcgi_temp_path {dir}/fastcgi;
-    uwsgi_temp_path {dir}/uwsgi;
-    scgi_temp_path {dir}/scgi;
-{servers}
-}}
-"""
-
-NGINX_SERVER = """\
-    server {{
-        listen {address}:{port};
-        location / {{
-            proxy_pass {upstream};
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            {headers}
-        }}
-    }}
-"""
-
-HAPROXY_CONF = """\
-global
-    pidfile {dir}/haproxy.pid
-defaults
-    mode http
-    timeout connect 5s
-    timeout client 30s
-    timeout server 30s
-frontend plain
-    bind {address}:{plain}
-    default_backend app
-frontend forwardfor
-    bind {address}:{forwardfor}
-    option forwardfor
-    default_backend app
-backend app
-    server app1 127.0.0.1:{upstream}
-"""
-
 
 class Outside:
     """A network namespace with one address, `client`, that reaches this host at `host` over a veth pair."""
@@ -140,7 +89,7 @@ class Outside:
 
 @pytest.fixture(scope="module")
 def outside():
-    for program in (NGINX, HAPROXY, CURL):
+    for program in (proxies.NGINX, proxies.HAPROXY, CURL):
         if not os.access(program, os.X_OK):
             pytest.fail(f"{program} is missing: tests/run installs it")
     with Outside() as network:
@@ -148,39 +97,30 @@ def outside():
 
 
 @contextlib.contextmanager
-def proxies(directory: Path, outside: Outside, upstream_port: int, upstream_unix: Path):
+def proxies_in_front(directory: Path, outside: Outside, upstream_port: int, upstream_unix: Path):
     """nginx and HAProxy on the outside-facing address; yields {configuration name: URL of /graceful}."""
     urls, servers = {}, []
     for name, headers in NGINX_SITES.items():
         port = free_port(outside.host)
-        servers.append(NGINX_SERVER.format(address=outside.host, port=port, upstream=f"http://{HOST}:{upstream_port}",
-                                           headers=headers))
+        servers.append(proxies.nginx_site(f"{outside.host}:{port}", f"http://{HOST}:{upstream_port}", headers))
         urls[name] = f"http://{outside.host}:{port}/graceful"
     port = free_port(outside.host)
-    servers.append(NGINX_SERVER.format(address=outside.host, port=port, upstream=f"http://unix:{upstream_unix}:",
-                                       headers=NGINX_SITES["nginx X-Forwarded-For"]))
+    servers.append(proxies.nginx_site(f"{outside.host}:{port}", f"http://unix:{upstream_unix}:",
+                                      NGINX_SITES["nginx X-Forwarded-For"]))
     urls["nginx to a unix socket"] = f"http://{outside.host}:{port}/graceful"
     plain, forwardfor = free_port(outside.host), free_port(outside.host)
     urls["haproxy"] = f"http://{outside.host}:{plain}/graceful"
     urls["haproxy option forwardfor"] = f"http://{outside.host}:{forwardfor}/graceful"
 
-    (directory / "nginx.conf").write_text(NGINX_CONF.format(dir=directory, servers="".join(servers)))
-    (directory / "haproxy.cfg").write_text(HAPROXY_CONF.format(dir=directory, address=outside.host, plain=plain,
-                                                               forwardfor=forwardfor, upstream=upstream_port))
-    started = []
-    try:
-        for command, log in (([NGINX, "-c", str(directory / "nginx.conf"), "-p", str(directory)], "nginx.out"),
-                             ([HAPROXY, "-db", "-f", str(directory / "haproxy.cfg")], "haproxy.out")):
-            started.append(subprocess.Popen(command, stdout=open(directory / log, "w"), stderr=subprocess.STDOUT,
-                                            start_new_session=True))
+    haproxy_sections = (proxies.haproxy_frontend("plain", f"{outside.host}:{plain}", "app"),
+                        proxies.haproxy_frontend("forwardfor", f"{outside.host}:{forwardfor}", "app",
+                                                 options="option forwardfor"),
+                        proxies.haproxy_backend("app", f"127.0.0.1:{upstream_port}"))
+    with proxies.nginx(directory / "nginx", *servers), proxies.haproxy(directory / "haproxy", *haproxy_sections):
         for name, url in urls.items():  # every proxy relays, to graceful-http
             wait_until(lambda url=url: outside.curl(url.replace("/graceful", "/"), method="GET")[0] == 200, 20,
                        f"{name} to relay GET /")
         yield urls
-    finally:
-        for process in started:
-            process.terminate()
-            process.wait(timeout=10)
 
 
 def children_of(pid: int) -> set[int]:
@@ -201,7 +141,7 @@ def test_no_proxy_configuration_lets_an_outside_client_reload(engine, workers, o
     unix_path = tmp_path / "app.sock"
     with ServeProcess(ENGINES[engine], tmp_path, "--workers", str(workers), "--bind", f"{HOST}:{port}",
                       "--bind", f"unix:{unix_path}", port=port, bind=False, pid_file=True) as server, \
-            proxies(tmp_path, outside, port, unix_path) as urls:
+            proxies_in_front(tmp_path, outside, port, unix_path) as urls:
         server.wait_serving(timeout=30)
         first = server.main_pid()
         for proxy, url in urls.items():
@@ -235,7 +175,7 @@ def test_the_control_token_reloads_through_every_proxy(engine, outside, tmp_path
     unix_path = tmp_path / "app.sock"
     with ServeProcess(ENGINES[engine], tmp_path, "--control-token-file", str(token_file), "--bind", f"{HOST}:{port}",
                       "--bind", f"unix:{unix_path}", port=port, bind=False, pid_file=True) as server, \
-            proxies(tmp_path, outside, port, unix_path) as urls:
+            proxies_in_front(tmp_path, outside, port, unix_path) as urls:
         server.wait_serving(timeout=30)
         main = server.main_pid()
         for proxy, url in urls.items():

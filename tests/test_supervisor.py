@@ -94,6 +94,7 @@ class FakeSuccessor:
         self.told_main = False
         self.killed = False
         self.adopts = False  # a successor that does not take connections over: the lame-duck drain
+        self.rolls = False  # nor asks for a worker-by-worker rollout
         self.closed = False
 
     async def until_ready(self):
@@ -102,7 +103,7 @@ class FakeSuccessor:
     def alive(self) -> bool:
         return self.living
 
-    def tell_main(self) -> None:
+    def tell_main(self, rollout: bool = False) -> None:
         self.told_main = True
 
     async def until_serving(self) -> bool:
@@ -311,5 +312,20 @@ def test_spawn_failure_is_a_failed_reload():
         assert world.final == g.Outcome("failed", "cannot start the new generation: Resource temporarily"
                                                   " unavailable", PID)
         assert world.supervisor.machine.phase is g.Phase.SERVING
+
+    asyncio.run(scenario())
+
+
+def test_status_adds_what_the_worker_upkeep_reports():
+    class Upkeep:
+        def status_note(self) -> str:
+            return "2 workers recycled (1 max-requests, 1 worker-timeout)"
+
+    async def scenario():
+        world = await serving_world()
+        assert world.supervisor._serving_status() == f"gen 1 · pid {PID} · serving · 0 in flight · 3 requests"
+        world.server.upkeep = Upkeep()
+        assert world.supervisor._serving_status() == (f"gen 1 · pid {PID} · serving · 0 in flight · 3 requests"
+                                                      " · 2 workers recycled (1 max-requests, 1 worker-timeout)")
 
     asyncio.run(scenario())

@@ -71,7 +71,7 @@ def test_worker_reports_drained_when_the_apps_shutdown_raises(monkeypatch, caplo
     main_end.close()
     assert code == 0
     assert lines[0] == ("ready", "")
-    assert ("stats", "0 4 0") in lines  # in flight, requests, connections adopted
+    assert ("stats", "0 4 0 0") in lines  # in flight, requests, connections adopted, failed
     assert lines[-1] == ("drained", "2 0 0 0")  # answered, cut, handed over, fell back
     assert not engine.accepting
     assert "the app's lifespan shutdown failed" in caplog.text

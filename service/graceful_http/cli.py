@@ -30,6 +30,7 @@ def _serve_help() -> dict[str, tuple[str | None, str]]:
         INTERFACES,
         LIFESPAN_MODES,
         LOG_LEVELS,
+        ROLLOUT_MODES,
         SSL_CERT_REQS,
         WEBSOCKET_IMPLEMENTATIONS,
     )
@@ -66,7 +67,7 @@ def _serve_help() -> dict[str, tuple[str | None, str]]:
                                 " from trusted proxies only (default: on)"),
         "forwarded_allow_ips": ("IPS", "the trusted proxies: * or addresses and networks, comma-separated"
                                        f" (default: $FORWARDED_ALLOW_IPS, else {','.join(DEFAULT_FORWARDED_ALLOW_IPS)})"),
-        "timeout_keep_alive": ("S", "close a keep-alive connection idle this long (default: 5)"),
+        "timeout_keep_alive": ("S", "close a keep-alive connection idle this long (default: 75)"),
         "limit_concurrency": ("N", "answer 503 beyond N connections or requests at once, per process"
                                    " (default: no limit)"),
         "backlog": ("N", "the listen queue of every listening socket (default: 2048)"),
@@ -84,6 +85,23 @@ def _serve_help() -> dict[str, tuple[str | None, str]]:
         "ssl_cert_reqs": ("MODE", f"{' | '.join(SSL_CERT_REQS)}: ask clients for a certificate (default: none)"),
         "ssl_ciphers": ("LIST", "OpenSSL cipher list for TLS 1.2 and older (default: TLSv1, as uvicorn)"),
         "env_file": ("PATH", "set environment variables from this dotenv file, re-read by every new generation"),
+        "max_requests": ("N", "recycle a worker after about N requests: a new one first, then the old one hands"
+                              " over its connections and drains (default: 0, off; with --workers 2 or more)"),
+        "max_requests_jitter": ("J", "each worker's limit is N plus a random 0..J, so workers recycle apart"
+                                     " (default: 0)"),
+        "max_worker_memory": ("MIB", "recycle a worker whose resident memory exceeds MIB (default: 0, off)"),
+        "max_worker_lifetime": ("S", "recycle a worker after S seconds (default: 0, off)"),
+        "worker_timeout": ("S", "a worker whose event loop has not answered for S seconds has its threads' stacks"
+                                " logged, is replaced, then killed (default: 0, off)"),
+        "rollout": ("HOW", f"{' | '.join(ROLLOUT_MODES)}: with --workers, a reload replaces one worker at a time"
+                           " (at most N+1 workers at once) or starts the whole new generation beside the old one"
+                           " (default: worker)"),
+        "canary": ("S", "at a reload, the new generation's first worker serves beside the old workers for S seconds;"
+                        " if its error rate is worse (5xx and failed requests; a one-sided test at 1 %), the reload"
+                        " fails and the old generation serves on (default: 0, off)"),
+        "preload": (None, "with --workers: import the app in the generation's main before forking the workers, which"
+                          " share it copy-on-write; a replacement worker is forked from the main too, with the"
+                          " main's copy of the code (default: off)"),
     }
 
 
@@ -151,6 +169,8 @@ def _add_reload_command(subparsers) -> None:
     target.add_argument("--pid-file", metavar="PATH", help="read the main pid from PATH")
     reload.add_argument("--timeout", metavar="S",
                         help=f"give up after S seconds (default: {DEFAULT_RELOAD_TIMEOUT:g})")
+    reload.add_argument("--canary", metavar="S", help="this reload with a canary of S seconds (see serve --canary;"
+                                                      " default: the service's setting)")
 
 
 def serve_settings(args: argparse.Namespace) -> ServeSettings:
@@ -283,6 +303,14 @@ def reload(args: argparse.Namespace) -> int:
             timeout = parse_seconds(args.timeout, "--timeout", minimum=0.1)
         except SettingsError as exc:
             return _fail(EXIT_USAGE, str(exc))
+    canary = None
+    if args.canary is not None:
+        from graceful_http.settings import SettingsError, parse_seconds
+
+        try:
+            canary = parse_seconds(args.canary, "--canary", minimum=0.0)
+        except SettingsError as exc:
+            return _fail(EXIT_USAGE, str(exc))
     if args.pid is not None:
         pid = args.pid
     elif args.pid_file:
@@ -299,7 +327,7 @@ def reload(args: argparse.Namespace) -> int:
         print(f"graceful-http reload: {outcome.detail}", file=sys.stderr, flush=True)
 
     try:
-        outcome = request_reload(pid, timeout, progress)
+        outcome = request_reload(pid, timeout, progress, canary)
     except ControlError as exc:
         return _fail(EXIT_USAGE, f"reload: {exc}")
     if outcome.code == "done":

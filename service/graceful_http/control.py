@@ -31,6 +31,7 @@ class ControlState:
     accepting: bool = True  # False once this generation drains or stops
     connections_move: bool = False  # draining hands connections over: no `Connection: close` (the engine
     # says it itself on each connection that can't move)
+    failed: int = 0  # requests answered 5xx or whose app raised (counted with `observe_all`, for a canary)
 
 
 @dataclass(frozen=True)
@@ -159,13 +160,15 @@ def framed_twice(headers) -> bool:
 
 
 class ControlLayer:
-    def __init__(self, app, state: ControlState, policy: ControlPolicy, access_logger=None, metrics=None):
+    def __init__(self, app, state: ControlState, policy: ControlPolicy, access_logger=None, metrics=None,
+                 observe_all: bool = False):
+        """`observe_all`: every request's status is seen (to count failures), even with nothing to log."""
         self.app = app
         self.state = state
         self.policy = policy
         self.access_logger = access_logger
         self.metrics = metrics
-        self._plain_path = access_logger is None and metrics is None
+        self._plain_path = access_logger is None and metrics is None and not observe_all
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -247,6 +250,8 @@ class ControlLayer:
             await endpoint(scope, receive, observed_send)
         finally:
             duration = time.perf_counter() - started
+            if status is None or status >= 500:
+                state.failed += 1
             if metrics is not None:
                 metrics.in_flight.dec()
                 metrics.observe(status, duration)

@@ -27,6 +27,10 @@ class ControlServer:
         sock.bind(control_address(pid))
         self.server = await asyncio.start_unix_server(self._serve, sock=sock)
 
+    def sockets(self) -> list:
+        """Its listening socket(s), for a process forked from ours to close."""
+        return list(self.server.sockets) if self.server is not None else []
+
     def close(self) -> None:
         if self.server is not None:
             self.server.close()
@@ -39,7 +43,9 @@ class ControlServer:
                 writer.write(encode_outcome(Outcome("refused", f"uid {uid} may not control this service")))
                 return
             request = (await asyncio.wait_for(reader.readline(), 10)).decode(errors="replace").strip()
-            if request != RELOAD:
+            word, _, option = request.partition(" ")
+            canary = option.partition("=")[2] if option.startswith("canary=") else None
+            if word != RELOAD or (option and not _is_seconds(canary)):
                 writer.write(encode_outcome(Outcome("refused", f"unknown request {request[:40]!r}")))
                 return
             finished = asyncio.get_running_loop().create_future()
@@ -50,7 +56,10 @@ class ControlServer:
                 if outcome.code in FINAL_CODES and not finished.done():
                     finished.set_result(None)
 
-            self.start_reload("graceful-http reload", on_outcome)
+            if canary is None:
+                self.start_reload("graceful-http reload", on_outcome)
+            else:
+                self.start_reload("graceful-http reload", on_outcome, canary=float(canary))
             await finished
         except (OSError, asyncio.TimeoutError):
             pass
@@ -60,3 +69,10 @@ class ControlServer:
             except OSError:
                 pass
             writer.close()
+
+
+def _is_seconds(text: str | None) -> bool:
+    try:
+        return text is not None and 0 <= float(text) < 1e6
+    except ValueError:
+        return False

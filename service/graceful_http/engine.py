@@ -237,6 +237,8 @@ def tracked_protocol(base):
             before = getattr(self, "cycle", None)
             super().on_response_complete()
             self._head_received()  # idle now: uvicorn's keep-alive timer runs until the next byte
+            if self._request_pending():  # answered before its body ended: the rest must come as a head would
+                self._await_head()
             if self.lame_duck and getattr(self, "cycle", None) is not before:  # a pipelined request started
                 _close_after_response(self)
             wake = getattr(self.server_state, "wake_drain", None)

@@ -169,6 +169,7 @@ class HandoffMachine:
         self.ready_timeout = ready_timeout
         self.state = State(phase=Phase.STARTING, generation=generation)
         self.traffic = (0, 0, 0)  # (in flight, requests served, connections adopted), kept current for STATUS=
+        self.rolling_out = False  # our workers still replace the previous generation's, one by one
 
     @property
     def phase(self) -> Phase:
@@ -218,6 +219,9 @@ class HandoffMachine:
             return self._refuse(event, f"this generation (pid {self.pid}) has handed over and is draining")
         if s.phase is Phase.STOPPING:
             return self._refuse(event, "the service is stopping")
+        if self.rolling_out:
+            return self._refuse(event, "reload already in progress: this generation's workers are still replacing"
+                                       " the previous one's")
         attempt = s.attempt + 1
         successor = s.generation + 1
         requesters = (event.requester,) if event.requester is not None else ()

@@ -18,9 +18,10 @@ import os
 import socket
 
 from graceful_http.inherited import Inherited
-from graceful_http.wire import ADOPTS, FAILED, MAIN, READY, SERVING, decode, encode
+from graceful_http.wire import ADOPTS, CANARY, COUNTS, FAILED, MAIN, READY, REJECTED, ROLLOUT, SERVING, decode, encode
 
 CONFIRM_TIMEOUT = 5.0
+COUNTS_INTERVAL = 0.25
 
 
 class PredecessorLink:
@@ -28,6 +29,8 @@ class PredecessorLink:
 
     def __init__(self, sock: socket.socket):
         self.sock = sock
+        self.rollout_agreed = False  # the old main said `main rollout`: it retires its workers one by one
+        self.rejected: str | None = None  # the old main's canary found us worse: why
 
     @classmethod
     def from_inherited(cls, inherited: Inherited) -> PredecessorLink | None:
@@ -42,33 +45,59 @@ class PredecessorLink:
         except OSError:
             pass  # the old generation is gone; nobody to tell
 
-    async def report_ready_and_wait_until_main(self, adopts: bool = False) -> bool:
+    async def report_ready_and_wait_until_main(self, adopts: bool = False, rollout: bool = False,
+                                               counts=None) -> bool:
         """True once the old main has handed over (then `confirm_serving`); False if it went away first.
-        `adopts`: we take over its keep-alive connections (see `handover`); an older main ignores the word."""
+        `adopts`: we take over its keep-alive connections (see `handover`); `rollout`: we started one worker
+        and want its workers retired one by one (see `rollout`). An older main ignores the words. If the old
+        main runs a canary first, we report `counts()` (requests, failed) to it meanwhile."""
         loop = asyncio.get_running_loop()
         self.sock.setblocking(False)
+        words = " ".join(word for word, wanted in ((ADOPTS, adopts), (ROLLOUT, rollout)) if wanted)
+        reporting = None
         try:
-            await loop.sock_sendall(self.sock, encode(READY, ADOPTS if adopts else ""))
+            await loop.sock_sendall(self.sock, encode(READY, words))
             data = b""
-            while not data.endswith(b"\n"):
-                chunk = await loop.sock_recv(self.sock, 256)
-                if not chunk:
-                    self.close()
-                    return False
-                data += chunk
+            while True:
+                while b"\n" not in data:
+                    chunk = await loop.sock_recv(self.sock, 256)
+                    if not chunk:
+                        self.close()
+                        return False
+                    data += chunk
+                line, _, data = data.partition(b"\n")
+                word, detail = decode(line)
+                if word != CANARY:
+                    break
+                if reporting is None:
+                    reporting = loop.create_task(self._report_counts(counts or (lambda: (0, 0))))
         except OSError:
             self.close()
             return False
-        return decode(data)[0] == MAIN
+        finally:
+            if reporting is not None:
+                reporting.cancel()
+        self.rollout_agreed = rollout and ROLLOUT in detail.split()
+        if word == REJECTED:
+            self.rejected = detail or "rejected by the previous generation"
+        return word == MAIN
 
-    def confirm_serving(self) -> None:
-        """Tell the old main we act as main now, and close the channel."""
+    async def _report_counts(self, counts) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            requests, failed = counts()
+            await loop.sock_sendall(self.sock, encode(COUNTS, f"{requests} {failed}"))
+            await asyncio.sleep(COUNTS_INTERVAL)
+
+    def confirm_serving(self, keep_open: bool = False) -> None:
+        """Tell the old main we act as main now, and close the channel (unless a rollout goes on over it)."""
         try:
             self.sock.setblocking(True)
             self.sock.sendall(encode(SERVING))
         except OSError:
             pass
-        self.close()
+        if not keep_open:
+            self.close()
 
     def close(self) -> None:
         self.sock.close()
@@ -111,20 +140,60 @@ class SuccessorLink:
                 return detail
         return None
 
-    def tell_main(self) -> None:
+    def tell_main(self, rollout: bool = False) -> None:
         try:
-            self.mine.send(encode(MAIN))  # a few bytes into an empty socket buffer: never blocks
+            self.mine.send(encode(MAIN, ROLLOUT if rollout else ""))  # a few bytes into an empty socket buffer: never blocks
         except OSError:
             pass  # it is gone: waiting for its confirmation will say so
 
     async def serving_confirmed(self, timeout: float = CONFIRM_TIMEOUT) -> bool:
         """True once the successor says it serves as main (milliseconds after `tell_main`); False if it
         closed the channel or said nothing within `timeout`."""
+        async def next_but_counts():
+            word = COUNTS
+            while word == COUNTS:  # a canary's last reports may still come
+                word, _ = await self.next_message()
+            return word
+
         try:
-            word, _ = await asyncio.wait_for(self.next_message(), timeout)
+            word = await asyncio.wait_for(next_but_counts(), timeout)
         except asyncio.TimeoutError:
             return False
         return word == SERVING
+
+    def reject(self, reason: str) -> None:
+        try:
+            self.mine.send(encode(REJECTED, reason))
+        except OSError:
+            pass
+
+    def start_canary(self) -> None:
+        try:
+            self.mine.send(encode(CANARY))
+        except OSError:
+            pass  # it is gone: reading says so
+
+    async def counts_during(self, seconds: float) -> tuple[int, int] | None:
+        """The successor's last (requests, failed) after `seconds` of reports; None if it closed the channel."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        latest = (0, 0)
+        while (remaining := deadline - loop.time()) > 0:
+            try:
+                word, detail = await asyncio.wait_for(self.next_message(), remaining)
+            except asyncio.TimeoutError:
+                break
+            if word == "eof":
+                return None
+            if word == COUNTS:
+                numbers = detail.split()
+                if len(numbers) == 2 and all(n.isdigit() for n in numbers):
+                    latest = (int(numbers[0]), int(numbers[1]))
+        return latest
+
+    def buffered(self) -> bytes:
+        """What was read past the last line returned (a rollout's channel goes on from there)."""
+        return self._buffer
 
     def close(self) -> None:
         self.mine.close()

@@ -36,6 +36,7 @@ from graceful_http.settings import ServeSettings
 from graceful_http.spawn import fork_worker
 from graceful_http.successor import Successor, wait_until_reaped
 from graceful_http.supervisor import Ports, Supervisor
+from graceful_http.worker_upkeep import start_worker_upkeep, warn_about_single_process_recycling
 from graceful_http.workers import MainLink, WorkerPool, WorkerStartFailed, worker_environ
 
 log = logging.getLogger("graceful_http")
@@ -59,23 +60,30 @@ def run_main(settings: ServeSettings, inherited: Inherited) -> int:
         except OSError as exc:
             return report_start_failure(f"cannot make the directory the workers share metrics in: {exc}",
                                         predecessor)
+    if settings.preload and settings.workers > 1:
+        try:
+            preload_app(settings)
+        except StartError as exc:
+            return report_start_failure(str(exc), predecessor)
+    rolling = settings.workers > 1 and settings.rollout == "worker" and predecessor is not None
     try:
         forked = []
         if settings.workers > 1:
             discard_restored(listeners.restored)  # the workers would hold them open: only a serving main stores
-            try:
-                forked = fork_workers(settings, listeners, inherited, predecessor, metrics)
+            try:  # a rollout starts with one worker, and the rest one by one (see `rollout`)
+                forked = fork_workers(settings, listeners, inherited, predecessor, metrics, 1 if rolling else None)
             except OSError as exc:
                 return report_start_failure(f"cannot fork a worker: {exc.strerror or exc}", predecessor)
-        return asyncio.run(_serve(settings, inherited, listeners, predecessor, metrics, forked))
+        return asyncio.run(_serve(settings, inherited, listeners, predecessor, metrics, forked, rolling))
     finally:
         if metrics is not None:
             metrics.remove_shared_dir()
 
 
 def fork_workers(settings: ServeSettings, listeners, inherited: Inherited, predecessor: PredecessorLink | None,
-                 metrics: Metrics | None) -> list[tuple[int, socket.socket]]:
-    """Fork the generation's workers before the main's event loop starts; return (pid, channel) of each.
+                 metrics: Metrics | None, count: int | None = None) -> list[tuple[int, socket.socket]]:
+    """Fork the generation's workers (the first `count` of them) before the main's event loop starts; return
+    (pid, channel) of each.
 
     The engine (uvicorn, uvloop, httptools) is imported once, here, so a worker
     starts by loading the app instead of by starting an interpreter.
@@ -86,7 +94,7 @@ def fork_workers(settings: ServeSettings, listeners, inherited: Inherited, prede
     preload()
     environ = worker_environ(os.environ)
     forked: list[tuple[int, socket.socket]] = []
-    for index in range(1, settings.workers + 1):
+    for index in range(1, (count or settings.workers) + 1):
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         worker_inherited = Inherited(generation=inherited.generation, worker_index=index, main_version=__version__,
                                      metrics_shared_dir=metrics.shared_dir if metrics is not None else None)
@@ -113,9 +121,10 @@ def fork_workers(settings: ServeSettings, listeners, inherited: Inherited, prede
 
 
 async def _serve(settings: ServeSettings, inherited: Inherited, listeners, predecessor: PredecessorLink | None,
-                 metrics: Metrics | None, forked: list[tuple[int, socket.socket]]) -> int:
+                 metrics: Metrics | None, forked: list[tuple[int, socket.socket]], rolling: bool = False) -> int:
     pid = os.getpid()
     loop = asyncio.get_running_loop()
+    warn_about_single_process_recycling(settings)
     ports = Ports(
         start_successor=functools.partial(_start_successor, listeners, inherited, metrics),
         notifier=Notifier(),
@@ -127,6 +136,7 @@ async def _serve(settings: ServeSettings, inherited: Inherited, listeners, prede
     )
     supervisor = Supervisor(g.HandoffMachine(inherited.generation, pid, settings.ready_timeout), ports,
                             settings.graceful_timeout, metrics)
+    supervisor.canary = settings.canary
     loop.add_signal_handler(signal.SIGHUP, supervisor.dispatch, g.ReloadRequested("SIGHUP"))
     loop.add_signal_handler(signal.SIGTERM, supervisor.dispatch, g.StopRequested("SIGTERM"))
     loop.add_signal_handler(signal.SIGINT, supervisor.dispatch, g.StopRequested("SIGINT"))
@@ -135,10 +145,14 @@ async def _serve(settings: ServeSettings, inherited: Inherited, listeners, prede
             pool = WorkerPool(settings.workers, listeners, inherited.generation, supervisor.request_reload_now,
                               metrics=metrics)
             supervisor.servers = Servers([pool])
+            if settings.preload:  # replacements too are forked from us, with our copy of the app
+                pool.fork_now = functools.partial(fork_later_worker, settings, listeners, inherited, metrics,
+                                                  supervisor, predecessor)
             try:
-                await pool.start(forked)
+                await (pool.start_first(forked) if rolling else pool.start(forked))
             except WorkerStartFailed as exc:
                 raise StartError(str(exc)) from None
+            start_worker_upkeep(pool, settings, metrics)
         else:
             supervisor.servers = Servers(build_engines(settings, listeners, supervisor.control, metrics))
             await start_engines(supervisor.servers)
@@ -156,9 +170,15 @@ async def _serve(settings: ServeSettings, inherited: Inherited, listeners, prede
     handed_over = False
     if predecessor is not None:
         adopts = supervisor.adoption is not None or settings.workers > 1  # workers each open their own
-        handed_over = await predecessor.report_ready_and_wait_until_main(adopts)
+        handed_over = await predecessor.report_ready_and_wait_until_main(adopts, rolling, supervisor.counts)
+        if predecessor.rejected:
+            log.error("the previous generation keeps serving: %s; stopping", predecessor.rejected)
+            supervisor.dispatch(g.StopRequested("rejected by the canary"))
+            await supervisor.finished.wait()
+            return 1
         if not handed_over:
             log.warning("the previous generation went away before handing over; serving as main")
+    agreed = handed_over and predecessor.rollout_agreed  # the old main retires its workers one by one
     if not await supervisor.become_main(handed_over):
         if predecessor is not None:
             predecessor.close()  # stopped while waiting
@@ -168,9 +188,62 @@ async def _serve(settings: ServeSettings, inherited: Inherited, listeners, prede
     if supervisor.fd_store is not None:
         supervisor.fd_store.start()
     if handed_over:
-        predecessor.confirm_serving()  # now the old main may report the reload done
+        predecessor.confirm_serving(keep_open=agreed)  # now the old main may report the reload done
+    rolling_out = None
+    if rolling:  # beside the supervisor: a stop ends the generation whatever the rollout is waiting for
+        rolling_out = asyncio.ensure_future(rollout(supervisor, predecessor if agreed else None, settings, listeners,
+                                                    inherited, metrics))
     await supervisor.finished.wait()
+    if rolling_out is not None:
+        rolling_out.cancel()
     return 0
+
+
+async def rollout(supervisor: Supervisor, predecessor: PredecessorLink | None, settings: ServeSettings, listeners,
+                  inherited: Inherited, metrics: Metrics | None) -> None:
+    """Our first worker serves: start the others one by one as the old main retires its own (`predecessor`,
+    whose channel stays open for it), or one after the other if it does not take part (an older version, or
+    gone: None). Runs until every worker serves."""
+    from graceful_http.rolling import LineChannel, RolloutDriver
+    from graceful_http.workers import RestartBackoff
+
+    supervisor.machine.rolling_out = True
+    pool = supervisor.servers[0]
+    pool.fork_now = functools.partial(fork_later_worker, settings, listeners, inherited, metrics, supervisor,
+                                      predecessor)
+    driver = RolloutDriver(supervisor.servers[0], LineChannel(predecessor.sock) if predecessor else None,
+                           RestartBackoff())
+    try:
+        await driver.run()
+    finally:
+        supervisor.machine.rolling_out = False
+        if not settings.preload:
+            pool.fork_now = None  # a worker replaced later is exec'd, as in any generation
+
+
+def preload_app(settings: ServeSettings) -> None:
+    """--preload: import the app here, before the workers are forked; StartError if it cannot be."""
+    from graceful_http.apploader import AppLoadError, load_asgi3
+
+    try:
+        load_asgi3(settings.app, settings.app_dir, factory=settings.factory, interface=settings.interface)
+    except AppLoadError as exc:
+        if exc.details:
+            log.error("%s", exc.details.rstrip())
+        raise StartError(str(exc)) from None
+    log.info("preloaded %s in the main", settings.app)
+
+
+def fork_later_worker(settings: ServeSettings, listeners, inherited: Inherited, metrics: Metrics | None,
+                      supervisor: Supervisor, predecessor: PredecessorLink | None, number: int):
+    """Fork worker `number` now, from the running main (see `latefork`)."""
+    from graceful_http.latefork import fork_running
+
+    private = [*supervisor.servers[0].channels(), *supervisor.control_server.sockets()]
+    if predecessor is not None:
+        private.append(predecessor.sock)
+    return fork_running(settings, listeners, inherited, number, metrics.shared_dir if metrics is not None else None,
+                        private)
 
 
 def _start_successor(listeners, inherited: Inherited, metrics: Metrics | None, attempt: int,

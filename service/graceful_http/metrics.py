@@ -96,6 +96,16 @@ class Metrics:
             if count:
                 self.handover.labels(worker=self._labels["worker"], result=result).inc(count)
 
+    def worker_recycled(self, reason: str) -> None:
+        """The main recycled a worker, or replaced a stuck one; `reason`: the option that made it due."""
+        if getattr(self, "_recycles", None) is None:
+            from prometheus_client import Counter
+
+            self._recycles = Counter("graceful_http_worker_recycles", "Workers replaced new-first, by the option"
+                                     " that made them due (worker-timeout: stuck, killed)", ["reason"],
+                                     registry=self.registry)
+        self._recycles.labels(reason=reason).inc()
+
     def became_main_after_handoff(self) -> None:
         """This generation now serves as main: the reload that started it succeeded."""
         self._succeeded += 1

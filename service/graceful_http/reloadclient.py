@@ -16,8 +16,10 @@ class ControlError(Exception):
     """Could not reach the service's control socket."""
 
 
-def request_reload(pid: int, timeout: float, on_progress: Callable[[Outcome], None]) -> Outcome:
-    """Ask process `pid` for a reload and wait for the final outcome."""
+def request_reload(pid: int, timeout: float, on_progress: Callable[[Outcome], None],
+                   canary: float | None = None) -> Outcome:
+    """Ask process `pid` for a reload (with a canary of `canary` seconds, if given) and wait for the final
+    outcome."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
     try:
@@ -29,7 +31,7 @@ def request_reload(pid: int, timeout: float, on_progress: Callable[[Outcome], No
         # Abstract socket names are first come, first served: make sure pid itself answers.
         if (holder := peer_credentials(sock)[0]) != pid:
             raise ControlError(f"the control socket of pid {pid} is held by pid {holder}, not by pid {pid}")
-        sock.sendall(b"reload\n")
+        sock.sendall(b"reload\n" if canary is None else f"reload canary={canary:g}\n".encode())
         reader = sock.makefile("r", encoding="utf-8", errors="replace")
         for line in reader:
             outcome = parse_outcome(line)

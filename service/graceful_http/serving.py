@@ -4,6 +4,7 @@ why it cannot start, and drain and shut down at the end."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import time
 from typing import TYPE_CHECKING, Protocol
@@ -99,7 +100,7 @@ def build_engines(settings: ServeSettings, listeners, control: ControlState, met
     engines = []
     if public:
         policy = ControlPolicy(allow=settings.control_allow, token=token, control_socket_elsewhere=bool(private))
-        stack = ControlLayer(app, control, policy, access, metrics)
+        stack = ControlLayer(app, control, policy, access, metrics, observe_all=settings.canary > 0)
         websockets = {"ws": settings.ws, "ws_max_size": settings.ws_max_size,
                       "ws_ping_interval": settings.ws_ping_interval, "ws_ping_timeout": settings.ws_ping_timeout}
         try:
@@ -126,9 +127,11 @@ async def start_engines(engines) -> None:
         raise StartError(str(exc)) from None
 
 
-def open_adoption_point(servers, main_pid: int, index: int, metrics: Metrics | None = None) -> AdoptionPoint | None:
+def open_adoption_point(servers, main_pid: int, index: int, metrics: Metrics | None = None,
+                        spare: tuple[int, ...] = ()) -> AdoptionPoint | None:
     """Where this serving process takes the previous generation's connections (see `handover`); None if it
-    can't (then the previous generation drains them itself)."""
+    can't (then the previous generation drains them itself). `spare`: indexes to take if `index`'s address is
+    still held (by the worker this one replaces while it hands its connections over)."""
     engine = next((server for server in servers if getattr(server, "adopts_connections", False)), None)
     if engine is None:
         return None
@@ -142,13 +145,17 @@ def open_adoption_point(servers, main_pid: int, index: int, metrics: Metrics | N
         if metrics is not None:
             metrics.connections(handed_over=handed_over, fell_back=fell_back)
 
-    point = AdoptionPoint(main_pid, index, adopt, reported)
-    try:
-        point.open()
-    except OSError as exc:
-        log.warning("cannot take connections from a previous generation (%s); it will close them itself", exc)
-        return None
-    return point
+    for slot in (index, *spare):
+        point = AdoptionPoint(main_pid, slot, adopt, reported)
+        try:
+            point.open()
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE and slot != (index, *spare)[-1]:
+                continue
+            log.warning("cannot take connections from a previous generation (%s); it will close them itself", exc)
+            return None
+        return point
+    return None
 
 
 def stop_accepting(servers, control: ControlState, replaced: bool, moving_to: int | None) -> None:

@@ -21,6 +21,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 WEBSOCKET_IMPLEMENTATIONS = ("auto", "websockets", "websockets-sansio", "wsproto", "none")
 LIFESPAN_MODES = ("auto", "on", "off")
 SSL_CERT_REQS = ("none", "optional", "required")
+ROLLOUT_MODES = ("worker", "generation")  # how a reload replaces a generation of workers (see `rollout`)
 DEFAULT_FORWARDED_ALLOW_IPS = ("127.0.0.1", "::1")  # the newest uvicorn's; $FORWARDED_ALLOW_IPS overrides it
 FORWARDED_ALLOW_IPS_VARIABLE = "FORWARDED_ALLOW_IPS"
 
@@ -218,7 +219,7 @@ class ServeSettings:
     root_path: str = ""
     proxy_headers: bool = True
     forwarded_allow_ips: tuple[str, ...] | None = None  # None: $FORWARDED_ALLOW_IPS, else the default
-    timeout_keep_alive: float = 5.0
+    timeout_keep_alive: float = 75.0  # above the proxies' own idle timeouts: see README "Behind a proxy"
     limit_concurrency: int | None = None
     backlog: int = 2048
     headers: tuple[tuple[str, str], ...] = ()
@@ -235,6 +236,16 @@ class ServeSettings:
     ssl_ciphers: str = "TLSv1"
     env_file: str | None = None
     idle_grace: float = 1.0
+    # worker recycling and stuck workers (with --workers 2 or more); 0: off
+    max_requests: int = 0
+    max_requests_jitter: int = 0
+    max_worker_memory: int = 0  # MiB of resident memory
+    max_worker_lifetime: float = 0.0
+    worker_timeout: float = 0.0
+    # reloads with workers
+    rollout: str = "worker"
+    canary: float = 0.0  # seconds the new generation's first worker serves beside the old ones before the handoff
+    preload: bool = False  # import the app in the main before forking the workers (gunicorn's --preload)
 
 
 @dataclass(frozen=True)
@@ -296,11 +307,21 @@ OPTIONS = {
         Option("ssl_cert_reqs", _choice(SSL_CERT_REQS)),
         Option("ssl_ciphers", _text),
         Option("env_file", _text),
+        Option("max_requests", lambda v, o: parse_count(v, o, what="requests (0: off)", minimum=0)),
+        Option("max_requests_jitter", lambda v, o: parse_count(v, o, what="requests", minimum=0)),
+        Option("max_worker_memory", lambda v, o: parse_count(v, o, what="MiB (0: off)", minimum=0)),
+        Option("max_worker_lifetime", lambda v, o: parse_seconds(v, o)),
+        Option("worker_timeout", lambda v, o: parse_seconds(v, o)),
+        # reloads with workers
+        Option("rollout", _choice(ROLLOUT_MODES)),
+        Option("canary", lambda v, o: parse_seconds(v, o, minimum=0.0)),
+        Option("preload", _boolean),
     )
 }
 
 
-COUNTS = ("workers", "ws_max_size", "limit_concurrency", "backlog", "h11_max_incomplete_event_size")
+COUNTS = ("workers", "ws_max_size", "limit_concurrency", "backlog", "h11_max_incomplete_event_size",
+          "max_requests", "max_requests_jitter", "max_worker_memory")
 
 
 def build_settings(*layers: Mapping[str, object]) -> ServeSettings:

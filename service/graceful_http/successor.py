@@ -15,7 +15,7 @@ from graceful_http import generation as g
 from graceful_http.handoff import CONFIRM_TIMEOUT, SuccessorLink
 from graceful_http.inherited import Inherited
 from graceful_http.spawn import spawn_successor, wait_exit
-from graceful_http.wire import ADOPTS, FAILED, READY
+from graceful_http.wire import ADOPTS, FAILED, READY, ROLLOUT
 
 log = logging.getLogger("graceful_http")
 
@@ -29,6 +29,7 @@ class Successor:
         self.link = link
         self.pidfd = os.pidfd_open(pid)
         self.adopts = False  # it said it takes over our keep-alive connections (`ready adopts`)
+        self.rolls = False  # it started one worker and wants ours retired one by one (`ready adopts rollout`)
 
     @classmethod
     def start(cls, attempt: int, generation: int, listeners: Sequence, inherited: Inherited,
@@ -55,6 +56,7 @@ class Successor:
                 word, detail = message.result()
                 if word == READY:
                     self.adopts = ADOPTS in detail.split()
+                    self.rolls = ROLLOUT in detail.split()
                     return g.ChildReady(self.attempt, self.pid)
                 if word == FAILED:
                     return g.ChildFailed(self.attempt, detail or gone)
@@ -67,9 +69,10 @@ class Successor:
     def alive(self) -> bool:
         return not select.select([self.pidfd], [], [], 0)[0]
 
-    def tell_main(self) -> None:
-        """systemd knows it as the main process now: it may talk to systemd."""
-        self.link.tell_main()
+    def tell_main(self, rollout: bool = False) -> None:
+        """systemd knows it as the main process now: it may talk to systemd (`rollout`: we retire our
+        workers one by one as it asks)."""
+        self.link.tell_main(rollout)
 
     async def until_serving(self) -> bool:
         """True once it confirms it serves as main (or says nothing but lives on); False if it exited."""

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from graceful_http import generation as g
+from graceful_http import rollout as r
 from graceful_http.control import ControlState
 from graceful_http.pidfd import inode_id
 from graceful_http.serving import Servers, connect_successor, drain_and_shut_down, stop_accepting
@@ -56,6 +57,9 @@ class Supervisor:
         self.adoption = None  # handover.AdoptionPoint: where we take the previous generation's connections
         self._moving_to: int | None = None  # the successor our connections move to, once handed over
         self.fd_store = None  # fdstore_systemd.ConnectionStore: idle connections kept in systemd's fd store
+        self.canary = 0.0  # seconds of canary before a handoff (see `canary`): the setting...
+        self._canary_asked: float | None = None  # ...or what `graceful-http reload --canary` asked for
+        self._canary_now = 0.0  # this reload's, until judged
 
     async def become_main(self, handed_over: bool) -> bool:
         """Serving, and main now (made main by a predecessor, or the first): False if stopped meanwhile."""
@@ -98,9 +102,20 @@ class Supervisor:
             return replies[0]
         return g.Outcome("started", f"reload started: generation {self.machine.state.generation + 1}")
 
-    def start_reload(self, source: str, on_outcome) -> None:
-        """For `graceful-http reload`: start a reload; `on_outcome` hears progress and the end."""
-        self.dispatch(g.ReloadRequested(source, requester=on_outcome))
+    def start_reload(self, source: str, on_outcome, canary: float | None = None) -> None:
+        """For `graceful-http reload`: start a reload (with a canary of `canary` seconds, if given);
+        `on_outcome` hears progress and the end."""
+        self._canary_asked = canary
+        try:
+            self.dispatch(g.ReloadRequested(source, requester=on_outcome))
+        finally:
+            self._canary_asked = None
+
+    def counts(self) -> tuple[int, int]:
+        """(requests answered, of which failed: 5xx or the app raised), for a canary."""
+        server = self.servers[0] if self.servers else None
+        failed = server.failed if hasattr(server, "failed") else self.control.failed
+        return self.servers.total_requests, failed
 
     def _do_Log(self, action: g.Log) -> None:
         log.log(logging.getLevelName(action.level.upper()), "%s", action.message)
@@ -112,6 +127,7 @@ class Supervisor:
         action.requester(action.outcome)
 
     def _do_SpawnSuccessor(self, action: g.SpawnSuccessor) -> None:
+        self._canary_now = self.canary if self._canary_asked is None else self._canary_asked
         try:
             self.successor = self.ports.start_successor(action.attempt, action.generation)
         except OSError as exc:
@@ -132,6 +148,9 @@ class Supervisor:
             kill_group(action.pid)
 
     def _do_HandOver(self, action: g.HandOver) -> None:
+        if self._canary_now > 0 and self.successor is not None:
+            self._run("successor", self._canary_then_hand_over(self.successor, action, self._canary_now))
+            return
         notifier = self.ports.notifier
         self.status.stop()  # no WATCHDOG=1/STATUS= from us once systemd may take the successor as main
         if self.fd_store is not None:  # the successor stores our connections under its names once it has them
@@ -144,7 +163,7 @@ class Supervisor:
         if self.successor is None or not self.successor.alive():
             self._hand_over_failed(action)
             return
-        self.successor.tell_main()
+        self.successor.tell_main(rollout=self._rolls(self.successor))
         self._run("successor", self._until_serving(self.successor, action))
 
     def _do_StartDraining(self, action: g.StartDraining) -> None:
@@ -171,6 +190,8 @@ class Supervisor:
         if not await successor.until_serving():
             self._hand_over_failed(action)
             return
+        if self._rolls(successor) and not await self._retire_workers(successor, action):
+            return
         if self.ports.pid_file:
             self.ports.pid_file.write(action.pid)  # systemd re-reads it when ExecReload exits
         if successor.adopts:  # it takes our keep-alive connections over as they become idle
@@ -180,6 +201,58 @@ class Supervisor:
                      " they drain here", action.generation, action.pid)
         self._forget_successor()
         self.dispatch(g.HandedOver(action.attempt))
+
+    async def _canary_then_hand_over(self, successor: Successor, action: g.HandOver, seconds: float) -> None:
+        """Let its first worker serve beside ours for `seconds`, compare the failure rates (see `canary`), and
+        hand over, or stop it and fail the reload with the figures."""
+        from graceful_http.canary import judge
+        from graceful_http.spawn import wait_exit
+
+        log.info("canary: generation %d (pid %d) serves beside us for %gs", action.generation, action.pid, seconds)
+        self.status.send(STATUS=f"reloading: canary, generation {action.generation} serves beside us for {seconds:g}s")
+        successor.link.start_canary()
+        before = self.counts()
+        theirs = await successor.link.counts_during(seconds)
+        after = self.counts()
+        if self.machine.phase is not g.Phase.HANDING_OVER:  # stopped meanwhile
+            return
+        if theirs is None:
+            self.dispatch(g.HandOverFailed(action.attempt, f"new generation (pid {action.pid}) exited during the"
+                                                           " canary"))
+            return
+        verdict = judge(theirs[1], theirs[0], after[1] - before[1], after[0] - before[0], seconds)
+        self._canary_now = 0.0
+        if verdict.promote:
+            log.info("%s: promoting generation %d", verdict.text, action.generation)
+            self._do_HandOver(action)
+            return
+        # Stopped, not killed: it finishes what its worker is answering, then exits.
+        successor.link.reject(verdict.text)
+        await wait_exit(successor.pidfd, self.graceful_timeout + 5)
+        self.dispatch(g.HandOverFailed(action.attempt, verdict.text))
+
+    def _rolls(self, successor: Successor) -> bool:
+        """A worker-by-worker rollout: the successor asked for one, and we have workers to retire."""
+        return successor.rolls and bool(self.servers) and hasattr(self.servers[0], "retire")
+
+    async def _retire_workers(self, successor: Successor, action: g.HandOver) -> bool:
+        """Retire our workers one by one as the successor's become ready (see `rollout`). True once it has
+        them all; False if it died first: then we are main again, with all our workers back."""
+        from graceful_http.rolling import LineChannel, RetirementDriver
+
+        pool = self.servers[0]
+        channel = LineChannel(successor.link.mine, successor.link.buffered())
+        outcome = await RetirementDriver(pool, channel, action.pid).run()
+        if not isinstance(outcome, r.Restore):
+            return True
+        if self.machine.phase is not g.Phase.HANDING_OVER:  # stopping meanwhile
+            return False
+        if self.ports.notifier.enabled:
+            self.ports.wait_until_reaped(action.pid)  # then systemd has read PIDFile= (us) again
+        self.dispatch(g.HandOverFailed(action.attempt, outcome.reason))
+        self.status.start()
+        await pool.restore()
+        return False
 
     def _hand_over_failed(self, action: g.HandOver) -> None:
         if self.ports.notifier.enabled:
@@ -219,5 +292,8 @@ class Supervisor:
     def _serving_status(self) -> str | None:
         if self.machine.phase is not g.Phase.SERVING:
             return None
-        return self.machine.serving_status(self.servers.in_flight(), self.servers.total_requests,
-                                           self.servers.adopted)
+        status = self.machine.serving_status(self.servers.in_flight(), self.servers.total_requests,
+                                             self.servers.adopted)
+        notes = [note for server in self.servers if (upkeep := getattr(server, "upkeep", None))
+                 and (note := upkeep.status_note())]  # worker recycling
+        return " · ".join([status, *notes])

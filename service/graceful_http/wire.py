@@ -5,11 +5,16 @@ Three channels, one framing: a line is a word and an optional detail,
 
 - handoff channel, a new generation → the main it replaces: `ready` (`ready adopts`
   if it takes over the old generation's connections), `failed <reason>`; back: `main`
-  (systemd has been told), then → `serving`.
+  (systemd has been told), then → `serving`. A worker-by-worker rollout (see `rollout`): `ready adopts
+  rollout`, `main rollout` if the old main agrees; then, after `serving`, → `retire <k>` (new worker k is
+  ready), back: `retired <pid> <old workers left>` once that old worker exited; → `rolled` at the end.
+  A canary (see `canary`): after `ready`, back: `canary`; then → `counts <requests> <failed>` a few times a
+  second until `main`, or `rejected <why>` (then the new generation drains and exits).
 - worker channel, a worker → its main: `ready`, `failed <reason>`,
-  `stats <in flight> <total> <adopted>`, `reload <source>`,
+  `stats <in flight> <total> <adopted> <failed>`, `reload <source>`,
   `drained <answered> <cut> <handed over> <fell back>`; back: `outcome <code> <pid> <detail>`,
-  `drain <pid>` (hand the connections over to that generation's main, and drain).
+  `drain <pid>` (hand the connections over to that generation's main, and drain), `ping` (answered with
+  `pong` by the worker's event loop: it runs).
 - control socket, `graceful-http reload` → a main: `reload`; back: lines
   `<code> <pid> <detail>`, `started` ones, then one of FINAL_CODES.
 
@@ -27,7 +32,10 @@ from dataclasses import dataclass
 READY, FAILED, MAIN, SERVING = "ready", "failed", "main", "serving"
 STATS, RELOAD, DRAINED, OUTCOME = "stats", "reload", "drained", "outcome"
 ADOPTS = "adopts"  # after `ready`: the new generation takes over the old one's keep-alive connections
+ROLLOUT, RETIRE, RETIRED, ROLLED = "rollout", "retire", "retired", "rolled"  # worker-by-worker handoff
+CANARY, COUNTS, REJECTED = "canary", "counts", "rejected"  # the old main judges the new generation's first worker
 DRAIN = "drain"  # main → worker: hand your connections over to the generation whose main is <pid>, and drain
+PING, PONG = "ping", "pong"  # main → worker, and its event loop's answer (see `heartbeat`)
 FINAL_CODES = ("done", "failed", "refused")
 
 

@@ -10,6 +10,7 @@ import signal
 
 from graceful_http import __version__, logs
 from graceful_http.control import ControlState
+from graceful_http.heartbeat import enable_stack_dumps
 from graceful_http.inherited import Inherited
 from graceful_http.listeners import ListenerError, acquire
 from graceful_http.listenfds import ListenFdsError
@@ -28,6 +29,7 @@ from graceful_http.serving import (
 from graceful_http.settings import ServeSettings
 from graceful_http.websocket_drain import GOING_AWAY, SERVICE_RESTART
 from graceful_http.wire import DRAINED, READY, STATS
+from graceful_http.worker_upkeep import spare_adoption_indexes
 from graceful_http.workers import MainLink
 
 log = logging.getLogger("graceful_http")
@@ -49,6 +51,9 @@ async def run_worker(settings: ServeSettings, link: MainLink, inherited: Inherit
         loop.add_signal_handler(signum, stopping.set)
     loop.add_signal_handler(signal.SIGUSR2, replaced)
     control = ControlState(request_reload=link.request_reload)
+    link.failures = lambda: control.failed
+    if settings.canary > 0:
+        link.stats_interval = 0.25  # a canary of a few seconds compares these counts
     try:
         if link.main_version != __version__:
             raise StartError(f"graceful-http {__version__} is installed but this generation runs {link.main_version}:"
@@ -62,7 +67,10 @@ async def run_worker(settings: ServeSettings, link: MainLink, inherited: Inherit
         await start_engines(engines)
     except (ListenerError, ListenFdsError, StartError) as exc:
         return report_start_failure(str(exc), link)
-    adoption = open_adoption_point(engines, os.getppid(), link.index, metrics)  # our main is our parent
+    adoption = open_adoption_point(engines, os.getppid(), link.index, metrics,  # our main is our parent
+                                   spare=spare_adoption_indexes(settings.workers))
+    if settings.worker_timeout:
+        enable_stack_dumps()
 
     def handing_over() -> None:  # ...or a new generation took over that adopts our connections (`drain <pid>`)
         nonlocal websocket_code
@@ -84,7 +92,7 @@ async def run_worker(settings: ServeSettings, link: MainLink, inherited: Inherit
         engines, settings.graceful_timeout, websocket_code, movers=movers, adoption=adoption,
         moving=moving_to is not None)
     stats.cancel()
-    link.send(STATS, f"0 {engines.total_requests} {engines.adopted}")
+    link.send(STATS, f"0 {engines.total_requests} {engines.adopted} {control.failed}")
     link.send(DRAINED, f"{served} {cut} {handed_over} {fell_back}")
     await link.writer.drain()
     return 0

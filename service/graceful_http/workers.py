@@ -36,6 +36,8 @@ from graceful_http.wire import (
     DRAINED,
     FAILED,
     OUTCOME,
+    PING,
+    PONG,
     READY,
     RELOAD,
     STATS,
@@ -95,7 +97,10 @@ class Worker:
         self.in_flight = 0
         self.total = 0
         self.adopted = 0  # connections it took over from the previous generation
+        self.failed = 0  # requests answered 5xx or whose app raised, if it counts them (a canary)
         self.drained = (0, 0, 0, 0)  # (answered while draining, cut, handed over, fell back), as it reports them
+        self.answered_at = self.started_at  # when its event loop last answered a ping (`heartbeat`)
+        self.retiring = False  # being recycled or replaced as stuck: not replaced again when it exits
 
 
 class WorkerPool:
@@ -117,6 +122,11 @@ class WorkerPool:
         self._adopted_by_dead = 0
         self.handed_over = 0  # connections the workers handed over while draining
         self.fell_back = 0
+        self.upkeep = None  # recycling and stuck workers (`worker_upkeep`), if enabled
+        self.retiring: set[int] = set()  # pids of workers a rollout retired: not to be replaced
+        self.retired: list[Worker] = []
+        self.fork_now = None  # (number) -> (pid, channel): fork a worker from the running main (see `latefork`)
+        self._failed_by_dead = 0
 
     def describe(self) -> str:
         return f"{self.count} worker processes"
@@ -152,7 +162,7 @@ class WorkerPool:
         reader, writer = await asyncio.open_unix_connection(sock=channel)
         worker = Worker(index, pid, reader, writer)
         self.workers[pid] = worker
-        self._track(asyncio.create_task(self._listen(worker)))
+        self._track(asyncio.create_task(self._listen_until_reset(worker)))
         self._track(asyncio.create_task(self._wait_exit(worker)))
         log.info("worker %d started as pid %d", index + 1, pid)
         return worker
@@ -160,6 +170,12 @@ class WorkerPool:
     def _track(self, task: asyncio.Task) -> None:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    async def _listen_until_reset(self, worker: Worker) -> None:
+        try:
+            await self._listen(worker)
+        except ConnectionError:  # it was killed with our lines unread (a stuck worker): its exit says the rest
+            pass
 
     async def _listen(self, worker: Worker) -> None:
         while line := await worker.reader.readline():
@@ -171,11 +187,15 @@ class WorkerPool:
             elif word == STATS:
                 numbers = [int(n) for n in detail.split()] + [0]
                 worker.in_flight, worker.total, worker.adopted = numbers[:3]
+                if len(numbers) > 4:  # the padding aside: it counts failures
+                    worker.failed = numbers[3]
             elif word == DRAINED:
                 worker.drained = tuple(([int(n) for n in detail.split()] + [0, 0, 0, 0])[:4])
             elif word == RELOAD:
                 outcome = self.request_reload(f"{detail} (via worker {worker.index + 1})")
                 worker.writer.write(encode(OUTCOME, outcome_text(outcome)))
+            elif word == PONG:
+                worker.answered_at = time.monotonic()
 
     async def _wait_exit(self, worker: Worker) -> None:
         pidfd = os.pidfd_open(worker.pid)
@@ -187,6 +207,7 @@ class WorkerPool:
         del self.workers[worker.pid]
         self._total_of_dead += worker.total
         self._adopted_by_dead += worker.adopted
+        self._failed_by_dead += worker.failed
         if self.metrics is not None:
             self.metrics.process_exited(worker.pid)
         worker.writer.close()
@@ -195,13 +216,16 @@ class WorkerPool:
             worker.ready.set_exception(WorkerStartFailed(f"worker {worker.index + 1} (pid {worker.pid}) {how}"
                                                          " before it was ready"))
         worker.exited.set_result(status)
-        if self.accepting and worker.ready.done() and not worker.ready.exception():
+        if self.upkeep is not None:
+            self.upkeep.exited(worker)
+        if (self.accepting and not worker.retiring and worker.pid not in self.retiring and worker.ready.done()
+                and not worker.ready.exception()):
             delay = self.backoff[worker.index].next_delay(time.monotonic() - worker.started_at)
             self.replaced += 1
             log.warning("worker %d (pid %d) %s; replacing it in %gs", worker.index + 1, worker.pid, how, delay)
             await asyncio.sleep(delay)
             if self.accepting:
-                replacement = await self._spawn(worker.index)
+                replacement = await self._replace(worker.index)
                 try:
                     await replacement.ready
                 except WorkerStartFailed as exc:
@@ -243,15 +267,80 @@ class WorkerPool:
         """Wait for the workers to finish draining; kill any still running at the deadline (+5 s grace).
         (Each worker closes its WebSockets: the signal in `stop_accepting` told it which code.)"""
         draining = list(self.workers.values())
+        counted = draining + self.retired
         pending = [w.exited for w in draining]
         if pending:
             _, late = await asyncio.wait(pending, timeout=max(0.0, deadline - time.monotonic()) + 5)
             if late:
                 self.terminate(signal.SIGKILL)
                 await asyncio.wait(late, timeout=5)
-        self.handed_over = sum(w.drained[2] for w in draining)
-        self.fell_back = sum(w.drained[3] for w in draining)
-        return sum(w.drained[0] for w in draining), sum(w.drained[1] for w in draining)
+        self.handed_over = sum(w.drained[2] for w in counted)
+        self.fell_back = sum(w.drained[3] for w in counted)
+        return sum(w.drained[0] for w in counted), sum(w.drained[1] for w in counted)
+
+    # -- a worker-by-worker rollout (see `rollout`, `rolling`)
+
+    async def start_first(self, forked: list[tuple[int, socket.socket]]) -> None:
+        """Take over the workers forked before the event loop started and wait until they are ready; the rest
+        start one by one as the rollout goes on (`start_worker`)."""
+        for index, (pid, channel) in enumerate(forked):
+            await self._adopt(index, pid, channel)
+        for worker in list(self.workers.values()):
+            try:
+                await worker.ready
+            except WorkerStartFailed:
+                self.accepting = False
+                self.terminate(signal.SIGKILL)
+                raise
+
+    async def start_worker(self, number: int) -> None:
+        """Start worker `number` (from 1) and wait until it is ready; WorkerStartFailed if it cannot start."""
+        if self.fork_now is not None:
+            worker = await self._adopt(number - 1, *self.fork_now(number))
+        else:
+            worker = await self._spawn(number - 1)
+        await worker.ready
+
+    async def _replace(self, index: int) -> Worker:
+        """A new process for worker `index`: forked from the running main if it can (`fork_now`), else exec'd."""
+        if self.fork_now is not None:
+            return await self._adopt(index, *self.fork_now(index + 1))
+        return await self._spawn(index)
+
+    def channels(self) -> list:
+        """The main's ends of the workers' channels (a worker forked later must not keep them)."""
+        return [w.writer.get_extra_info("socket") for w in self.workers.values()]
+
+    @property
+    def failed(self) -> int:
+        """Requests its workers answered 5xx or whose app raised (counted only with a canary configured)."""
+        return self._failed_by_dead + sum(w.failed for w in self.workers.values())
+
+    def serving_workers(self) -> dict[int, int]:
+        """pid -> requests in flight, of the ready workers not retiring."""
+        return {pid: w.in_flight for pid, w in self.workers.items()
+                if pid not in self.retiring and w.ready.done() and not w.ready.exception()}
+
+    def retire(self, pid: int, moving_to: int) -> asyncio.Future:
+        """Have one worker stop accepting and drain, handing its connections over to the generation whose main
+        is `moving_to`; it is not replaced. Returns the future of its exit."""
+        worker = self.workers[pid]
+        self.retiring.add(pid)
+        self.retired.append(worker)
+        worker.writer.write(encode(DRAIN, str(moving_to)))
+        return worker.exited
+
+    async def restore(self) -> None:
+        """Start again the workers a rollout retired (the new generation died): back to `count` serving."""
+        present = {w.index for pid, w in self.workers.items() if pid not in self.retiring}
+        missing = [index for index in range(self.count) if index not in present]
+        self.retired = []
+        starting = [await self._spawn(index) for index in missing]
+        for worker in starting:
+            try:
+                await worker.ready
+            except WorkerStartFailed as exc:
+                log.error("restoring a worker failed: %s", exc)
 
     async def shutdown_app(self) -> None:
         """Each worker ran its own lifespan shutdown."""
@@ -277,6 +366,8 @@ class MainLink:
         self.writer = None
         self._replies: asyncio.Queue | None = None
         self.on_drain = None  # called when the main says `drain <pid>`
+        self.failures = None  # () -> requests failed so far, reported with the stats if set
+        self.stats_interval = STATS_INTERVAL
         self.moving_to: int | None = None  # that pid: the new generation's main, which adopts our connections
 
     @classmethod
@@ -294,7 +385,9 @@ class MainLink:
     async def _read_replies(self) -> None:
         while line := await self.reader.readline():
             word, detail = decode(line)
-            if word == OUTCOME:
+            if word == PING:
+                self.send(PONG)
+            elif word == OUTCOME:
                 await self._replies.put(parse_outcome(detail))
             elif word == DRAIN:
                 self.moving_to = int(detail) if detail.isdigit() else None
@@ -319,5 +412,6 @@ class MainLink:
 
     async def report_stats(self, engine) -> None:
         while True:
-            self.send(STATS, f"{engine.in_flight()} {engine.total_requests} {getattr(engine, 'adopted', 0)}")
-            await asyncio.sleep(STATS_INTERVAL)
+            failed = f" {self.failures()}" if self.failures is not None else ""
+            self.send(STATS, f"{engine.in_flight()} {engine.total_requests} {getattr(engine, 'adopted', 0)}{failed}")
+            await asyncio.sleep(self.stats_interval)

@@ -230,6 +230,12 @@ class ServeProcess:
         """A one-off `graceful_http ARGS` with this server's interpreter and directory (not marked as part of it)."""
         return run_cli(self.python, *args, cwd=self.directory, timeout=timeout)
 
+    def run_background(self, *args: str) -> subprocess.Popen:
+        """`graceful_http ARGS` as `run` does, without waiting for it (text stdout and stderr piped)."""
+        return subprocess.Popen(cli_command(self.python, *args), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=clean_environ(), cwd=self.directory,
+                                start_new_session=True)
+
     def reload_cli(self, timeout: float = 60) -> subprocess.CompletedProcess:
         return self.run("reload", "--pid-file", str(self.pid_file), "--timeout", "30", timeout=timeout)
 
