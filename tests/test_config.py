@@ -111,6 +111,16 @@ def test_every_serve_flag_has_a_config_key():
     assert set(EVERY_OPTION) == set(settings.OPTIONS), "this test must cover every option"
 
 
+@pytest.mark.parametrize("command", ["serve", "check", "reload"])
+def test_every_commands_help_renders(command):
+    """argparse formats each help text with %: a stray "%" in one breaks `--help` and the man page."""
+    parser = cli.build_parser()._subparsers._group_actions[0].choices[command]
+    text = parser.format_help()
+    for action in parser._actions:
+        for flag in action.option_strings:
+            assert flag in text, flag
+
+
 @pytest.mark.parametrize("key", list(EVERY_OPTION))
 def test_every_option_is_settable_in_the_file_and_the_flag_overrides_it(key, tmp_path):
     toml, from_file, flag, from_flag = EVERY_OPTION[key]

@@ -80,6 +80,11 @@ def test_reloads_under_load_follow_main_pid(engine, workers):
                     status, body = service.control_post()
                     assert status == 202, body
                     wait_until(lambda: service.main_pid() not in pids, timeout=30, what="MainPID to change")
+                    # The control socket answers at once; with workers the new generation then rolls out one
+                    # worker at a time, refusing reloads until it has all of them (`systemctl reload` waits).
+                    wait_until(lambda: len(serving(service.main_pid())) == workers
+                               and not set(service.cgroup_pids()) - {service.main_pid()} - serving(service.main_pid()),
+                               timeout=60, what="the rollout to end and the old generation to leave")
                 new = service.main_pid()
                 assert new not in pids
                 pids.append(new)

@@ -97,7 +97,8 @@ def _serve_help() -> dict[str, tuple[str | None, str]]:
                            " (at most N+1 workers at once) or starts the whole new generation beside the old one"
                            " (default: worker)"),
         "canary": ("S", "at a reload, the new generation's first worker serves beside the old workers for S seconds;"
-                        " if its error rate is worse (5xx and failed requests; a one-sided test at 1 %), the reload"
+                        " if its error rate is worse (5xx and failed requests; a one-sided test at the 0.01"
+                        " level), the reload"
                         " fails and the old generation serves on (default: 0, off)"),
         "preload": (None, "with --workers: import the app in the generation's main before forking the workers, which"
                           " share it copy-on-write; a replacement worker is forked from the main too, with the"
