@@ -90,6 +90,11 @@ def test_decision_read_from_each_engine(engine):
     """Real connections in each state, judged from the engine's own protocol objects; only the idle
     ones are detached."""
     verdicts = run_scenario("states", engine)
+    # Answered before the request body ended: h11 keeps parsing the body, so the connection waits for it,
+    # then moves. With httptools uvicorn stops following the body once the response is complete, so
+    # nothing tells where the next request begins: the connection never moves (it drains where it is).
+    early = {"before": ["never", "kept"], "after": ["never"]} if "httptools" in engine else \
+        {"before": ["wait", "kept"], "after": ["move"]}
     assert verdicts == {
         "idle": ["move", "detached"],
         "fresh": ["move", "detached"],
@@ -98,8 +103,8 @@ def test_decision_read_from_each_engine(engine):
         "pipelined behind a slow request": ["wait", "kept"],
         "pipelined, both answered": ["move"],
         "response under way": ["wait", "kept"],
-        "answered before its body was read": ["wait", "kept"],
-        "answered, then its body read": ["move"],
+        "answered before its body was read": early["before"],
+        "answered, then its body read": early["after"],
         "Connection: close asked": ["never", "kept"],
         "HTTP/1.0, answered": ["never", "kept"],
         "WebSocket": ["never", "kept"],

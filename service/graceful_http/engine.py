@@ -8,6 +8,7 @@ names both have (`Config.load`, `Server.startup(sockets=…)`, `servers`,
 from __future__ import annotations
 
 import asyncio
+import copy
 import inspect
 import logging
 import os
@@ -62,6 +63,25 @@ def _protocol_base(http: str = "auto"):
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     return H11Protocol
+
+
+def parser_refuses_double_framing(protocol: str = "auto") -> bool:
+    """Does the HTTP parser an engine uses refuse a request framed by both Content-Length and
+    Transfer-Encoding (request smuggling's tool) by itself? httptools (llhttp) does, h11 does not: the
+    control layer checks each request only when the parser does not."""
+    if _protocol_base(protocol).__name__ != "HttpToolsProtocol":
+        return False
+    import httptools
+
+    class _Ignore:
+        pass
+
+    try:
+        httptools.HttpRequestParser(_Ignore()).feed_data(
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
+    except httptools.HttpParserError:
+        return True
+    return False
 
 
 class EngineSettingError(Exception):
@@ -139,14 +159,14 @@ class _ClientOfAnAllTrustedChain:
     def __init__(self, app):
         self.app = app
 
-    async def __call__(self, scope, receive, send):
+    def __call__(self, scope, receive, send):  # returns the app's awaitable: no coroutine layer of its own
         client = scope.get("client")
         if client is not None and client[0] is None:
             for name, value in scope.get("headers", ()):
                 if name == b"x-forwarded-for":
                     scope = {**scope, "client": (value.decode("latin-1").split(",")[0].strip(), 0)}
                     break
-        return await self.app(scope, receive, send)
+        return self.app(scope, receive, send)
 
 
 def _trusts_networks() -> bool:
@@ -180,18 +200,29 @@ def head_too_large(limit: int) -> bytes:
 
 
 def tracked_protocol(base):
-    """uvicorn's protocol, plus: when it last received bytes (to judge idleness), limits on request heads,
-    and what deciding whether the connection may move to another process needs (`handover_state`)."""
+    """uvicorn's protocol, plus: limits on request heads, what deciding whether the connection may move to
+    another process needs (`handover_state`), and, once its engine drains (`begin_draining`), when it last
+    received bytes (to judge idleness) and a wake-up of the drain at each response.
+
+    The steady state costs one short method per chunk received: the head's time limit is enforced by the
+    engine's once-a-second sweep (`sweep_heads`), not by a timer per request, and nothing else runs per
+    request unless the engine drains.
+    """
     parser_tracking = _HttpToolsMessages if base.__name__ == "HttpToolsProtocol" else _H11Messages
+    base_data_received = base.data_received
+    base_on_response_complete = base.on_response_complete
 
     class Tracked(parser_tracking, base):
-        last_data_at = 0.0
-        request_started_at = 0.0
+        last_data_at = 0.0  # while draining only: when the last bytes arrived
+        request_started_at = 0.0  # when the request in progress began (the sweep's or the drain's estimate)
         adopted = False  # set by Engine.adopt before connection_made: it arrived idle from another process
         lame_duck = False  # set by a draining engine that can't hand it over: each response closes it
-        _head_timer = None
-        _head_bytes = 0
+        draining = False  # set by `begin_draining`
         max_head_bytes = MAX_HEAD_BYTES
+        _head_bytes = 0  # bytes of the request head being received (counted only while it is incomplete)
+        _head_counted_after = None  # the cycle after which `_head_bytes` counts (a new wait starts at 0)
+        _head_wait = None  # (cycle, since): the sweep saw this connection waiting for a head since then
+        _started_cycle = None  # the cycle whose start `request_started_at` is
 
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
@@ -205,65 +236,88 @@ def tracked_protocol(base):
 
         def connection_made(self, transport):
             super().connection_made(transport)
-            self._await_head()
             if self.adopted:  # idle between two requests, as after a response: uvicorn's keep-alive timer runs
-                self._head_received()
                 self._unset_keepalive_if_required()
                 self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive,
                                                                     self.timeout_keep_alive_handler)
+            if self.lame_duck:
+                self.begin_draining()
 
         def data_received(self, data):
-            self.last_data_at = time.monotonic()
-            before = getattr(self, "cycle", None)
-            super().data_received(data)
-            cycle = getattr(self, "cycle", None)
-            if self.transport.get_protocol() is not self or (cycle is not None and cycle is not before):
-                self._head_received()  # a request head is complete (or the connection was upgraded)
-                self.request_started_at = self.last_data_at
-                if self.lame_duck:
-                    _close_after_response(self)
-            elif cycle is None or cycle.response_complete:  # still waiting for a head
-                self._await_head()
+            cycle = self.cycle
+            base_data_received(self, data)
+            if self.cycle is cycle or self.draining:  # no request head completed (or draining): rare
+                self._received(cycle, data)
+
+        def _received(self, before, data):
+            """After a chunk that completed no request head (part of a head or a body, an upgrade), or any
+            chunk while draining."""
+            if self.draining:
+                self.last_data_at = time.monotonic()
+            if self.cycle is not before or self.transport.get_protocol() is not self:
+                if self.draining:  # a request head is complete (or the connection was upgraded)
+                    self._note_request_start(self.last_data_at)
+                    if self.lame_duck:
+                        _close_after_response(self)
+                return
+            cycle = self.cycle
+            if cycle is None or cycle.response_complete:  # part of a request head
+                if self._head_counted_after is not cycle:
+                    self._head_counted_after = cycle
+                    self._head_bytes = 0
                 self._head_bytes += len(data)
                 if self._head_bytes > self.max_head_bytes and not self.transport.is_closing():
-                    self._head_received()
                     self.transport.write(head_too_large(self.max_head_bytes))
                     self.transport.close()
 
-        def on_response_complete(self):
-            before = getattr(self, "cycle", None)
-            super().on_response_complete()
-            self._head_received()  # idle now: uvicorn's keep-alive timer runs until the next byte
-            if self.lame_duck and getattr(self, "cycle", None) is not before:  # a pipelined request started
+        def begin_draining(self):
+            """From now on, note when bytes arrive and wake the draining engine at each response."""
+            if self.draining:
+                return
+            self.draining = True
+            self.on_response_complete = self._responded_while_draining  # what new cycles will call
+            cycle = self.cycle
+            if cycle is not None and not cycle.response_complete:
+                cycle.on_response = self._responded_while_draining
+
+        def _responded_while_draining(self):
+            before = self.cycle
+            base_on_response_complete(self)
+            if self.lame_duck and self.cycle is not before:  # a pipelined request started
                 _close_after_response(self)
             wake = getattr(self.server_state, "wake_drain", None)
             if wake is not None:  # a draining engine hands over connections as soon as they are idle
                 wake()
 
-        def connection_lost(self, exc):
-            self._head_received()
-            super().connection_lost(exc)
+        def _note_request_start(self, now):
+            cycle = self.cycle
+            if cycle is not self._started_cycle:
+                self._started_cycle = cycle
+                self.request_started_at = now
 
-        def _await_head(self):
-            if self._head_timer is None:
-                self._head_bytes = 0
-                self._head_timer = self.loop.call_later(HEAD_TIMEOUT, self._head_timed_out)
-
-        def _head_received(self):
-            self._head_bytes = 0
-            if self._head_timer is not None:
-                self._head_timer.cancel()
-                self._head_timer = None
-
-        def _head_timed_out(self):
-            self._head_timer = None
-            cycle = getattr(self, "cycle", None)
-            if (cycle is None or cycle.response_complete) and self.transport.get_protocol() is self:
+        def sweep(self, now: float) -> None:
+            """The engine's periodic look at this connection: close it if a request head has taken longer
+            than HEAD_TIMEOUT (counted from the first sweep that saw it waiting with uvicorn's keep-alive
+            timer stopped, i.e. once a byte of it arrived, or from the connection's start); note when a
+            request in progress began, for the graceful timeout's log line."""
+            cycle = self.cycle
+            if cycle is not None and not cycle.response_complete:  # busy
+                self._head_wait = None
+                self._note_request_start(now)
+                return
+            if self.timeout_keep_alive_task is not None or self.transport is None:  # idle: uvicorn's timer runs
+                self._head_wait = None
+                return
+            wait = self._head_wait
+            if wait is None or wait[0] is not cycle:
+                self._head_wait = (cycle, now)
+            elif now - wait[1] >= HEAD_TIMEOUT and self.transport.get_protocol() is self:
+                self._head_wait = None
                 self.transport.close()
 
         def handover_state(self) -> ConnectionState:
             transport = self.transport
-            cycle = getattr(self, "cycle", None)
+            cycle = self.cycle
             flow = getattr(self, "flow", None)
             return ConnectionState(
                 upgraded=transport.get_protocol() is not self,
@@ -272,12 +326,12 @@ def tracked_protocol(base):
                 keep_alive=self._keeps_alive(cycle),
                 response_complete=cycle is None or cycle.response_complete,
                 request_pending=self._request_pending() or bool(flow is not None and flow.read_paused),
+                body_unread=self._body_unread(cycle),
                 unsent_bytes=transport.get_write_buffer_size(),
             )
 
         def quiesce(self) -> None:
             """Stop every timer of this connection: it is leaving this process."""
-            self._head_received()
             self._unset_keepalive_if_required()
 
     Tracked.__name__ = f"Tracked{base.__name__}"
@@ -285,20 +339,20 @@ def tracked_protocol(base):
 
 
 class _HttpToolsMessages:
-    """httptools keeps its parser state to itself: note when a request message begins and ends."""
-
-    _in_message = False
-
-    def on_message_begin(self):
-        self._in_message = True
-        super().on_message_begin()
-
-    def on_message_complete(self):
-        self._in_message = False
-        super().on_message_complete()
+    """httptools keeps its parser state to itself: read where a request message stands from what uvicorn
+    does at its steps (a new scope at its start, a cycle at the end of its head, `more_body` cleared at
+    its end), so that no step costs an extra call."""
 
     def _request_pending(self) -> bool:
-        return self._in_message or bool(self.pipeline)
+        scope, cycle = self.scope, self.cycle
+        head_under_way = scope is not None and (cycle is None or cycle.scope is not scope)
+        body_under_way = cycle is not None and cycle.more_body and not cycle.response_complete
+        return head_under_way or body_under_way or bool(self.pipeline)
+
+    def _body_unread(self, cycle) -> bool:
+        # uvicorn stops following a request's body once its response is complete: if the app answered
+        # before the body ended, nobody can tell whether the rest of it is still to come.
+        return cycle is not None and cycle.response_complete and cycle.more_body and cycle.scope is self.scope
 
     def _keeps_alive(self, cycle) -> bool:
         return cycle is None or bool(cycle.keep_alive)
@@ -313,6 +367,9 @@ class _H11Messages:
         conn = self.conn
         return not (conn.our_state is h11.IDLE and conn.their_state is h11.IDLE) or bool(conn.trailing_data[0])
 
+    def _body_unread(self, cycle) -> bool:
+        return False  # h11 reads (and discards) what the app left unread before the next request
+
     def _keeps_alive(self, cycle) -> bool:
         import h11
 
@@ -320,6 +377,23 @@ class _H11Messages:
         conn = self.conn
         return conn.our_state not in closing and conn.their_state not in closing and (
             cycle is None or getattr(cycle, "keep_alive", True))
+
+
+def sweep_heads(connections, now: float) -> None:
+    """Enforce HEAD_TIMEOUT on every connection of ours (WebSockets are not ours: they have no `sweep`)."""
+    for connection in list(connections):
+        sweep = getattr(connection, "sweep", None)
+        if sweep is not None:
+            sweep(now)
+
+
+def begin_draining(connection, now: float) -> None:
+    """Have a connection of ours report what a drain needs (when bytes arrive, each response)."""
+    begin = getattr(connection, "begin_draining", None)
+    if begin is not None:
+        begin()
+        if _busy(connection):
+            connection._note_request_start(now)
 
 
 def connection_state(connection) -> ConnectionState:
@@ -465,9 +539,8 @@ class Engine:
         """`settings`' HTTP and TLS options apply (the app's listeners); without them, plain HTTP (the control
         socket). Raises EngineSettingError if the options cannot be used (a certificate that does not load)."""
         mode = (settings.lifespan if settings is not None else "auto") if lifespan else "off"
-        self.lifespan_guard = LifespanGuard(app) if mode != "off" else None
-        if self.lifespan_guard is not None:
-            app = self.lifespan_guard
+        if not (inspect.isfunction(app) or inspect.ismethod(app)):  # e.g. the control layer: calling its bound
+            app = app.__call__  # __call__ costs less per request than calling the instance (no slot lookup)
         try:
             config = uvicorn_config(app, mode, websockets, settings, protocol)
             ssl_context = server_context(settings) if settings is not None else None
@@ -484,7 +557,14 @@ class Engine:
         config.load()
         config.ssl = ssl_context  # what uvicorn's startup serves with
         self.server = uvicorn.Server(config)
-        self.server.lifespan = config.lifespan_class(config)
+        # The lifespan runs the app guarded, the requests run it bare: a copy of the configuration whose
+        # app is the guarded one keeps the guard's layer off every request.
+        self.lifespan_guard = LifespanGuard(config.loaded_app) if mode != "off" else None
+        lifespan_config = config
+        if self.lifespan_guard is not None:
+            lifespan_config = copy.copy(config)
+            lifespan_config.loaded_app = self.lifespan_guard
+        self.server.lifespan = config.lifespan_class(lifespan_config)
         self.sockets = sockets
         self.idle_grace = idle_grace
         self.websocket_close_spread = websocket_close_spread
@@ -497,7 +577,7 @@ class Engine:
         self._moving = False
         # One per process: the app's engine watches descriptors (the control socket's has no lifespan).
         self.descriptors = DescriptorWatch(lambda: len(self.connections)) if lifespan else None
-        self._header_ticker: asyncio.Task | None = None
+        self._ticker: asyncio.Task | None = None
 
     def describe(self) -> str:
         protocol = "httptools" if "HttpTools" in self.server.config.http_protocol_class.__name__ else "h11"
@@ -515,15 +595,17 @@ class Engine:
             raise StartupFailed(self._startup_failure())
         if self.descriptors is not None:
             self.descriptors.start()
-        self._header_ticker = asyncio.create_task(self._keep_default_headers())
+        self._ticker = asyncio.create_task(self._every_second())
 
-    async def _keep_default_headers(self) -> None:
+    async def _every_second(self) -> None:
         """What uvicorn's own main loop does every second, which an embedded uvicorn must do itself: the
-        headers of every response (Date, Server, --header) come from `server_state.default_headers`."""
+        headers of every response (Date, Server, --header) come from `server_state.default_headers`. And the
+        request heads' time limit, for every connection at once (see `Tracked.sweep`)."""
         config = self.server.config
         while True:
             date = [(b"date", formatdate(time.time(), usegmt=True).encode())] if config.date_header else []
             self.server.server_state.default_headers = date + config.encoded_headers
+            sweep_heads(self.connections, time.monotonic())
             await asyncio.sleep(1.0 - time.time() % 1.0)
 
     def _startup_failure(self) -> str:
@@ -557,6 +639,9 @@ class Engine:
         if not all(watched):  # not asyncio's selector loop (uvloop): its own close is safe
             self._close_listeners()
         self._moving = moving_to is not None
+        now = time.monotonic()
+        for connection in list(self.connections):
+            begin_draining(connection, now)
         if not self._moving:
             for connection in list(self.connections):
                 _close_after_response(connection)
@@ -614,6 +699,8 @@ class Engine:
                 elif moving:  # nobody (left) to move them to: what is here drains here
                     self.fall_back_all(nowhere)
                 now = time.monotonic()
+                for connection in list(self.connections):  # those accepted just before we stopped, adopted ones
+                    begin_draining(connection, now)
                 by_key = {id(c): c for c in self.connections}
                 upgraded = [c for c in by_key.values() if is_websocket(c)]
                 for ws in upgraded:
@@ -657,8 +744,8 @@ class Engine:
 
     async def shutdown_app(self) -> None:
         """The app's lifespan shutdown (after the last request)."""
-        if self._header_ticker is not None:
-            self._header_ticker.cancel()
+        if self._ticker is not None:
+            self._ticker.cancel()
         await self.server.lifespan.shutdown()
 
     # ---- connection handover -------------------------------------------------------------------
