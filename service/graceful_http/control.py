@@ -158,9 +158,6 @@ def framed_twice(headers) -> bool:
     return b"transfer-encoding" in names and b"content-length" in names
 
 
-CONTROL_PATHS = frozenset({"/graceful", "/healthz", "/metrics"})
-
-
 class ControlLayer:
     """The control endpoints, then the app. A request it has nothing to do for (not a control path, an
     HTTP version the app may see, no access log or metrics, not draining) costs one call that hands back
@@ -184,9 +181,12 @@ class ControlLayer:
     def __call__(self, scope, receive, send):
         if self._straight and self.state.accepting:
             try:  # (free in Python 3.11 unless raised: a lifespan scope has no path)
-                straight = scope["path"] not in CONTROL_PATHS and scope["http_version"] in HTTP_VERSIONS
+                path, version = scope["path"], scope["http_version"]
             except KeyError:
-                straight = False
+                path = version = None
+            # Compared one by one: cheaper than hashing a new string for a set, or a tuple's `in`.
+            straight = (version == "1.1" or version == "1.0") and path != "/graceful" and path != "/healthz" \
+                and path != "/metrics"
             if straight:  # a WebSocket too: the control layer has nothing to do for one without metrics
                 return self.app(scope, receive, send)
         return self._dispatch(scope, receive, send)
