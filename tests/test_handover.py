@@ -54,6 +54,7 @@ IDLE = ConnectionState()
     (ConnectionState(encrypted=True), Verdict.NEVER),
     (ConnectionState(closing=True), Verdict.NEVER),
     (ConnectionState(keep_alive=False), Verdict.NEVER),
+    (ConnectionState(body_unread=True), Verdict.NEVER),
     # What can never move is not waited for, whatever else is going on.
     (ConnectionState(keep_alive=False, response_complete=False, request_pending=True), Verdict.NEVER),
     (ConnectionState(upgraded=True, response_complete=False), Verdict.NEVER),
@@ -66,8 +67,8 @@ def test_judge(state, verdict):
 def test_every_reason_is_said():
     reasons = {judge(ConnectionState(**{field: value}))[1] for field, value in [
         ("upgraded", True), ("encrypted", True), ("closing", True), ("keep_alive", False),
-        ("response_complete", False), ("request_pending", True), ("unsent_bytes", 5)]}
-    assert len(reasons) == 7 and all(reasons)
+        ("response_complete", False), ("request_pending", True), ("unsent_bytes", 5), ("body_unread", True)]}
+    assert len(reasons) == 8 and all(reasons)
 
 
 # ---- the channel's lines, pure -------------------------------------------------------------------
