@@ -563,13 +563,18 @@ def targets(results: dict) -> list[dict]:
     steady = results.get("steady") or []
     ours = next((r for r in steady if r["server"] == "graceful-http" and r["workers"] == 1), None)
     if ours and ours["req_s_vs_uvicorn"] is not None:
-        add("steady, workers=1: req/s ≥ 0.95× plain uvicorn", f"{ours['req_s_vs_uvicorn']:.3f}×",
-            ours["req_s_vs_uvicorn"] >= 0.95)
+        add("steady, workers=1: req/s ≥ 0.98× plain uvicorn", f"{ours['req_s_vs_uvicorn']:.3f}×",
+            ours["req_s_vs_uvicorn"] >= 0.98)
         add("steady, workers=1: p99 ≤ 1.1× plain uvicorn", f"{ours['p99_vs_uvicorn']:.3f}×",
             ours["p99_vs_uvicorn"] <= 1.1)
         if ours.get("cpu_vs_uvicorn"):
-            add("steady, workers=1: server CPU per request ≤ 1/0.95 (1.053×) plain uvicorn's (the same target,"
-                " less sensitive to a busy machine)", f"{ours['cpu_vs_uvicorn']:.3f}×", ours["cpu_vs_uvicorn"] <= 1 / 0.95)
+            add("steady, workers=1: server CPU per request ≤ 1.02× plain uvicorn's (the per-request overhead; the"
+                " figure a busy machine disturbs least)", f"{ours['cpu_vs_uvicorn']:.3f}×", ours["cpu_vs_uvicorn"] <= 1.02)
+    for workers in sorted({r["workers"] for r in steady if r["workers"] > 1}):
+        row = next((r for r in steady if r["server"] == "graceful-http" and r["workers"] == workers), None)
+        if row and row["p99_vs_uvicorn"] is not None:
+            add(f"steady, workers={workers}: p99 ≤ 1.1× uvicorn --workers {workers} (balanced workers)",
+                f"{row['p99_vs_uvicorn']:.3f}× ({row['processes']} pids answering)", row["p99_vs_uvicorn"] <= 1.1)
     for row in results.get("reloads") or []:
         if not row["server"].startswith("graceful-http"):
             continue
@@ -579,8 +584,8 @@ def targets(results: dict) -> list[dict]:
             errors == 0 and row["wrk"]["failed_reloads"] + row["probe"]["failed_reloads"] == 0)
         after, steady_p99 = row["probe"]["after_reload"]["p99_ms"], row["probe"]["steady"]["p99_ms"]
         if after is not None and steady_p99:
-            add(f"{row['label']}: p99 ≤1 s after a reload ≤ 2× steady p99",
-                f"{after:.1f} ms vs {steady_p99:.1f} ms ({after / steady_p99:.2f}×)", after <= 2 * steady_p99)
+            add(f"{row['label']}: p99 ≤1 s after a reload ≤ 1.3× steady p99",
+                f"{after:.1f} ms vs {steady_p99:.1f} ms ({after / steady_p99:.2f}×)", after <= 1.3 * steady_p99)
     soak = results.get("soak")
     if soak:
         errors = soak["wrk"]["non_2xx_3xx"] + soak["wrk"]["socket_errors"]

@@ -54,6 +54,7 @@ IDLE = ConnectionState()
     (ConnectionState(encrypted=True), Verdict.NEVER),
     (ConnectionState(closing=True), Verdict.NEVER),
     (ConnectionState(keep_alive=False), Verdict.NEVER),
+    (ConnectionState(body_unread=True), Verdict.NEVER),
     # What can never move is not waited for, whatever else is going on.
     (ConnectionState(keep_alive=False, response_complete=False, request_pending=True), Verdict.NEVER),
     (ConnectionState(upgraded=True, response_complete=False), Verdict.NEVER),
@@ -66,8 +67,8 @@ def test_judge(state, verdict):
 def test_every_reason_is_said():
     reasons = {judge(ConnectionState(**{field: value}))[1] for field, value in [
         ("upgraded", True), ("encrypted", True), ("closing", True), ("keep_alive", False),
-        ("response_complete", False), ("request_pending", True), ("unsent_bytes", 5)]}
-    assert len(reasons) == 7 and all(reasons)
+        ("response_complete", False), ("request_pending", True), ("unsent_bytes", 5), ("body_unread", True)]}
+    assert len(reasons) == 8 and all(reasons)
 
 
 # ---- the channel's lines, pure -------------------------------------------------------------------
@@ -90,6 +91,11 @@ def test_decision_read_from_each_engine(engine):
     """Real connections in each state, judged from the engine's own protocol objects; only the idle
     ones are detached."""
     verdicts = run_scenario("states", engine)
+    # Answered before the request body ended: h11 keeps parsing the body, so the connection waits for it,
+    # then moves. With httptools uvicorn stops following the body once the response is complete, so
+    # nothing tells where the next request begins: the connection never moves (it drains where it is).
+    early = {"before": ["never", "kept"], "after": ["never"]} if "httptools" in engine else \
+        {"before": ["wait", "kept"], "after": ["move"]}
     assert verdicts == {
         "idle": ["move", "detached"],
         "fresh": ["move", "detached"],
@@ -98,8 +104,8 @@ def test_decision_read_from_each_engine(engine):
         "pipelined behind a slow request": ["wait", "kept"],
         "pipelined, both answered": ["move"],
         "response under way": ["wait", "kept"],
-        "answered before its body was read": ["wait", "kept"],
-        "answered, then its body read": ["move"],
+        "answered before its body was read": early["before"],
+        "answered, then its body read": early["after"],
         "Connection: close asked": ["never", "kept"],
         "HTTP/1.0, answered": ["never", "kept"],
         "WebSocket": ["never", "kept"],

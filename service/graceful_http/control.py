@@ -3,7 +3,7 @@
 It also does the per-request work of a draining generation (`Connection:
 close` on every response, so clients move to the new generation) and the
 access log. Requests that need neither pass straight to the app: the hot
-path costs one attribute test.
+path costs one call and no coroutine of its own.
 """
 
 from __future__ import annotations
@@ -160,24 +160,47 @@ def framed_twice(headers) -> bool:
 
 
 class ControlLayer:
+    """The control endpoints, then the app. A request it has nothing to do for (not a control path, an
+    HTTP version the app may see, no access log, metrics or failure counting, not draining) costs one call
+    that hands back the app's own coroutine: no coroutine layer of its own on the hot path.
+
+    `check_framing`: refuse-or-close requests framed twice (Content-Length and Transfer-Encoding); off
+    when the HTTP parser refuses them itself (httptools' llhttp does, h11 does not).
+    `observe_all`: every request's status is seen (to count failures, for a canary), even with nothing to log.
+    """
+
     def __init__(self, app, state: ControlState, policy: ControlPolicy, access_logger=None, metrics=None,
-                 observe_all: bool = False):
-        """`observe_all`: every request's status is seen (to count failures), even with nothing to log."""
+                 observe_all: bool = False, check_framing: bool = True):
         self.app = app
         self.state = state
         self.policy = policy
         self.access_logger = access_logger
         self.metrics = metrics
+        self.check_framing = check_framing
         self._plain_path = access_logger is None and metrics is None and not observe_all
+        self._straight = self._plain_path and not check_framing  # what is left to check is the request's own
 
-    async def __call__(self, scope, receive, send):
+    def __call__(self, scope, receive, send):
+        if self._straight and self.state.accepting:
+            try:  # (free in Python 3.11 unless raised: a lifespan scope has no path)
+                path, version = scope["path"], scope["http_version"]
+            except KeyError:
+                path = version = None
+            # Compared one by one: cheaper than hashing a new string for a set, or a tuple's `in`.
+            straight = (version == "1.1" or version == "1.0") and path != "/graceful" and path != "/healthz" \
+                and path != "/metrics"
+            if straight:  # a WebSocket too: the control layer has nothing to do for one without metrics
+                return self.app(scope, receive, send)
+        return self._dispatch(scope, receive, send)
+
+    async def _dispatch(self, scope, receive, send):
         if scope["type"] != "http":
             if scope["type"] == "websocket" and self.metrics is not None:
                 return await self._websocket(scope, receive, send)
             return await self.app(scope, receive, send)
         if scope.get("http_version", "1.1") not in HTTP_VERSIONS:  # h11 takes any HTTP/d.d for 1.1
             return await _plain(send, 505, "HTTP/1.0 and HTTP/1.1 only\n", [CONNECTION_CLOSE])
-        close = framed_twice(scope["headers"])
+        close = self.check_framing and framed_twice(scope["headers"])
         path = scope["path"]
         if path == "/graceful":
             endpoint = self._graceful

@@ -8,6 +8,7 @@ names both have (`Config.load`, `Server.startup(sockets=…)`, `servers`,
 from __future__ import annotations
 
 import asyncio
+import copy
 import inspect
 import logging
 import os
@@ -62,6 +63,25 @@ def _protocol_base(http: str = "auto"):
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     return H11Protocol
+
+
+def parser_refuses_double_framing(protocol: str = "auto") -> bool:
+    """Does the HTTP parser an engine uses refuse a request framed by both Content-Length and
+    Transfer-Encoding (request smuggling's tool) by itself? httptools (llhttp) does, h11 does not: the
+    control layer checks each request only when the parser does not."""
+    if _protocol_base(protocol).__name__ != "HttpToolsProtocol":
+        return False
+    import httptools
+
+    class _Ignore:
+        pass
+
+    try:
+        httptools.HttpRequestParser(_Ignore()).feed_data(
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
+    except httptools.HttpParserError:
+        return True
+    return False
 
 
 class EngineSettingError(Exception):
@@ -139,14 +159,14 @@ class _ClientOfAnAllTrustedChain:
     def __init__(self, app):
         self.app = app
 
-    async def __call__(self, scope, receive, send):
+    def __call__(self, scope, receive, send):  # returns the app's awaitable: no coroutine layer of its own
         client = scope.get("client")
         if client is not None and client[0] is None:
             for name, value in scope.get("headers", ()):
                 if name == b"x-forwarded-for":
                     scope = {**scope, "client": (value.decode("latin-1").split(",")[0].strip(), 0)}
                     break
-        return await self.app(scope, receive, send)
+        return self.app(scope, receive, send)
 
 
 def _trusts_networks() -> bool:
@@ -180,19 +200,32 @@ def head_too_large(limit: int) -> bytes:
 
 
 def tracked_protocol(base):
-    """uvicorn's protocol, plus: when it last received bytes (to judge idleness), limits on request heads,
-    and what deciding whether the connection may move to another process needs (`handover_state`)."""
+    """uvicorn's protocol, plus: limits on request heads, what deciding whether the connection may move to
+    another process needs (`handover_state`), and, once its engine drains (`begin_draining`), when it last
+    received bytes (to judge idleness) and a wake-up of the drain at each response.
+
+    The steady state costs one short method per chunk received: the head's time limit is enforced by the
+    engine's once-a-second sweep (`sweep_heads`), not by a timer per request, and nothing else runs per
+    request unless the engine drains.
+    """
     parser_tracking = _HttpToolsMessages if base.__name__ == "HttpToolsProtocol" else _H11Messages
+    base_data_received = base.data_received
+    base_on_response_complete = base.on_response_complete
 
     class Tracked(parser_tracking, base):
-        last_data_at = 0.0
-        request_started_at = 0.0
+        # Keep what a connection adds to its instance in steady state to one attribute (`_since`): past 30
+        # attributes (uvicorn's protocol has 28), CPython 3.11 drops the compact layout of all of them, which
+        # costs every attribute read of uvicorn's own code (about 2 % more instructions per request).
+        last_data_at = 0.0  # while draining only: when the last bytes arrived
         adopted = False  # set by Engine.adopt before connection_made: it arrived idle from another process
         lame_duck = False  # set by a draining engine that can't hand it over: each response closes it
         fd_name = None  # its name in systemd's fd store while it is stored there (see fdstore)
-        _head_timer = None
-        _head_bytes = 0
+        draining = False  # set by `begin_draining`
         max_head_bytes = MAX_HEAD_BYTES
+        # (cycle, busy, since, head bytes): since when the connection has been busy with `cycle`, or waiting
+        # for the request head after it (None: the first), as the sweep or the drain first saw it (0.0: not
+        # yet), and how many bytes of that head arrived so far.
+        _since = None
 
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
@@ -206,71 +239,98 @@ def tracked_protocol(base):
 
         def connection_made(self, transport):
             super().connection_made(transport)
-            self._await_head()
             if self.adopted:  # idle between two requests, as after a response: uvicorn's keep-alive timer runs
-                self._head_received()
                 self._unset_keepalive_if_required()
                 self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive,
                                                                     self.timeout_keep_alive_handler)
+            if self.lame_duck:
+                self.begin_draining()
 
         def data_received(self, data):
             if self.fd_name is not None:  # busy now: out of the store before anything else happens
                 self.server_state.fd_store.got_busy_or_closed(self)
-            self.last_data_at = time.monotonic()
-            before = getattr(self, "cycle", None)
-            super().data_received(data)
-            cycle = getattr(self, "cycle", None)
-            if self.transport.get_protocol() is not self or (cycle is not None and cycle is not before):
-                self._head_received()  # a request head is complete (or the connection was upgraded)
-                self.request_started_at = self.last_data_at
-                if self.lame_duck:
-                    _close_after_response(self)
-            elif cycle is None or cycle.response_complete:  # still waiting for a head
-                self._await_head()
-                self._head_bytes += len(data)
-                if self._head_bytes > self.max_head_bytes and not self.transport.is_closing():
-                    self._head_received()
+            cycle = self.cycle
+            base_data_received(self, data)
+            if self.cycle is cycle or self.draining:  # no request head completed (or draining): rare
+                self._received(cycle, data)
+
+        def _received(self, before, data):
+            """After a chunk that completed no request head (part of a head or a body, an upgrade), or any
+            chunk while draining."""
+            if self.draining:
+                self.last_data_at = time.monotonic()
+            if self.cycle is not before or self.transport.get_protocol() is not self:
+                if self.draining:  # a request head is complete (or the connection was upgraded)
+                    self._state_since(self.last_data_at)
+                    if self.lame_duck:
+                        _close_after_response(self)
+                return
+            cycle = self.cycle
+            if cycle is None or cycle.response_complete:  # part of a request head
+                since = self._since
+                if since is None or since[0] is not cycle or since[1]:
+                    since = (cycle, False, 0.0, 0)
+                head_bytes = since[3] + len(data)
+                self._since = (cycle, False, since[2], head_bytes)
+                if head_bytes > self.max_head_bytes and not self.transport.is_closing():
                     self.transport.write(head_too_large(self.max_head_bytes))
                     self.transport.close()
 
-        def on_response_complete(self):
-            before = getattr(self, "cycle", None)
-            super().on_response_complete()
-            self._head_received()  # idle now: uvicorn's keep-alive timer runs until the next byte
-            if self._request_pending():  # answered before its body ended: the rest must come as a head would
-                self._await_head()
-            if self.lame_duck and getattr(self, "cycle", None) is not before:  # a pipelined request started
+        def begin_draining(self):
+            """From now on, note when bytes arrive and wake the draining engine at each response."""
+            if self.draining:
+                return
+            self.draining = True
+            self.on_response_complete = self._responded_while_draining  # what new cycles will call
+            cycle = self.cycle
+            if cycle is not None and not cycle.response_complete:
+                cycle.on_response = self._responded_while_draining
+
+        def _responded_while_draining(self):
+            before = self.cycle
+            base_on_response_complete(self)
+            if self.lame_duck and self.cycle is not before:  # a pipelined request started
                 _close_after_response(self)
             wake = getattr(self.server_state, "wake_drain", None)
             if wake is not None:  # a draining engine hands over connections as soon as they are idle
                 wake()
 
-        def connection_lost(self, exc):
-            if self.fd_name is not None:  # a stored copy would keep it open
-                self.server_state.fd_store.got_busy_or_closed(self)
-            self._head_received()
-            super().connection_lost(exc)
+        def _state_since(self, now: float) -> float:
+            """Since when the connection has been in its current state (busy with a request, or waiting for
+            a head), stamping `now` if nobody saw this state yet."""
+            cycle = self.cycle
+            busy = cycle is not None and not cycle.response_complete
+            since = self._since
+            if since is None or since[0] is not cycle or since[1] is not busy:
+                since = (cycle, busy, 0.0, 0)
+            if not since[2]:
+                self._since = since = (cycle, busy, now, since[3])
+            return since[2]
 
-        def _await_head(self):
-            if self._head_timer is None:
-                self._head_bytes = 0
-                self._head_timer = self.loop.call_later(HEAD_TIMEOUT, self._head_timed_out)
+        @property
+        def request_started_at(self) -> float:
+            """When the request in progress began (as the sweep or the drain first saw it), 0 if none."""
+            since, cycle = self._since, self.cycle
+            return since[2] if since is not None and since[1] and since[0] is cycle else 0.0
 
-        def _head_received(self):
-            self._head_bytes = 0
-            if self._head_timer is not None:
-                self._head_timer.cancel()
-                self._head_timer = None
-
-        def _head_timed_out(self):
-            self._head_timer = None
-            cycle = getattr(self, "cycle", None)
-            if (cycle is None or cycle.response_complete) and self.transport.get_protocol() is self:
+        def sweep(self, now: float) -> None:
+            """The engine's periodic look at this connection: close it if a request head has taken longer
+            than HEAD_TIMEOUT (counted from the first sweep that saw it waiting with uvicorn's keep-alive
+            timer stopped, i.e. once a byte of it arrived, or from the connection's start); note when a
+            request in progress began, for the graceful timeout's log line."""
+            cycle = self.cycle
+            if (cycle is None or cycle.response_complete) and self.timeout_keep_alive_task is not None \
+                    and not (self._body_unread(cycle) or self._request_pending()):
+                return  # idle between two requests: uvicorn's keep-alive timer governs
+            # (Answered before its body ended, the rest of the body must come within the head's limit.)
+            since = self._state_since(now)
+            busy = cycle is not None and not cycle.response_complete
+            if not busy and now - since >= HEAD_TIMEOUT and self.transport.get_protocol() is self:
                 self.transport.close()
 
         def handover_state(self) -> ConnectionState:
             transport = self.transport
-            cycle = getattr(self, "cycle", None)
+            cycle = self.cycle
             flow = getattr(self, "flow", None)
             return ConnectionState(
                 upgraded=transport.get_protocol() is not self,
@@ -279,14 +339,19 @@ def tracked_protocol(base):
                 keep_alive=self._keeps_alive(cycle),
                 response_complete=cycle is None or cycle.response_complete,
                 request_pending=self._request_pending() or bool(flow is not None and flow.read_paused),
+                body_unread=self._body_unread(cycle),
                 unsent_bytes=transport.get_write_buffer_size(),
             )
+
+        def connection_lost(self, exc):
+            if self.fd_name is not None:  # a stored copy would keep it open
+                self.server_state.fd_store.got_busy_or_closed(self)
+            super().connection_lost(exc)
 
         def quiesce(self) -> None:
             """Stop every timer of this connection: it is leaving this process."""
             if self.fd_name is not None:
                 self.server_state.fd_store.leaving(self)
-            self._head_received()
             self._unset_keepalive_if_required()
 
     Tracked.__name__ = f"Tracked{base.__name__}"
@@ -294,20 +359,20 @@ def tracked_protocol(base):
 
 
 class _HttpToolsMessages:
-    """httptools keeps its parser state to itself: note when a request message begins and ends."""
-
-    _in_message = False
-
-    def on_message_begin(self):
-        self._in_message = True
-        super().on_message_begin()
-
-    def on_message_complete(self):
-        self._in_message = False
-        super().on_message_complete()
+    """httptools keeps its parser state to itself: read where a request message stands from what uvicorn
+    does at its steps (a new scope at its start, a cycle at the end of its head, `more_body` cleared at
+    its end), so that no step costs an extra call."""
 
     def _request_pending(self) -> bool:
-        return self._in_message or bool(self.pipeline)
+        scope, cycle = self.scope, self.cycle
+        head_under_way = scope is not None and (cycle is None or cycle.scope is not scope)
+        body_under_way = cycle is not None and cycle.more_body and not cycle.response_complete
+        return head_under_way or body_under_way or bool(self.pipeline)
+
+    def _body_unread(self, cycle) -> bool:
+        # uvicorn stops following a request's body once its response is complete: if the app answered
+        # before the body ended, nobody can tell whether the rest of it is still to come.
+        return cycle is not None and cycle.response_complete and cycle.more_body and cycle.scope is self.scope
 
     def _keeps_alive(self, cycle) -> bool:
         return cycle is None or bool(cycle.keep_alive)
@@ -322,6 +387,9 @@ class _H11Messages:
         conn = self.conn
         return not (conn.our_state is h11.IDLE and conn.their_state is h11.IDLE) or bool(conn.trailing_data[0])
 
+    def _body_unread(self, cycle) -> bool:
+        return False  # h11 reads (and discards) what the app left unread before the next request
+
     def _keeps_alive(self, cycle) -> bool:
         import h11
 
@@ -329,6 +397,23 @@ class _H11Messages:
         conn = self.conn
         return conn.our_state not in closing and conn.their_state not in closing and (
             cycle is None or getattr(cycle, "keep_alive", True))
+
+
+def sweep_heads(connections, now: float) -> None:
+    """Enforce HEAD_TIMEOUT on every connection of ours (WebSockets are not ours: they have no `sweep`)."""
+    for connection in list(connections):
+        sweep = getattr(connection, "sweep", None)
+        if sweep is not None:
+            sweep(now)
+
+
+def begin_draining(connection, now: float) -> None:
+    """Have a connection of ours report what a drain needs (when bytes arrive, each response)."""
+    begin = getattr(connection, "begin_draining", None)
+    if begin is not None:
+        begin()
+        if _busy(connection):
+            connection._state_since(now)
 
 
 def connection_state(connection) -> ConnectionState:
@@ -474,9 +559,8 @@ class Engine:
         """`settings`' HTTP and TLS options apply (the app's listeners); without them, plain HTTP (the control
         socket). Raises EngineSettingError if the options cannot be used (a certificate that does not load)."""
         mode = (settings.lifespan if settings is not None else "auto") if lifespan else "off"
-        self.lifespan_guard = LifespanGuard(app) if mode != "off" else None
-        if self.lifespan_guard is not None:
-            app = self.lifespan_guard
+        if not (inspect.isfunction(app) or inspect.ismethod(app)):  # e.g. the control layer: calling its bound
+            app = app.__call__  # __call__ costs less per request than calling the instance (no slot lookup)
         try:
             config = uvicorn_config(app, mode, websockets, settings, protocol)
             ssl_context = server_context(settings) if settings is not None else None
@@ -493,7 +577,14 @@ class Engine:
         config.load()
         config.ssl = ssl_context  # what uvicorn's startup serves with
         self.server = uvicorn.Server(config)
-        self.server.lifespan = config.lifespan_class(config)
+        # The lifespan runs the app guarded, the requests run it bare: a copy of the configuration whose
+        # app is the guarded one keeps the guard's layer off every request.
+        self.lifespan_guard = LifespanGuard(config.loaded_app) if mode != "off" else None
+        lifespan_config = config
+        if self.lifespan_guard is not None:
+            lifespan_config = copy.copy(config)
+            lifespan_config.loaded_app = self.lifespan_guard
+        self.server.lifespan = config.lifespan_class(lifespan_config)
         self.sockets = sockets
         self.idle_grace = idle_grace
         self.websocket_close_spread = websocket_close_spread
@@ -507,7 +598,7 @@ class Engine:
         self._moving = False
         # One per process: the app's engine watches descriptors (the control socket's has no lifespan).
         self.descriptors = DescriptorWatch(lambda: len(self.connections)) if lifespan else None
-        self._header_ticker: asyncio.Task | None = None
+        self._ticker: asyncio.Task | None = None
 
     def describe(self) -> str:
         protocol = "httptools" if "HttpTools" in self.server.config.http_protocol_class.__name__ else "h11"
@@ -525,15 +616,17 @@ class Engine:
             raise StartupFailed(self._startup_failure())
         if self.descriptors is not None:
             self.descriptors.start()
-        self._header_ticker = asyncio.create_task(self._keep_default_headers())
+        self._ticker = asyncio.create_task(self._every_second())
 
-    async def _keep_default_headers(self) -> None:
+    async def _every_second(self) -> None:
         """What uvicorn's own main loop does every second, which an embedded uvicorn must do itself: the
-        headers of every response (Date, Server, --header) come from `server_state.default_headers`."""
+        headers of every response (Date, Server, --header) come from `server_state.default_headers`. And the
+        request heads' time limit, for every connection at once (see `Tracked.sweep`)."""
         config = self.server.config
         while True:
             date = [(b"date", formatdate(time.time(), usegmt=True).encode())] if config.date_header else []
             self.server.server_state.default_headers = date + config.encoded_headers
+            sweep_heads(self.connections, time.monotonic())
             await asyncio.sleep(1.0 - time.time() % 1.0)
 
     def _startup_failure(self) -> str:
@@ -567,6 +660,9 @@ class Engine:
         if not all(watched):  # not asyncio's selector loop (uvloop): its own close is safe
             self._close_listeners()
         self._moving = moving_to is not None
+        now = time.monotonic()
+        for connection in list(self.connections):
+            begin_draining(connection, now)
         if not self._moving:
             for connection in list(self.connections):
                 _close_after_response(connection)
@@ -624,6 +720,8 @@ class Engine:
                 elif moving:  # nobody (left) to move them to: what is here drains here
                     self.fall_back_all(nowhere)
                 now = time.monotonic()
+                for connection in list(self.connections):  # those accepted just before we stopped, adopted ones
+                    begin_draining(connection, now)
                 by_key = {id(c): c for c in self.connections}
                 upgraded = [c for c in by_key.values() if is_websocket(c)]
                 for ws in upgraded:
@@ -668,8 +766,8 @@ class Engine:
 
     async def shutdown_app(self) -> None:
         """The app's lifespan shutdown (after the last request)."""
-        if self._header_ticker is not None:
-            self._header_ticker.cancel()
+        if self._ticker is not None:
+            self._ticker.cancel()
         await self.server.lifespan.shutdown()
 
     # ---- connection handover -------------------------------------------------------------------

@@ -24,6 +24,7 @@ class ConnectionState:
     keep_alive: bool = True  # the last exchange allows another request on this connection
     response_complete: bool = True  # no response under way (or no request yet)
     request_pending: bool = False  # the parser holds part of a request, or a queued pipelined one
+    body_unread: bool = False  # answered before its request body ended: where the next request starts is unknown
     unsent_bytes: int = 0  # response bytes still in our write buffer (an abort would drop them)
 
 
@@ -44,6 +45,8 @@ def judge(state: ConnectionState) -> tuple[Verdict, str]:
         return Verdict.NEVER, "closing"
     if not state.keep_alive:
         return Verdict.NEVER, "keep-alive is off (Connection: close)"
+    if state.body_unread:
+        return Verdict.NEVER, "answered before its request body was read"
     if not state.response_complete:
         return Verdict.WAIT, "a response is under way"
     if state.request_pending:

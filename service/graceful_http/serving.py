@@ -83,7 +83,8 @@ def read_token(path: str | None) -> str | None:
 
 def build_engines(settings: ServeSettings, listeners, control: ControlState, metrics: Metrics | None = None):
     """The HTTP engines of one serving process: the app's (with the control layer) and the control socket's."""
-    from graceful_http.engine import Engine, EngineSettingError  # uvicorn: not needed by a workers' main
+    # uvicorn: not needed by a workers' main
+    from graceful_http.engine import Engine, EngineSettingError, parser_refuses_double_framing
 
     try:
         token = read_token(settings.control_token_file)
@@ -100,7 +101,8 @@ def build_engines(settings: ServeSettings, listeners, control: ControlState, met
     engines = []
     if public:
         policy = ControlPolicy(allow=settings.control_allow, token=token, control_socket_elsewhere=bool(private))
-        stack = ControlLayer(app, control, policy, access, metrics, observe_all=settings.canary > 0)
+        stack = ControlLayer(app, control, policy, access, metrics, observe_all=settings.canary > 0,
+                             check_framing=not parser_refuses_double_framing())
         websockets = {"ws": settings.ws, "ws_max_size": settings.ws_max_size,
                       "ws_ping_interval": settings.ws_ping_interval, "ws_ping_timeout": settings.ws_ping_timeout}
         try:

@@ -217,8 +217,8 @@ async def states(http: str) -> dict:
         verdicts[name] = [verdict, "detached" if fd is not None else "kept"]
         return client, connection
 
-    def settled(connection):
-        return connection.last_data_at > 0
+    def settled(connection):  # the server has read some of what was sent: a request head, or part of one
+        return connection.cycle is not None or connection.handover_state().request_pending
 
     def answered(client, count=1):
         return read_responses(client, count)
@@ -387,7 +387,7 @@ async def drain(http: str) -> dict:
     closing = socket.create_connection((HOST, port))
     closing.sendall(b"GET /slow HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     await wait_for(lambda: len(a.connections) == 9 and a.in_flight() == 2
-                   and all(getattr(c, "last_data_at", 0) for c in a.connections if c.cycle is None),
+                   and all(c.handover_state().request_pending for c in a.connections if c.cycle is None),
                    "9 connections, 2 busy, the partial head read")
 
     a.stop_accepting(moving_to=os.getpid())
