@@ -20,6 +20,7 @@ by then the main's event loop is running and a fork would inherit it.
 from __future__ import annotations
 
 import fcntl
+import gc
 import os
 import signal
 import sys
@@ -104,8 +105,13 @@ def fork_worker(child: Callable[[], int]) -> int:
     inherit it). The worker gets SIGTERM if we die, like an exec'd one.
     """
     parent = os.getpid()
+    # What the main has loaded goes to the collector's permanent generation for the fork: the worker's
+    # collections then never write to those objects' headers, so their pages stay shared (CPython's gc
+    # documentation recommends it for fork without exec). The main takes them back at once.
+    gc.freeze()
     pid = os.fork()
     if pid:
+        gc.unfreeze()
         return pid
     code = 70  # pragma: no cover - runs in the forked child; EX_SOFTWARE unless child() returns
     try:  # pragma: no cover
