@@ -475,9 +475,25 @@ def test_with_workers_every_scrape_counts_every_workers_requests(engine, tmp_pat
             def counted() -> dict | None:
                 taken.append(scrape(server))
                 return taken[-1] if total(taken[-1]) - total(since) - (len(taken) - 2) == expected else None
-            return wait_until(counted, 10, f"{expected} request(s) to be counted", server.log_tail)
 
-        before = settled(1, scrape(server))  # only that first scrape itself
+            def seen() -> str:  # what the last scrapes counted, beyond the scrapes before them
+                last = [(dict(requests_by_worker(t)), total(t) - total(since) - (i - 1)) for i, t in enumerate(taken)]
+                return f"counted (by worker, beyond earlier scrapes): {last[-5:]}\n{server.log_tail()}"
+            return wait_until(counted, 10, f"{expected} request(s) to be counted", seen)
+
+        def quiet() -> dict:
+            """A scrape after which nothing but the scrapes themselves is counted: the requests above have all
+            landed (the last one's count may land after a scrape on the other worker has read the files)."""
+            taken = [scrape(server)]
+
+            def still() -> dict | None:
+                time.sleep(0.02)
+                taken.append(scrape(server))
+                steps = [total(b) - total(a) for a, b in zip(taken[-4:], taken[-3:])]
+                return taken[-1] if len(steps) == 3 and steps == [1, 1, 1] else None
+            return wait_until(still, 10, "the counts to stop moving but for the scrapes", server.log_tail)
+
+        before = quiet()
         for _ in range(10):
             assert get(HOST, server.port, "/")[0] == 200
         # The 10 requests and the scrape before them, whichever worker took them.
