@@ -32,7 +32,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from harness import proxies
-from harness.processes import free_port
+from harness.processes import alive, free_port
 from support.load import Load, pid_of
 from support.serve_process import ENGINES, HOST, ServeProcess, clean_environ, run_cli, wait_until
 
@@ -435,7 +435,11 @@ def test_fuzzed_requests_never_hurt_the_service(server):
     print(f"{len(seen)} fuzzed requests; answers by status: {statuses};"
           f" slowest {max(elapsed for _, elapsed, _ in seen):.2f}s")
     assert len(seen) >= 10_000
-    assert server.popen.poll() is None, server.log_tail()
+    # The fuzzer may send the right token, and a `POST /graceful` with it reloads: the first process then
+    # hands over and exits 0, as it should. What must hold is that a main is alive and serving.
+    main = server.main_pid()
+    assert main is not None and alive(main), server.log_tail()
+    assert request(server.port, "GET", "/")[0] == 200, server.log_tail()
     assert request(server.port, "GET", "/")[0] == 200
     assert unexpected_tracebacks(server.log()) == []
 
