@@ -100,6 +100,11 @@ class FakeSuccessor:
     async def until_ready(self):
         return await self.ready
 
+    async def says_ready(self) -> None:
+        """The new generation reports ready; the supervisor acts on it."""
+        self.ready.set_result(g.ChildReady(self.attempt, self.pid))
+        await settle()
+
     def alive(self) -> bool:
         return self.living
 
@@ -166,15 +171,20 @@ async def serving_world() -> World:
     return world
 
 
+async def reloading_world() -> tuple[World, FakeSuccessor]:
+    """A serving world asked to reload, with the one new generation it started."""
+    world = await serving_world()
+    world.reload()
+    await settle()
+    [successor] = world.successors
+    return world, successor
+
+
 def test_successor_ready_then_serving_is_a_handover():
     async def scenario():
-        world = await serving_world()
-        world.reload()
-        await settle()
-        [successor] = world.successors
+        world, successor = await reloading_world()
         assert world.outcomes == [g.Outcome("started", f"reloading: starting pid {successor.pid}", successor.pid)]
-        successor.ready.set_result(g.ChildReady(successor.attempt, successor.pid))
-        await settle()
+        await successor.says_ready()
         assert {"MAINPID": successor.pid, "READY": 1}.items() <= world.notifier.sent[-1].items()
         assert successor.told_main
         assert world.pid_file.pid == PID, "PIDFile= names the old main until the successor confirms"
@@ -192,10 +202,7 @@ def test_successor_ready_then_serving_is_a_handover():
 
 def test_successor_dying_before_mainpid_leaves_the_old_main_serving():
     async def scenario():
-        world = await serving_world()
-        world.reload()
-        await settle()
-        [successor] = world.successors
+        world, successor = await reloading_world()
         successor.ready.set_result(g.ChildFailed(successor.attempt, "importing 'app' raised RuntimeError: boom"))
         await settle()
         assert world.final == g.Outcome("failed", "importing 'app' raised RuntimeError: boom", PID)
@@ -214,13 +221,9 @@ def test_successor_dying_before_mainpid_leaves_the_old_main_serving():
 
 def test_successor_dying_after_mainpid_is_reaped_then_the_old_main_reclaims():
     async def scenario():
-        world = await serving_world()
-        world.reload()
-        await settle()
-        [successor] = world.successors
+        world, successor = await reloading_world()
         successor.living = False  # dies between saying ready and being told it is main
-        successor.ready.set_result(g.ChildReady(successor.attempt, successor.pid))
-        await settle()
+        await successor.says_ready()
         assert world.notifier.sent[-2]["MAINPID"] == successor.pid
         assert world.reaped == [successor.pid], "systemd must have reaped it before we reclaim MAINPID"
         assert world.notifier.sent[-1]["MAINPID"] == PID and world.notifier.sent[-1]["READY"] == 1
@@ -235,12 +238,8 @@ def test_successor_dying_after_mainpid_is_reaped_then_the_old_main_reclaims():
 
 def test_successor_exiting_before_it_confirms_serving_fails_the_handover():
     async def scenario():
-        world = await serving_world()
-        world.reload()
-        await settle()
-        [successor] = world.successors
-        successor.ready.set_result(g.ChildReady(successor.attempt, successor.pid))
-        await settle()
+        world, successor = await reloading_world()
+        await successor.says_ready()
         assert successor.told_main
         successor.serving.set_result(False)  # its channel closed and it exited
         await settle()
@@ -270,10 +269,7 @@ def test_reload_refused_while_starting_and_while_reloading():
 
 def test_ready_timeout_kills_the_successor():
     async def scenario():
-        world = await serving_world()
-        world.reload()
-        await settle()
-        [successor] = world.successors
+        world, successor = await reloading_world()
         [(seconds, fire, args)] = world.timers
         assert seconds == 30.0
         fire(*args)
@@ -285,12 +281,8 @@ def test_ready_timeout_kills_the_successor():
 
 def test_stop_during_a_handover_kills_the_successor_and_removes_our_pid_file():
     async def scenario():
-        world = await serving_world()
-        world.reload()
-        await settle()
-        [successor] = world.successors
-        successor.ready.set_result(g.ChildReady(successor.attempt, successor.pid))
-        await settle()
+        world, successor = await reloading_world()
+        await successor.says_ready()
         world.supervisor.dispatch(g.StopRequested("SIGTERM"))
         await asyncio.wait_for(world.supervisor.finished.wait(), 5)
         assert successor.killed

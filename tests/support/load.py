@@ -44,7 +44,42 @@ def pid_of(body: bytes) -> int | None:
     return int(match.group(1)) if match else None
 
 
-class Load:
+class ClientThreads:
+    """Client threads against a server until stopped, as a context manager: `_threads` run the clients and
+    count what succeeded in `result.ok` (a result with `summary()`)."""
+
+    _threads: list[threading.Thread]
+    _stop: threading.Event
+
+    def __enter__(self):
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def stop(self):
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=60)
+        return self.result
+
+    def wait_for_requests(self, count: int, timeout: float = 30.0) -> None:
+        """Block until `count` more requests have succeeded (proves the load is flowing)."""
+        target = self.result.ok + count
+        deadline = time.monotonic() + timeout
+        while self.result.ok < target:
+            self._check_progress()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the clients made no progress: {self.result.summary()}")
+            time.sleep(0.01)
+
+    def _check_progress(self) -> None:
+        """Raise if what the clients saw so far already fails the test (by default nothing does)."""
+
+
+class Load(ClientThreads):
     """Runs `clients` threads against host:port until stopped; use as a context manager."""
 
     def __init__(self, host: str, port: int, clients: int = 8, path: str = "/", pause: float = 0.002,
@@ -59,28 +94,6 @@ class Load:
             threading.Thread(target=self._run, args=(index % 2 == 0,), daemon=True) for index in range(clients)
         ]
 
-    def __enter__(self) -> "Load":
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-    def stop(self) -> LoadResult:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(timeout=60)
-        return self.result
-
-    def wait_for_requests(self, count: int, timeout: float = 30.0) -> None:
-        """Block until `count` more requests have succeeded (proves the load is flowing)."""
-        target = self.result.ok + count
-        deadline = time.monotonic() + timeout
-        while self.result.ok < target:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"load made no progress: {self.result.summary()}")
-            time.sleep(0.01)
 
     def _record(self, ok: bool, detail) -> None:
         with self._lock:

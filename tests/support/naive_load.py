@@ -23,6 +23,8 @@ import time
 import zlib
 from dataclasses import dataclass, field
 
+from support.load import ClientThreads
+
 BEHAVIOURS = ("get", "post", "pipelined", "eager")
 ANSWER = re.compile(r"pid:(\d+) path:(\S+) body:(\d+) crc:(\d+)")
 
@@ -50,7 +52,7 @@ class NaiveResult:
                 f" connections opened, {len(self.pids)} pids answered; first failures: {self.failures[:5]}")
 
 
-class NaiveClients:
+class NaiveClients(ClientThreads):
     """`count` naive clients against host:port until stopped; a context manager."""
 
     def __init__(self, host: str, port: int, count: int = 12, seed: int = 12):
@@ -63,29 +65,9 @@ class NaiveClients:
                                                                   self._random.random()), daemon=True)
                          for index in range(count)]
 
-    def __enter__(self) -> "NaiveClients":
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-    def stop(self) -> NaiveResult:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(timeout=60)
-        return self.result
-
-    def wait_for_requests(self, count: int, timeout: float = 30.0) -> None:
-        target = self.result.ok + count
-        deadline = time.monotonic() + timeout
-        while self.result.ok < target:
-            if self.result.failures:
-                raise AssertionError(f"a naive client failed: {self.result.summary()}")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the naive clients made no progress: {self.result.summary()}")
-            time.sleep(0.01)
+    def _check_progress(self) -> None:
+        if self.result.failures:
+            raise AssertionError(f"a naive client failed: {self.result.summary()}")
 
     def _connected(self) -> None:
         with self._lock:
