@@ -7,13 +7,12 @@ sockets: one client holds hundreds of idle connections while others go on.
 from __future__ import annotations
 
 import http.client
-import os
 import re
 import socket
 
 import pytest
 
-from support.serve_process import ENGINES, HOST, ServeProcess, wait_until
+from support.serve_process import ENGINES, HOST, ServeProcess, installed_engine, wait_until
 
 # Bounds, not measurements: far below the 10 s a connection may wait for its request head, which is how
 # long a new client waited for a descriptor before the limit was raised.
@@ -22,8 +21,7 @@ NEW_CLIENT_TIMEOUT = 5.0
 
 @pytest.fixture(params=list(ENGINES))
 def engine(request) -> str:
-    if not os.access(ENGINES[request.param], os.X_OK):
-        pytest.fail(f"engine {request.param!r}: {ENGINES[request.param]} is not installed")
+    installed_engine(request.param)
     return request.param
 
 

@@ -34,7 +34,7 @@ from hypothesis import strategies as st
 from harness import proxies
 from harness.processes import alive, free_port
 from support.load import Load, pid_of
-from support.serve_process import ENGINES, HOST, ServeProcess, clean_environ, run_cli, wait_until
+from support.serve_process import ENGINES, HOST, ServeProcess, clean_environ, installed_engine, run_cli, wait_until
 
 TOKEN = "s3cret-token-for-tests-0123456789"
 
@@ -75,9 +75,7 @@ def running(python: str, directory: Path, *args: str, **kwargs):
 
 @pytest.fixture(params=list(ENGINES), scope="module")
 def engine(request) -> str:
-    python = ENGINES[request.param]
-    if not os.access(python, os.X_OK):
-        pytest.fail(f"engine {request.param!r}: {python} is not installed")
+    installed_engine(request.param)
     return request.param
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from support.load import Load, get
-from support.serve_process import ENGINES, HOST, ServeProcess, free_port, wait_until
+from support.serve_process import ENGINES, HOST, ServeProcess, free_port, installed_engine, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
@@ -65,10 +65,7 @@ def test_the_examples_are_valid_configurations(tmp_path):
 
 @pytest.fixture(params=list(ENGINES))
 def python(request) -> str:
-    path = ENGINES[request.param]
-    if not os.access(path, os.X_OK):
-        pytest.fail(f"engine {request.param!r}: {path} is not installed")
-    return path
+    return installed_engine(request.param)
 
 
 def _answers(port: int) -> bool:

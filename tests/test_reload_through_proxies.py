@@ -23,7 +23,7 @@ import pytest
 from harness import proxies
 from harness.processes import free_port
 from support.load import pid_of
-from support.serve_process import ENGINES, HOST, ServeProcess, wait_until
+from support.serve_process import ENGINES, HOST, ServeProcess, installed_engine, wait_until
 
 CURL = "/usr/bin/curl"
 TOKEN = "proxied-token-for-the-tests-0123456789"
@@ -130,8 +130,7 @@ def children_of(pid: int) -> set[int]:
 
 @pytest.fixture(params=list(ENGINES))
 def engine(request) -> str:
-    if not os.access(ENGINES[request.param], os.X_OK):
-        pytest.fail(f"engine {request.param!r}: {ENGINES[request.param]} is not installed")
+    installed_engine(request.param)
     return request.param
 
 

@@ -33,16 +33,14 @@ from harness.processes import alive, free_port
 from harness.systemd_service import REPO, SERVICE, InstalledService
 from support.appfiles import APPS
 from support.load import Load
-from support.serve_process import ENGINES, HOST, ServeProcess, run_cli, wait_until
+from support.serve_process import ENGINES, HOST, ServeProcess, installed_engine, run_cli, wait_until
 
 OPENSSL = "/usr/bin/openssl"
 
 
 @pytest.fixture(params=list(ENGINES))
 def engine(request) -> str:
-    python = ENGINES[request.param]
-    if not os.access(python, os.X_OK):
-        pytest.fail(f"engine {request.param!r}: {python} is not installed")
+    installed_engine(request.param)
     return request.param
 
 

@@ -23,7 +23,7 @@ import pytest
 from graceful_http import holderstate
 from graceful_http.holderstate import HOLDER_FD_VARIABLE, Service, holder_wanted, parse_report
 from support.load import Load, get, pid_of
-from support.serve_process import ENGINES, HOST, ServeProcess, alive, clean_environ, free_port, wait_until
+from support.serve_process import ENGINES, HOST, ServeProcess, alive, clean_environ, free_port, installed_engine, wait_until
 
 UNSHARE = ("unshare", "--pid", "--fork", "--mount-proc")
 
@@ -145,10 +145,7 @@ def test_a_report_goes_nowhere_but_a_datagram_channel(monkeypatch, capsys):
 
 @pytest.fixture(params=list(ENGINES))
 def python(request) -> str:
-    path = ENGINES[request.param]
-    if not os.access(path, os.X_OK):
-        pytest.fail(f"engine {request.param!r}: {path} is not installed")
-    return path
+    return installed_engine(request.param)
 
 
 def ppid_of(pid: int) -> int:

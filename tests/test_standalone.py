@@ -28,7 +28,7 @@ from harness.processes import alive, cmdline
 from support.load import Load, get, pid_of
 from support.prometheus import Samples, value
 from support.prometheus import scrape as scrape_metrics
-from support.serve_process import ENGINES, HOST, ServeProcess, clean_environ, wait_until
+from support.serve_process import ENGINES, HOST, ServeProcess, clean_environ, installed_engine, wait_until
 
 DEBIAN_UVICORN = "0.17.6"
 WRK = "/usr/bin/wrk"
@@ -84,9 +84,7 @@ def start(server: ServeProcess, *args: str) -> int:
 
 @pytest.fixture(params=list(ENGINES))
 def engine(request) -> str:
-    python = ENGINES[request.param]
-    if not os.access(python, os.X_OK):
-        pytest.fail(f"engine {request.param!r}: {python} is not installed")
+    installed_engine(request.param)
     return request.param
 
 

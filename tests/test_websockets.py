@@ -24,7 +24,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from support.serve_process import ENGINES, HOST, ServeProcess, wait_until
+from support.serve_process import ENGINES, HOST, ServeProcess, installed_engine, wait_until
 
 APPS = Path(__file__).resolve().parent / "apps"
 CLIENTS = 6
@@ -35,9 +35,7 @@ IMPLEMENTATIONS = [("pypi", "websockets"), ("pypi", "websockets-sansio"), ("pypi
 
 
 def serve(engine: str, directory: Path, *args: str) -> ServeProcess:
-    if not os.access(ENGINES[engine], os.X_OK):
-        pytest.fail(f"engine {engine!r}: {ENGINES[engine]} is not installed")
-    return ServeProcess(ENGINES[engine], directory, "--app-dir", str(APPS), "websocket_app:app",
+    return ServeProcess(installed_engine(engine), directory, "--app-dir", str(APPS), "websocket_app:app",
                         "--websocket-close-spread", str(SPREAD), "--no-access-log", *args, pid_file=True)
 
 

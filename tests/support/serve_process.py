@@ -19,6 +19,8 @@ import sys
 import uuid
 from pathlib import Path
 
+import pytest
+
 from harness import container
 from harness.processes import alive, free_port
 from support.load import get, pid_of
@@ -43,6 +45,14 @@ if os.environ.get("LISTEN_PID") == "self":
     os.environ["LISTEN_PID"] = str(os.getpid())
 os.execv(sys.argv[2], sys.argv[2:])
 """
+
+
+def installed_engine(name: str) -> str:
+    """Engine `name`'s interpreter; a test that needs a missing engine fails loudly (it never skips)."""
+    path = ENGINES[name]
+    if not os.access(path, os.X_OK):
+        pytest.fail(f"engine {name!r}: {path} is not installed")
+    return path
 
 
 def wait_until(predicate, timeout: float, what: str, diagnostics=lambda: ""):
