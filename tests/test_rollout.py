@@ -140,14 +140,20 @@ def test_rolled_completes_the_old_generation():
     assert old.handle(r.SuccessorGone(1)) == []
 
 
-def test_a_main_whose_workers_are_still_rolling_out_refuses_reloads():
+def test_a_main_whose_workers_are_still_rolling_out_refuses_reloads_and_says_how_far_it_is():
     from graceful_http.generation import BecameMain, HandoffMachine, Phase, ReloadRequested, Reply
 
     machine = HandoffMachine(generation=2, pid=100, ready_timeout=5)
     machine.handle(BecameMain(handed_over=True))
-    machine.rolling_out = True
+    machine.rolling_out = r.Rollout(4, RestartBackoff())
     replies = [a for a in machine.handle(ReloadRequested("SIGHUP", requester="me")) if isinstance(a, Reply)]
     assert machine.phase is Phase.SERVING
     assert replies[0].outcome.code == "refused" and "still replacing" in replies[0].outcome.detail
-    machine.rolling_out = False
+    assert machine.serving_status(0, 7).endswith("7 requests · rolling out: 1 of 4 workers new")
+    machine.rolling_out.begin()
+    machine.rolling_out.handle(r.OldRetired(pid=41, left=3))
+    machine.rolling_out.handle(r.NewWorkerReady(2))
+    assert machine.serving_status(0, 7).endswith(" · rolling out: 2 of 4 workers new, 3 old left")
+    machine.rolling_out = None
+    assert machine.serving_status(0, 7).endswith("7 requests")
     assert machine.handle(ReloadRequested("SIGHUP"))[-1].__class__.__name__ == "ArmReadyTimer"

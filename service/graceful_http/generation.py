@@ -169,7 +169,7 @@ class HandoffMachine:
         self.ready_timeout = ready_timeout
         self.state = State(phase=Phase.STARTING, generation=generation)
         self.traffic = (0, 0, 0)  # (in flight, requests served, connections adopted), kept current for STATUS=
-        self.rolling_out = False  # our workers still replace the previous generation's, one by one
+        self.rolling_out = None  # while our workers replace the previous generation's: the rollout (`progress()`)
 
     @property
     def phase(self) -> Phase:
@@ -193,6 +193,8 @@ class HandoffMachine:
         status = f"gen {self.state.generation} · pid {self.pid} · serving · {in_flight} in flight · {total} requests"
         if adopted:  # keep-alive connections taken over from the previous generation
             status += f" · {adopted} connections adopted"
+        if self.rolling_out is not None:
+            status += f" · {self.rolling_out.progress()}"
         if self.state.last_failure:
             status = f"reload failed: {self.state.last_failure} · {status}"
         return status
@@ -219,7 +221,7 @@ class HandoffMachine:
             return self._refuse(event, f"this generation (pid {self.pid}) has handed over and is draining")
         if s.phase is Phase.STOPPING:
             return self._refuse(event, "the service is stopping")
-        if self.rolling_out:
+        if self.rolling_out is not None:
             return self._refuse(event, "reload already in progress: this generation's workers are still replacing"
                                        " the previous one's")
         attempt = s.attempt + 1

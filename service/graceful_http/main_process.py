@@ -207,16 +207,16 @@ async def rollout(supervisor: Supervisor, predecessor: PredecessorLink | None, s
     from graceful_http.rolling import LineChannel, RolloutDriver
     from graceful_http.workers import RestartBackoff
 
-    supervisor.machine.rolling_out = True
     pool = supervisor.servers[0]
     pool.fork_now = functools.partial(fork_later_worker, settings, listeners, inherited, metrics, supervisor,
                                       predecessor)
     driver = RolloutDriver(supervisor.servers[0], LineChannel(predecessor.sock) if predecessor else None,
                            RestartBackoff())
+    supervisor.machine.rolling_out = driver.machine
     try:
         await driver.run()
     finally:
-        supervisor.machine.rolling_out = False
+        supervisor.machine.rolling_out = None
         if not settings.preload:
             pool.fork_now = None  # a worker replaced later is exec'd, as in any generation
 

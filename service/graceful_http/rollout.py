@@ -99,6 +99,13 @@ class Rollout:
     def begin(self) -> list:
         return self._after_ready()
 
+    def progress(self) -> str:
+        """Where the rollout is, for STATUS= (`systemctl status` during a reload)."""
+        progress = f"rolling out: {self.ready} of {self.total} workers new"
+        if self.predecessor and self.old_left:
+            progress += f", {self.old_left} old left"
+        return progress
+
     def handle(self, event) -> list:
         if self.done:
             return []
