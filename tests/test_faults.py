@@ -339,17 +339,19 @@ def test_stop_and_restart_in_the_middle_of_a_handoff(engine):
             main = wait_active(service)  # socket activation: a new invocation, so healthy again
             wait_until(lambda: load.result.pids[main] > 0, timeout=20, what=f"a response from pid {main}")
 
-            # b. restart while the old generation drains a request.
-            held = HeldRequest(service.port, "/sleep?seconds=3")
+            # b. restart while the old generation drains a request (long enough to outlast a slow reload).
+            held = HeldRequest(service.port, "/sleep?seconds=6")
             wait_in_flight(service, 1)
+            cursor = service.container.journal_cursor()
             assert service.reload().returncode == 0
             draining = main
-            cursor = service.container.journal_cursor()
+            assert alive(service, draining), "the old generation finished its request before the restart"
             service.container.systemctl("restart", SERVICE, timeout=60)
             _check_held(service, held, draining, "b. restart while draining")
             assert not alive(service, draining)
             journal = journal_since(service, cursor)
-            assert "SIGTERM received while draining" in journal or "exited: generation 1" in journal
+            lifecycle = "\n".join(line for line in journal.splitlines() if '"GET ' not in line)
+            assert "SIGTERM received while draining" in journal or "exited: generation 1" in journal, lifecycle
             main = wait_active(service)
             wait_until(lambda: load.result.pids[main] > 0, timeout=20, what=f"a response from pid {main}")
 
