@@ -1,0 +1,168 @@
+"""Start a new generation as a fork of this main, without exec, when exec would load the very code that is
+loaded here: the new main then shares this one's interpreter, engine and graceful-http pages copy-on-write
+instead of importing them again.
+
+Why: during a worker-by-worker rollout two mains run side by side, and an exec'd new main is a second copy
+of everything a main imports (about 20 MB, measured), on top of the one extra worker the rollout allows.
+
+When: only a main with workers that has imported neither the app (no --preload) nor prometheus_client (no
+--metrics), and only if no file this process has loaded (the modules in sys.modules, and the interpreter
+and shared libraries it maps) has changed since this process (or the first exec'd ancestor it was forked
+from) started: a new graceful-http, uvicorn or Python install, or any edited module, is exec'd, as always.
+"Changed" is judged by the inode change time, which every write, rename or install sets (unlike mtime, which
+installers preserve), so a replaced file is never mistaken for the loaded one. The app (imported by the
+workers), the configuration and the environment file are read anew by the new generation either way.
+
+In the fork, what exec would reset is reset by hand before the new generation's start runs as if exec'd:
+descriptors marked close-on-exec are closed, the signal handlers restored, the environment replaced; the old
+main's objects are left alone (frozen out of the collector, never run again).
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import signal
+import sys
+from collections.abc import Callable, Iterable
+
+
+def unchanged_since(paths: Iterable[str], since_ns: int, change_time: Callable[[str], int | None]) -> bool:
+    """True if every file in `paths` still exists and was last changed (inode change time, ns) before
+    `since_ns`; a file that cannot be examined counts as changed."""
+    for path in paths:
+        changed = change_time(path)
+        if changed is None or changed >= since_ns:
+            return False
+    return True
+
+
+def mapped_files(maps_text: str) -> tuple[set[str], bool]:
+    """(the files mapped in a /proc/<pid>/maps text, whether any of them was deleted or replaced)."""
+    files: set[str] = set()
+    replaced = False
+    for line in maps_text.splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) < 6 or not fields[5].startswith("/"):
+            continue
+        path = fields[5]
+        if path.endswith(" (deleted)"):
+            replaced = True
+        else:
+            files.add(path)
+    return files, replaced
+
+
+def loaded_files() -> set[str] | None:
+    """Every file whose contents this process runs: its modules' files and its mapped files; None if a mapped
+    file was replaced."""
+    with open("/proc/self/maps") as file:
+        files, replaced = mapped_files(file.read())
+    if replaced:
+        return None
+    for module in list(sys.modules.values()):
+        path = getattr(module, "__file__", None)
+        if isinstance(path, str) and os.path.isabs(path):
+            files.add(path)
+    return files
+
+
+def _change_time(path: str) -> int | None:
+    try:
+        return os.stat(path).st_ctime_ns
+    except OSError:
+        return None
+
+
+def _process_start_ns() -> int:
+    """When this process started (rounded down: to the second of boot time, then the clock tick)."""
+    with open("/proc/self/stat") as file:
+        ticks = int(file.read().rpartition(")")[2].split()[19])
+    with open("/proc/stat") as file:
+        boot = next(int(line.split()[1]) for line in file if line.startswith("btime "))
+    return boot * 1_000_000_000 + ticks * 1_000_000_000 // os.sysconf("SC_CLK_TCK")
+
+
+# When the code loaded here was loaded, at the latest: set on import, in a main that was exec'd (its forks
+# inherit it with the code).
+CODE_LOADED_SINCE_NS = _process_start_ns()
+
+
+def same_code_as_on_disk() -> bool:
+    files = loaded_files()
+    return files is not None and unchanged_since(files, CODE_LOADED_SINCE_NS, _change_time)
+
+
+# A forked main keeps what the old main's stack referenced (its loop and supervisor: about 0.4 MB), which
+# nothing can free; so after this many forked generations in a row the next one is exec'd.
+MAX_FORKED_IN_A_ROW = 8
+forked_in_a_row = 0  # how many generations before (and including) this one were forked, not exec'd
+
+
+def eligible(workers: int, preload: bool, metrics: bool) -> bool:
+    """Whether a main so configured may fork its successor (see the module's docstring)."""
+    return workers > 1 and not preload and not metrics and "prometheus_client" not in sys.modules
+
+
+def from_a_fresh_stack(spawn: Callable[[], int]) -> int:
+    """spawn() in a thread of its own, waited for: the fork's only thread (its main thread) is then this one,
+    whose stack holds nothing of the old main (forked from where the old main's loop runs, the new generation
+    would run inside the old one's frames, deeper at each reload, and keep them alive)."""
+    import threading
+
+    result: list = []
+
+    def run() -> None:
+        try:
+            result.append(spawn())
+        except BaseException as exc:  # handed back to the caller below
+            result.append(exc)
+
+    thread = threading.Thread(target=run, name="graceful-http successor fork")
+    thread.start()
+    thread.join()
+    if isinstance(result[0], BaseException):
+        raise result[0]
+    return result[0]
+
+
+def continue_as_successor(command: list[str], environ: dict[str, str]) -> None:  # pragma: no cover - in a fork
+    """In the forked new generation, its sockets already in place: run it here and exit, if the code on disk
+    is the code loaded; else return (the caller execs `command`)."""
+    from graceful_http.spawn import _flush_and_exit, successor_command
+
+    global forked_in_a_row
+    if command != successor_command() or forked_in_a_row >= MAX_FORKED_IN_A_ROW or not same_code_as_on_disk():
+        return
+    forked_in_a_row += 1
+    gc.freeze()  # the old main's objects, kept by its thread's stack: out of the collector's way for good
+    _close_on_exec_descriptors()
+    signal.set_wakeup_fd(-1)
+    for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGCHLD, signal.SIGQUIT):
+        signal.signal(signum, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    os.environ.clear()
+    os.environ.update(environ)
+    from graceful_http.cli import main  # the same arguments: sys.argv is the one `command` gave this process
+
+    code = 70
+    try:
+        code = main()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    except BaseException as exc:
+        os.write(2, f"graceful-http: new generation {os.getpid()} failed: {exc!r}\n".encode())
+    finally:
+        _flush_and_exit(code)
+
+
+def _close_on_exec_descriptors() -> None:  # pragma: no cover - in a fork
+    import fcntl
+
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        try:
+            if fd > 2 and fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC:
+                os.close(fd)
+        except OSError:
+            pass
