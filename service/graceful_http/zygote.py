@@ -75,12 +75,13 @@ def _change_time(path: str) -> int | None:
 
 
 def _process_start_ns() -> int:
-    """When this process started (rounded down: to the second of boot time, then the clock tick)."""
+    """When this process started, as wall-clock time (rounded down to the clock tick the kernel counts in)."""
+    import time
+
     with open("/proc/self/stat") as file:
         ticks = int(file.read().rpartition(")")[2].split()[19])
-    with open("/proc/stat") as file:
-        boot = next(int(line.split()[1]) for line in file if line.startswith("btime "))
-    return boot * 1_000_000_000 + ticks * 1_000_000_000 // os.sysconf("SC_CLK_TCK")
+    since_boot = ticks * 1_000_000_000 // os.sysconf("SC_CLK_TCK")
+    return time.time_ns() - (time.clock_gettime_ns(time.CLOCK_BOOTTIME) - since_boot)
 
 
 # When the code loaded here was loaded, at the latest: set on import, in a main that was exec'd (its forks
