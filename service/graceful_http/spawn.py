@@ -178,6 +178,8 @@ def _exec_with_sockets(listen_fds, names, channel_fd, inherited, environ, comman
         listen = successor_environ(environ, names, pid, inode_id(pid))
         env = inherited.with_channel(LISTEN_FDS_START + count).to_environ(listen)
         if instead_of_exec is not None:
+            for fd in temporaries:  # as exec would: they are close-on-exec
+                os.close(fd)
             instead_of_exec(command, env)
         os.execve(command[0], command, env)
     except BaseException as exc:

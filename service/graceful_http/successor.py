@@ -43,8 +43,8 @@ class Successor:
         spawn = functools.partial(spawn_successor, [item.sock.fileno() for item in listeners],
                                   [item.name for item in listeners], link.theirs.fileno(), inherited, environ)
         try:
-            pid = from_a_fresh_stack(functools.partial(spawn, instead_of_exec=continue_as_successor)) if fork_only \
-                else spawn()
+            pid = from_a_fresh_stack(lambda before: spawn(
+                instead_of_exec=functools.partial(continue_as_successor, before))) if fork_only else spawn()
         except OSError:
             link.close()
             raise

@@ -105,17 +105,18 @@ def eligible(workers: int, preload: bool, metrics: bool) -> bool:
     return workers > 1 and not preload and not metrics and "prometheus_client" not in sys.modules
 
 
-def from_a_fresh_stack(spawn: Callable[[], int]) -> int:
-    """spawn() in a thread of its own, waited for: the fork's only thread (its main thread) is then this one,
-    whose stack holds nothing of the old main (forked from where the old main's loop runs, the new generation
-    would run inside the old one's frames, deeper at each reload, and keep them alive)."""
+def from_a_fresh_stack(spawn: Callable[..., int]) -> int:
+    """spawn(open_before) in a thread of its own, waited for: the fork's only thread (its main thread) is then
+    this one, whose stack holds nothing of the old main (forked from where the old main's loop runs, the new
+    generation would run inside the old one's frames, deeper at each reload, and keep them alive).
+    `open_before`: our descriptors, as they are just before the fork."""
     import threading
 
     result: list = []
 
     def run() -> None:
         try:
-            result.append(spawn())
+            result.append(spawn(open_descriptors()))
         except BaseException as exc:  # handed back to the caller below
             result.append(exc)
 
@@ -127,9 +128,14 @@ def from_a_fresh_stack(spawn: Callable[[], int]) -> int:
     return result[0]
 
 
-def continue_as_successor(command: list[str], environ: dict[str, str]) -> None:  # pragma: no cover - in a fork
+def open_descriptors() -> set[int]:
+    return {int(name) for name in os.listdir("/proc/self/fd")}
+
+
+def continue_as_successor(open_before: set[int], command: list[str],
+                          environ: dict[str, str]) -> None:  # pragma: no cover - in a fork
     """In the forked new generation, its sockets already in place: run it here and exit, if the code on disk
-    is the code loaded; else return (the caller execs `command`)."""
+    is the code loaded; else return (the caller execs `command`). `open_before`: the old main's descriptors."""
     from graceful_http.spawn import _flush_and_exit, successor_command
 
     global forked_in_a_row
@@ -137,8 +143,8 @@ def continue_as_successor(command: list[str], environ: dict[str, str]) -> None: 
         return
     forked_in_a_row += 1
     gc.freeze()  # the old main's objects, kept by its thread's stack: out of the collector's way for good
-    _close_on_exec_descriptors()
     signal.set_wakeup_fd(-1)
+    _close_the_old_mains_descriptors(open_before)
     for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGCHLD, signal.SIGQUIT):
         signal.signal(signum, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -157,13 +163,37 @@ def continue_as_successor(command: list[str], environ: dict[str, str]) -> None: 
         _flush_and_exit(code)
 
 
-def _close_on_exec_descriptors() -> None:  # pragma: no cover - in a fork
+def _close_the_old_mains_descriptors(open_before: set[int]) -> None:  # pragma: no cover - in a fork
+    """Close what exec would of the old main's descriptors (those marked close-on-exec: its control socket,
+    its channels to its workers and generations, its loop's), but for the datagram sockets libraries keep
+    to send on (libsystemd's to the journal, which it would go on using). Descriptors made since the fork
+    (the C libraries' own after-fork handlers make some) are the new generation's."""
     import fcntl
+    import socket
 
-    for name in os.listdir("/proc/self/fd"):
-        fd = int(name)
+    for fd in sorted(open_before & open_descriptors()):
         try:
-            if fd > 2 and fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC:
-                os.close(fd)
+            if fd <= 2 or not fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC:
+                continue
+            if _unconnected_datagram_socket(fd, socket):
+                continue
+            os.close(fd)
         except OSError:
             pass
+
+
+def _unconnected_datagram_socket(fd: int, socket) -> bool:  # pragma: no cover - in a fork
+    try:
+        probe = socket.socket(fileno=fd)
+    except OSError:
+        return False  # not a socket
+    try:
+        if probe.type != socket.SOCK_DGRAM:
+            return False
+        try:
+            probe.getpeername()
+        except OSError:
+            return True
+        return False
+    finally:
+        probe.detach()
