@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from graceful_http.zygote import eligible, mapped_files, unchanged_since
+from graceful_http.zygote import eligible, interpreter_environment, mapped_files, unchanged_since
 from support.load import get
 from support.serve_process import ENGINES, HOST, SERVICE_DIR, ServeProcess
 
@@ -43,6 +43,13 @@ def test_only_a_main_of_workers_without_the_app_or_metrics_loaded_forks():
     assert not eligible(1, preload=False, metrics=False)  # the main serves itself: its connections are in it
     assert not eligible(4, preload=True, metrics=False)  # the app's import-time state would be the old one's
     assert not eligible(4, preload=False, metrics=True)
+
+
+def test_the_variables_that_shape_an_interpreter_are_compared():
+    started = {"PYTHONPATH": "/srv/a", "LD_PRELOAD": "libjemalloc.so", "HOME": "/root"}
+    assert interpreter_environment(started) == {"PYTHONPATH": "/srv/a", "LD_PRELOAD": "libjemalloc.so"}
+    assert interpreter_environment({**started, "APP_SETTING": "2"}) == interpreter_environment(started)
+    assert interpreter_environment({**started, "PYTHONPATH": "/srv/b"}) != interpreter_environment(started)
 
 
 def served_by_copy(engine: str, tmp_path: Path) -> ServeProcess:

@@ -6,16 +6,19 @@ Why: during a worker-by-worker rollout two mains run side by side, and an exec'd
 of everything a main imports (about 20 MB, measured), on top of the one extra worker the rollout allows.
 
 When: only a main with workers that has imported neither the app (no --preload) nor prometheus_client (no
---metrics), and only if no file this process has loaded (the modules in sys.modules, and the interpreter
-and shared libraries it maps) has changed since this process (or the first exec'd ancestor it was forked
-from) started: a new graceful-http, uvicorn or Python install, or any edited module, is exec'd, as always.
-"Changed" is judged by the inode change time, which every write, rename or install sets (unlike mtime, which
-installers preserve), so a replaced file is never mistaken for the loaded one. The app (imported by the
-workers), the configuration and the environment file are read anew by the new generation either way.
+--metrics); only with the same command and the same PYTHON*/LD_* variables; and only if no file this process
+has loaded (the modules in sys.modules, the interpreter and shared libraries it maps) has changed since this
+process (or the exec'd ancestor it was forked from) started: a new graceful-http, uvicorn or Python install,
+or any edited module, is exec'd, as always. "Changed" is judged by the inode change time, which every write,
+rename or install sets (unlike mtime, which installers preserve). The app (imported by the workers), the
+configuration and the environment file are read anew by the new generation either way.
 
-In the fork, what exec would reset is reset by hand before the new generation's start runs as if exec'd:
-descriptors marked close-on-exec are closed, the signal handlers restored, the environment replaced; the old
-main's objects are left alone (frozen out of the collector, never run again).
+How: the fork is made from a thread of its own, so that the new generation's only thread starts on a short
+stack, not inside the old main's running loop (which it would otherwise run within, one level deeper at
+each reload). What exec would reset is reset by hand: the old main's close-on-exec descriptors closed, the
+signal handlers restored, the environment replaced. The old main's objects stay where its thread left them
+(frozen out of the collector, never run again): about 0.4 MB that nothing can free, so after
+MAX_FORKED_IN_A_ROW forked generations the next is exec'd.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import gc
 import os
 import signal
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 
 def unchanged_since(paths: Iterable[str], since_ns: int, change_time: Callable[[str], int | None]) -> bool:
@@ -94,15 +97,26 @@ def same_code_as_on_disk() -> bool:
     return files is not None and unchanged_since(files, CODE_LOADED_SINCE_NS, _change_time)
 
 
-# A forked main keeps what the old main's stack referenced (its loop and supervisor: about 0.4 MB), which
-# nothing can free; so after this many forked generations in a row the next one is exec'd.
-MAX_FORKED_IN_A_ROW = 8
+MAX_FORKED_IN_A_ROW = 8  # what each keeps of its predecessor (see above) stays below about 3 MB
 forked_in_a_row = 0  # how many generations before (and including) this one were forked, not exec'd
+
+
+def interpreter_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """The variables that shape an interpreter as it starts (PYTHONPATH, PYTHONHASHSEED, LD_PRELOAD, …)."""
+    return {name: value for name, value in environ.items() if name.startswith(("PYTHON", "LD_"))}
+
+
+def started_with_environment() -> dict[str, str]:
+    """The environment this process (or the exec'd ancestor it was forked from) was started with."""
+    with open("/proc/self/environ", "rb") as file:
+        entries = file.read().split(b"\0")
+    pairs = (entry.decode("utf-8", "surrogateescape").partition("=") for entry in entries if b"=" in entry)
+    return {name: value for name, _, value in pairs}
 
 
 def eligible(workers: int, preload: bool, metrics: bool) -> bool:
     """Whether a main so configured may fork its successor (see the module's docstring)."""
-    return workers > 1 and not preload and not metrics and "prometheus_client" not in sys.modules
+    return workers > 1 and not preload and not metrics
 
 
 def from_a_fresh_stack(spawn: Callable[..., int]) -> int:
@@ -139,7 +153,9 @@ def continue_as_successor(open_before: set[int], command: list[str],
     from graceful_http.spawn import _flush_and_exit, successor_command
 
     global forked_in_a_row
-    if command != successor_command() or forked_in_a_row >= MAX_FORKED_IN_A_ROW or not same_code_as_on_disk():
+    if (command != successor_command() or forked_in_a_row >= MAX_FORKED_IN_A_ROW or "prometheus_client" in sys.modules
+            or interpreter_environment(environ) != interpreter_environment(started_with_environment())
+            or not same_code_as_on_disk()):
         return
     forked_in_a_row += 1
     gc.freeze()  # the old main's objects, kept by its thread's stack: out of the collector's way for good
