@@ -17,7 +17,7 @@ How: the fork is made from a thread of its own, so that the new generation's onl
 stack, not inside the old main's running loop (which it would otherwise run within, one level deeper at
 each reload). What exec would reset is reset by hand: the old main's close-on-exec descriptors closed, the
 signal handlers restored, the environment replaced. The old main's objects stay where its thread left them
-(frozen out of the collector, never run again): about 0.4 MB that nothing can free, so after
+(frozen out of the collector, never run again): about 0.5 MB that nothing can free, so after
 MAX_FORKED_IN_A_ROW forked generations the next is exec'd.
 """
 
@@ -97,7 +97,7 @@ def same_code_as_on_disk() -> bool:
     return files is not None and unchanged_since(files, CODE_LOADED_SINCE_NS, _change_time)
 
 
-MAX_FORKED_IN_A_ROW = 8  # what each keeps of its predecessor (see above) stays below about 3 MB
+MAX_FORKED_IN_A_ROW = 8  # what they keep of their predecessors (see above) stays below about 4 MB
 forked_in_a_row = 0  # how many generations before (and including) this one were forked, not exec'd
 
 
