@@ -134,6 +134,11 @@ def from_a_fresh_stack(spawn: Callable[..., int]) -> int:
         except BaseException as exc:  # handed back to the caller below
             result.append(exc)
 
+    for stream in (sys.stdout, sys.stderr):  # or the fork would write again what is still buffered
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
     thread = threading.Thread(target=run, name="graceful-http successor fork")
     thread.start()
     thread.join()
