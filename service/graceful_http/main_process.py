@@ -11,7 +11,7 @@ import signal
 import socket
 import time
 
-from graceful_http import __version__, logs
+from graceful_http import __version__, logs, zygote
 from graceful_http import generation as g
 from graceful_http.controlsocket import ControlServer
 from graceful_http.fdlimit import describe_limit, raise_soft_limit
@@ -126,7 +126,8 @@ async def _serve(settings: ServeSettings, inherited: Inherited, listeners, prede
     loop = asyncio.get_running_loop()
     warn_about_single_process_recycling(settings)
     ports = Ports(
-        start_successor=functools.partial(_start_successor, listeners, inherited, metrics),
+        start_successor=functools.partial(_start_successor, listeners, inherited, metrics,
+                                          zygote.eligible(settings.workers, settings.preload, metrics is not None)),
         notifier=Notifier(),
         control_server=ControlServer,
         wait_until_reaped=wait_until_reaped,
@@ -163,6 +164,8 @@ async def _serve(settings: ServeSettings, inherited: Inherited, listeners, prede
     except StartError as exc:
         return report_start_failure(str(exc), predecessor)
     log.info("graceful-http %s serving %s on %s", __version__, settings.app, supervisor.servers[0].describe())
+    if zygote.forked_in_a_row:
+        log.info("forked from the previous main, not exec'd: the code on disk is the code it had loaded")
     for listener in listeners:
         log.info("listening on %s", listener.describe())
     log.info("%s", describe_limit())
@@ -246,11 +249,12 @@ def fork_later_worker(settings: ServeSettings, listeners, inherited: Inherited, 
                         private)
 
 
-def _start_successor(listeners, inherited: Inherited, metrics: Metrics | None, attempt: int,
+def _start_successor(listeners, inherited: Inherited, metrics: Metrics | None, fork_only: bool, attempt: int,
                      generation: int) -> Successor:
     environ = dict(os.environ)
     carried = None
     if metrics is not None:
         carried = metrics.carried_on(reload_started=time.monotonic())
         metrics.successor_environ(environ)
-    return Successor.start(attempt, generation, listeners, inherited.for_new_generation(generation, carried), environ)
+    return Successor.start(attempt, generation, listeners, inherited.for_new_generation(generation, carried), environ,
+                           fork_only)

@@ -45,12 +45,15 @@ def spawn_successor(
     inherited: Inherited,
     environ: Mapping[str, str],
     command: Sequence[str] | None = None,
+    instead_of_exec: Callable[[list[str], dict[str, str]], None] | None = None,
 ) -> int:
     """Fork twice and exec the new generation; return its pid.
 
     The intermediate process exits at once, so the new generation is adopted
     by PID 1 (the service manager). It leads a new session, so it and
-    everything it starts can be killed as one process group.
+    everything it starts can be killed as one process group. `instead_of_exec`
+    (command, environment), called where exec would be, may run the new
+    generation in the fork itself (see `zygote`), or return to have it exec'd.
     """
     command = list(command or successor_command())
     pid_read, pid_write = os.pipe()
@@ -62,7 +65,7 @@ def spawn_successor(
             if grandchild == 0:
                 os.close(pid_write)
                 os.setsid()
-                _exec_with_sockets(listen_fds, names, handoff_fd, inherited, environ, command)
+                _exec_with_sockets(listen_fds, names, handoff_fd, inherited, environ, command, instead_of_exec)
             os.write(pid_write, str(grandchild).encode())
         finally:
             os._exit(0)
@@ -161,7 +164,8 @@ def _flush_and_exit(code: int) -> None:  # pragma: no cover - runs in a forked c
     os._exit(code)
 
 
-def _exec_with_sockets(listen_fds, names, channel_fd, inherited, environ, command) -> None:  # pragma: no cover
+def _exec_with_sockets(listen_fds, names, channel_fd, inherited, environ, command,
+                       instead_of_exec=None) -> None:  # pragma: no cover
     try:
         count = len(listen_fds)
         # Move every fd we pass above the target range first, so placing them at
@@ -173,6 +177,10 @@ def _exec_with_sockets(listen_fds, names, channel_fd, inherited, environ, comman
         pid = os.getpid()
         listen = successor_environ(environ, names, pid, inode_id(pid))
         env = inherited.with_channel(LISTEN_FDS_START + count).to_environ(listen)
+        if instead_of_exec is not None:
+            for fd in temporaries:  # as exec would: they are close-on-exec
+                os.close(fd)
+            instead_of_exec(command, env)
         os.execve(command[0], command, env)
     except BaseException as exc:
         os.write(2, f"graceful-http: cannot start a new process: {exc}\n".encode())

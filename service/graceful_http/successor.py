@@ -4,6 +4,7 @@ of its workers): start it, learn whether it became ready, hand over to it, or ki
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import select
@@ -33,12 +34,17 @@ class Successor:
 
     @classmethod
     def start(cls, attempt: int, generation: int, listeners: Sequence, inherited: Inherited,
-              environ: dict[str, str]) -> Successor:
-        """Start generation `generation` on our `listeners`; OSError if it cannot even be forked."""
+              environ: dict[str, str], fork_only: bool = False) -> Successor:
+        """Start generation `generation` on our `listeners`; OSError if it cannot even be forked. `fork_only`:
+        without exec if the code on disk is the code loaded here (see `zygote`)."""
+        from graceful_http.zygote import continue_as_successor, from_a_fresh_stack
+
         link = SuccessorLink()
+        spawn = functools.partial(spawn_successor, [item.sock.fileno() for item in listeners],
+                                  [item.name for item in listeners], link.theirs.fileno(), inherited, environ)
         try:
-            pid = spawn_successor([item.sock.fileno() for item in listeners], [item.name for item in listeners],
-                                  link.theirs.fileno(), inherited, environ)
+            pid = from_a_fresh_stack(lambda before: spawn(
+                instead_of_exec=functools.partial(continue_as_successor, before))) if fork_only else spawn()
         except OSError:
             link.close()
             raise

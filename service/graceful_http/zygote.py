@@ -1,0 +1,220 @@
+"""Start a new generation as a fork of this main, without exec, when exec would load the very code that is
+loaded here: the new main then shares this one's interpreter, engine and graceful-http pages copy-on-write
+instead of importing them again.
+
+Why: during a worker-by-worker rollout two mains run side by side, and an exec'd new main is a second copy
+of everything a main imports (about 20 MB, measured), on top of the one extra worker the rollout allows.
+
+When: only a main with workers that has imported neither the app (no --preload) nor prometheus_client (no
+--metrics); only with the same command and the same PYTHON*/LD_* variables; and only if no file this process
+has loaded (the modules in sys.modules, the interpreter and shared libraries it maps) has changed since this
+process (or the exec'd ancestor it was forked from) started: a new graceful-http, uvicorn or Python install,
+or any edited module, is exec'd, as always. "Changed" is judged by the inode change time, which every write,
+rename or install sets (unlike mtime, which installers preserve). The app (imported by the workers), the
+configuration and the environment file are read anew by the new generation either way.
+
+How: the fork is made from a thread of its own, so that the new generation's only thread starts on a short
+stack, not inside the old main's running loop (which it would otherwise run within, one level deeper at
+each reload). What exec would reset is reset by hand: the old main's close-on-exec descriptors closed, the
+signal handlers restored, the environment replaced. The old main's objects stay where its thread left them
+(frozen out of the collector, never run again): about 0.5 MB that nothing can free, so after
+MAX_FORKED_IN_A_ROW forked generations the next is exec'd.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import signal
+import sys
+from collections.abc import Callable, Iterable, Mapping
+
+
+def unchanged_since(paths: Iterable[str], since_ns: int, change_time: Callable[[str], int | None]) -> bool:
+    """True if every file in `paths` still exists and was last changed (inode change time, ns) before
+    `since_ns`; a file that cannot be examined counts as changed."""
+    for path in paths:
+        changed = change_time(path)
+        if changed is None or changed >= since_ns:
+            return False
+    return True
+
+
+def mapped_files(maps_text: str) -> tuple[set[str], bool]:
+    """(the files mapped in a /proc/<pid>/maps text, whether any of them was deleted or replaced)."""
+    files: set[str] = set()
+    replaced = False
+    for line in maps_text.splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) < 6 or not fields[5].startswith("/"):
+            continue
+        path = fields[5]
+        if path.endswith(" (deleted)"):
+            replaced = True
+        else:
+            files.add(path)
+    return files, replaced
+
+
+def loaded_files() -> set[str] | None:
+    """Every file whose contents this process runs: its modules' files and its mapped files; None if a mapped
+    file was replaced."""
+    with open("/proc/self/maps") as file:
+        files, replaced = mapped_files(file.read())
+    if replaced:
+        return None
+    for module in list(sys.modules.values()):
+        path = getattr(module, "__file__", None)
+        if isinstance(path, str) and os.path.isabs(path):
+            files.add(path)
+    return files
+
+
+def _change_time(path: str) -> int | None:
+    try:
+        return os.stat(path).st_ctime_ns
+    except OSError:
+        return None
+
+
+def _process_start_ns() -> int:
+    """When this process started, as wall-clock time (rounded down to the clock tick the kernel counts in)."""
+    import time
+
+    with open("/proc/self/stat") as file:
+        ticks = int(file.read().rpartition(")")[2].split()[19])
+    since_boot = ticks * 1_000_000_000 // os.sysconf("SC_CLK_TCK")
+    return time.time_ns() - (time.clock_gettime_ns(time.CLOCK_BOOTTIME) - since_boot)
+
+
+# When the code loaded here was loaded, at the latest: set on import, in a main that was exec'd (its forks
+# inherit it with the code).
+CODE_LOADED_SINCE_NS = _process_start_ns()
+
+
+def same_code_as_on_disk() -> bool:
+    files = loaded_files()
+    return files is not None and unchanged_since(files, CODE_LOADED_SINCE_NS, _change_time)
+
+
+MAX_FORKED_IN_A_ROW = 8  # what they keep of their predecessors (see above) stays below about 4 MB
+forked_in_a_row = 0  # how many generations before (and including) this one were forked, not exec'd
+
+
+def interpreter_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """The variables that shape an interpreter as it starts (PYTHONPATH, PYTHONHASHSEED, LD_PRELOAD, …)."""
+    return {name: value for name, value in environ.items() if name.startswith(("PYTHON", "LD_"))}
+
+
+def started_with_environment() -> dict[str, str]:
+    """The environment this process (or the exec'd ancestor it was forked from) was started with."""
+    with open("/proc/self/environ", "rb") as file:
+        entries = file.read().split(b"\0")
+    pairs = (entry.decode("utf-8", "surrogateescape").partition("=") for entry in entries if b"=" in entry)
+    return {name: value for name, _, value in pairs}
+
+
+def eligible(workers: int, preload: bool, metrics: bool) -> bool:
+    """Whether a main so configured may fork its successor (see the module's docstring)."""
+    return workers > 1 and not preload and not metrics
+
+
+def from_a_fresh_stack(spawn: Callable[..., int]) -> int:
+    """spawn(open_before) in a thread of its own, waited for: the fork's only thread (its main thread) is then
+    this one, whose stack holds nothing of the old main (forked from where the old main's loop runs, the new
+    generation would run inside the old one's frames, deeper at each reload, and keep them alive).
+    `open_before`: our descriptors, as they are just before the fork."""
+    import threading
+
+    result: list = []
+
+    def run() -> None:
+        try:
+            result.append(spawn(open_descriptors()))
+        except BaseException as exc:  # handed back to the caller below
+            result.append(exc)
+
+    for stream in (sys.stdout, sys.stderr):  # or the fork would write again what is still buffered
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    thread = threading.Thread(target=run, name="graceful-http successor fork")
+    thread.start()
+    thread.join()
+    if isinstance(result[0], BaseException):
+        raise result[0]
+    return result[0]
+
+
+def open_descriptors() -> set[int]:
+    return {int(name) for name in os.listdir("/proc/self/fd")}
+
+
+def continue_as_successor(open_before: set[int], command: list[str],
+                          environ: dict[str, str]) -> None:  # pragma: no cover - in a fork
+    """In the forked new generation, its sockets already in place: run it here and exit, if the code on disk
+    is the code loaded; else return (the caller execs `command`). `open_before`: the old main's descriptors."""
+    from graceful_http.spawn import _flush_and_exit, successor_command
+
+    global forked_in_a_row
+    if (command != successor_command() or forked_in_a_row >= MAX_FORKED_IN_A_ROW or "prometheus_client" in sys.modules
+            or interpreter_environment(environ) != interpreter_environment(started_with_environment())
+            or not same_code_as_on_disk()):
+        return
+    forked_in_a_row += 1
+    gc.freeze()  # the old main's objects, kept by its thread's stack: out of the collector's way for good
+    signal.set_wakeup_fd(-1)
+    _close_the_old_mains_descriptors(open_before)
+    for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGCHLD, signal.SIGQUIT):
+        signal.signal(signum, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    os.environ.clear()
+    os.environ.update(environ)
+    from graceful_http.cli import main  # the same arguments: sys.argv is the one `command` gave this process
+
+    code = 70
+    try:
+        code = main()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    except BaseException as exc:
+        os.write(2, f"graceful-http: new generation {os.getpid()} failed: {exc!r}\n".encode())
+    finally:
+        _flush_and_exit(code)
+
+
+def _close_the_old_mains_descriptors(open_before: set[int]) -> None:  # pragma: no cover - in a fork
+    """Close what exec would of the old main's descriptors (those marked close-on-exec: its control socket,
+    its channels to its workers and generations, its loop's), but for the datagram sockets libraries keep
+    to send on (libsystemd's to the journal, which it would go on using). Descriptors made since the fork
+    (the C libraries' own after-fork handlers make some) are the new generation's."""
+    import fcntl
+    import socket
+
+    for fd in sorted(open_before & open_descriptors()):
+        try:
+            if fd <= 2 or not fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC:
+                continue
+            if _unconnected_datagram_socket(fd, socket):
+                continue
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def _unconnected_datagram_socket(fd: int, socket) -> bool:  # pragma: no cover - in a fork
+    try:
+        probe = socket.socket(fileno=fd)
+    except OSError:
+        return False  # not a socket
+    try:
+        if probe.type != socket.SOCK_DGRAM:
+            return False
+        try:
+            probe.getpeername()
+        except OSError:
+            return True
+        return False
+    finally:
+        probe.detach()

@@ -1,0 +1,92 @@
+"""A new generation forked from the old main (not exec'd) when the code on disk is the code loaded, and exec'd
+as soon as any loaded file changed: the pure decisions, then real reloads of a real service."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from graceful_http.zygote import eligible, interpreter_environment, mapped_files, unchanged_since
+from support.load import get
+from support.serve_process import ENGINES, HOST, SERVICE_DIR, ServeProcess
+
+APPS_DIR = Path(__file__).parent / "apps"
+FORKED = "forked from the previous main, not exec'd"
+
+
+def test_files_changed_at_or_after_the_reference_time_or_gone_are_changed():
+    times = {"/a": 100, "/b": 199, "/c": 200, "/gone": None}
+    assert unchanged_since(["/a", "/b"], 200, times.get)
+    assert not unchanged_since(["/a", "/c"], 200, times.get)
+    assert not unchanged_since(["/a", "/gone"], 200, times.get)
+    assert unchanged_since([], 200, times.get)
+
+
+def test_mapped_files_are_read_from_maps_and_a_replaced_one_is_noticed():
+    maps = (
+        "55d0c0000000-55d0c0001000 r--p 00000000 08:01 1234 /usr/bin/python3.11\n"
+        "7f0000000000-7f0000001000 rw-p 00000000 00:00 0 \n"
+        "7f0000002000-7f0000003000 r-xp 00000000 08:01 99 /usr/lib/x86_64-linux-gnu/libssl.so.3\n"
+        "7ffd00000000-7ffd00001000 rw-p 00000000 00:00 0 [stack]\n"
+    )
+    files, replaced = mapped_files(maps)
+    assert files == {"/usr/bin/python3.11", "/usr/lib/x86_64-linux-gnu/libssl.so.3"}
+    assert not replaced
+    _, replaced = mapped_files(maps + "7f0000004000-7f0000005000 r-xp 00000000 08:01 77 /usr/lib/libz.so.1 (deleted)\n")
+    assert replaced
+
+
+def test_only_a_main_of_workers_without_the_app_or_metrics_loaded_forks():
+    assert eligible(4, preload=False, metrics=False)
+    assert not eligible(1, preload=False, metrics=False)  # the main serves itself: its connections are in it
+    assert not eligible(4, preload=True, metrics=False)  # the app's import-time state would be the old one's
+    assert not eligible(4, preload=False, metrics=True)
+
+
+def test_the_variables_that_shape_an_interpreter_are_compared():
+    started = {"PYTHONPATH": "/srv/a", "LD_PRELOAD": "libjemalloc.so", "HOME": "/root"}
+    assert interpreter_environment(started) == {"PYTHONPATH": "/srv/a", "LD_PRELOAD": "libjemalloc.so"}
+    assert interpreter_environment({**started, "APP_SETTING": "2"}) == interpreter_environment(started)
+    assert interpreter_environment({**started, "PYTHONPATH": "/srv/b"}) != interpreter_environment(started)
+
+
+def served_by_copy(engine: str, tmp_path: Path) -> ServeProcess:
+    """A service running from its own copy of graceful_http (so that a test may edit that code)."""
+    shutil.copytree(Path(SERVICE_DIR) / "graceful_http", tmp_path / "service" / "graceful_http",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(APPS_DIR / "footprint_app.py", tmp_path / "footprint_app.py")
+    return ServeProcess(ENGINES[engine], tmp_path, "footprint_app:app", "--app-dir", str(tmp_path), "--workers", "2",
+                        "--no-access-log", pid_file=True,
+                        environ={"PYTHONPATH": str(tmp_path / "service"), "FOOTPRINT_MB": "4"})
+
+
+def reload_and_wait(server: ServeProcess) -> int:
+    old = server.main_pid()
+    result = server.reload_cli()
+    assert result.returncode == 0, result.stdout + result.stderr + server.log_tail()
+    new = server.wait_new_main(old)
+    server.wait_gone(old)
+    status, _, _ = get(HOST, server.port, "/", timeout=10)
+    assert status == 200
+    return new
+
+
+@pytest.mark.parametrize("engine", ["pypi", "debian"])
+def test_an_unchanged_install_reloads_by_fork_and_an_edited_one_by_exec(engine, tmp_path):
+    with served_by_copy(engine, tmp_path) as server:
+        server.wait_serving()
+        # Generation 1 may have started within a clock tick of the copy, which then counts as a change after
+        # its start (so its successor may be exec'd); generation 2 started well after it.
+        reload_and_wait(server)
+        reload_and_wait(server)
+        assert "gen 3: " + FORKED in server.log(), server.log_tail()
+
+        # A new version of a module the main has loaded: the next generation must run it, so it is exec'd.
+        edited = tmp_path / "service" / "graceful_http" / "zygote.py"
+        edited.write_text(edited.read_text() + "\nimport sys\nsys.stderr.write('zygote.py as edited\\n')\n")
+        reload_and_wait(server)
+        log = server.log()
+        assert "gen 4: " + FORKED not in log, server.log_tail()
+        assert log.count("zygote.py as edited") == 1, server.log_tail()  # imported anew, by the exec'd main only
