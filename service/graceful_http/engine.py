@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import functools
 import inspect
 import logging
 import os
@@ -19,6 +20,7 @@ from email.utils import formatdate
 
 import uvicorn
 
+from graceful_http.balanced_accept import WatchedSet
 from graceful_http.drain import ConnectionView, IdleCloser
 from graceful_http.fdlimit import DescriptorWatch
 from graceful_http.handover import Handover
@@ -599,6 +601,8 @@ class Engine:
         # One per process: the app's engine watches descriptors (the control socket's has no lifespan).
         self.descriptors = DescriptorWatch(lambda: len(self.connections)) if lifespan else None
         self._ticker: asyncio.Task | None = None
+        self._protocol_factory = None
+        self.acceptor = None  # a worker's balanced accept loop (see balanced_accept): uvicorn's server accepts nothing
 
     def describe(self) -> str:
         protocol = "httptools" if "HttpTools" in self.server.config.http_protocol_class.__name__ else "h11"
@@ -609,13 +613,19 @@ class Engine:
     async def start(self) -> None:
         """Run the app's lifespan startup, then accept on every socket."""
         try:
-            await self.server.startup(sockets=self.sockets)
+            await self.server.startup(sockets=self.sockets if self.acceptor is None else [])
         except SystemExit:  # newer uvicorn exits on a failed lifespan startup
             raise StartupFailed(self._startup_failure()) from None
         if not self.server.started:
             raise StartupFailed(self._startup_failure())
         if self.descriptors is not None:
             self.descriptors.start()
+        if self.acceptor is not None:
+            state = self.server.server_state
+            state.connections = WatchedSet(state.connections, self.acceptor.publish)
+            for sock in self.sockets:
+                sock.listen(self.server.config.backlog)  # as asyncio's server would have
+            self.acceptor.start(self.sockets, self.serve_accepted)
         self._ticker = asyncio.create_task(self._every_second())
 
     async def _every_second(self) -> None:
@@ -656,6 +666,8 @@ class Engine:
         `Connection: close`, so their clients move to the new generation too.
         """
         loop = asyncio.get_running_loop()
+        if self.acceptor is not None:
+            self.acceptor.stop()
         watched = [loop.remove_reader(sock.fileno()) for server in self.server.servers for sock in server.sockets or ()]
         if not all(watched):  # not asyncio's selector loop (uvloop): its own close is safe
             self._close_listeners()
@@ -812,13 +824,24 @@ class Engine:
             self.adopted += 1
         return protocol
 
+    def serve_accepted(self, sock: socket.socket) -> asyncio.Future:
+        """Serve a connection our own accept loop took, as uvicorn's server would have; done once set up."""
+        return asyncio.ensure_future(asyncio.get_running_loop().connect_accepted_socket(
+            self._protocol, sock=sock, ssl=self.server.config.ssl))
+
+    def _protocol(self):
+        """A new connection's protocol, as uvicorn's server makes it."""
+        if self._protocol_factory is None:
+            config = self.server.config
+            protocol_class = config.http_protocol_class
+            arguments = {"config": config, "server_state": self.server.server_state}
+            if _takes_app_state(protocol_class):  # newer uvicorn
+                arguments["app_state"] = self.server.lifespan.state
+            self._protocol_factory = functools.partial(protocol_class, **arguments)
+        return self._protocol_factory()
+
     def _adopted_protocol(self, lame_duck: bool):
-        config = self.server.config
-        protocol_class = config.http_protocol_class
-        arguments = {"config": config, "server_state": self.server.server_state}
-        if _takes_app_state(protocol_class):  # newer uvicorn
-            arguments["app_state"] = self.server.lifespan.state
-        protocol = protocol_class(**arguments)
+        protocol = self._protocol()
         protocol.adopted = True
         protocol.lame_duck = lame_duck
         return protocol

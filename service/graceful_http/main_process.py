@@ -69,6 +69,9 @@ def run_main(settings: ServeSettings, inherited: Inherited) -> int:
     try:
         forked = []
         if settings.workers > 1:
+            from graceful_http.balanced_accept import create_table
+
+            create_table()  # its descriptor stays open for as long as this main lives: its workers share it
             discard_restored(listeners.restored)  # the workers would hold them open: only a serving main stores
             try:  # a rollout starts with one worker, and the rest one by one (see `rollout`)
                 forked = fork_workers(settings, listeners, inherited, predecessor, metrics, 1 if rolling else None)

@@ -8,7 +8,7 @@ import logging
 import os
 import signal
 
-from graceful_http import __version__, logs
+from graceful_http import __version__, balanced_accept, logs
 from graceful_http.control import ControlState
 from graceful_http.heartbeat import enable_stack_dumps
 from graceful_http.inherited import Inherited
@@ -64,6 +64,8 @@ async def run_worker(settings: ServeSettings, link: MainLink, inherited: Inherit
         if settings.metrics:
             metrics = Metrics(inherited.generation, worker=link.index, shared_dir=inherited.metrics_shared_dir)
         engines = Servers(build_engines(settings, listeners, control, metrics))
+        if settings.workers > 1 and getattr(engines[0], "adopts_connections", False):  # the app's engine
+            balanced_accept.for_worker(engines[0], os.getppid(), settings.workers, link.index)
         await start_engines(engines)
     except (ListenerError, ListenFdsError, StartError) as exc:
         return report_start_failure(str(exc), link)

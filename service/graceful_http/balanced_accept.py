@@ -1,0 +1,265 @@
+"""Balanced workers, the adapter: the counts a generation's workers share, and a worker's own accept loop.
+
+The counts live in one page of shared memory that the generation's main creates before it starts any worker
+(a memfd: close-on-exec, so a new generation gets none of it). Every worker, forked or exec'd, is the main's
+child and opens it through `/proc/<main>/fd`, so nothing has to be passed along. Each worker claims a slot
+(its own index's if it is free, else the first free one: a worker being recycled still holds its index
+while its replacement starts), holding a lock on it for as long as it lives; the kernel drops the lock of
+a worker that dies, which is how its siblings tell that its slot is stale. In its slot a worker keeps its
+pid while it accepts (0 otherwise) and how many connections it holds, those it adopted at a handover
+included.
+
+The accept loop replaces the event loop's own on the app's listening sockets: one connection per step,
+while `balance.AcceptGate` allows it, each served exactly as uvicorn's server would serve it
+(`Engine.serve_accepted`). It works on any event loop (asyncio, uvloop): it uses only `add_reader` and
+`connect_accepted_socket`. With `--workers 1` none of this exists.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import fcntl
+import logging
+import mmap
+import os
+import socket
+import time
+from collections.abc import Callable
+
+from graceful_http.balance import AcceptGate
+from graceful_http.fdlimit import ACCEPT_OUT_OF_RESOURCES
+
+log = logging.getLogger("graceful_http")
+
+TABLE_NAME = "graceful-http-balance"
+TABLE_BYTES = 4096
+SLOT_BYTES = 16  # two 8-byte words: the pid while accepting (0 otherwise), connections held
+RECHECK = 0.002  # seconds between looks at the backlog while this worker holds back
+ACCEPT_RETRY_DELAY = 1.0  # out of descriptors: asyncio's own pause before accepting again
+_OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+
+
+def slot_count(workers: int) -> int:
+    """Slots a generation of `workers` uses: its workers, and as many again for replacements starting."""
+    return min(TABLE_BYTES // SLOT_BYTES, 2 * workers + 4)
+
+
+def create_table() -> int:
+    """In a generation's main, before its first worker starts: the shared page, as a descriptor to keep open."""
+    fd = os.memfd_create(TABLE_NAME)  # close-on-exec
+    os.ftruncate(fd, TABLE_BYTES)
+    return fd
+
+
+class SharedCounts:
+    """A worker's view of its generation's table, holding one slot."""
+
+    def __init__(self, fd: int, slots: int, slot: int, pid: int | None = None):
+        self.fd = fd
+        self.slots = slots
+        self.slot = slot
+        self.pid = pid or os.getpid()
+        self._map = mmap.mmap(fd, TABLE_BYTES)
+        self.words = memoryview(self._map).cast("q")
+
+    @classmethod
+    def attach(cls, main_pid: int, workers: int, index: int) -> SharedCounts:
+        """Open the table of the main `main_pid` and claim a slot (worker `index`'s, from 1, if free);
+        OSError if there is no table or no free slot."""
+        fd = _open_table(main_pid)
+        slots = slot_count(workers)
+        preferred = (index - 1) % slots
+        for slot in (preferred, *(s for s in range(slots) if s != preferred)):
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, SLOT_BYTES, slot * SLOT_BYTES)
+            except OSError:
+                continue
+            counts = cls(fd, slots, slot)
+            counts.words[2 * slot: 2 * slot + 2] = memoryview(bytes(SLOT_BYTES)).cast("q")
+            return counts
+        os.close(fd)
+        raise OSError(errno.EBUSY, f"all {slots} slots of the table are taken")
+
+    def accepting(self, held: int) -> None:
+        """From now on this worker takes its share: count it."""
+        self.words[2 * self.slot + 1] = held
+        self.words[2 * self.slot] = self.pid
+
+    def not_accepting(self) -> None:
+        self.words[2 * self.slot] = 0
+
+    def publish(self, held: int) -> None:
+        self.words[2 * self.slot + 1] = held
+
+    def others(self) -> tuple[int, ...]:
+        """Connections held by each other worker that accepts."""
+        words, own = self.words, self.slot
+        return tuple(words[2 * s + 1] for s in range(self.slots) if s != own and words[2 * s])
+
+    def forget_dead(self) -> int:
+        """Clear the slots of workers that died while accepting (nobody holds their lock); how many."""
+        cleared = 0
+        for slot in range(self.slots):
+            if slot == self.slot or not self.words[2 * slot]:
+                continue
+            try:
+                fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB, SLOT_BYTES, slot * SLOT_BYTES)
+            except OSError:
+                continue  # its worker lives
+            self.words[2 * slot] = 0
+            fcntl.lockf(self.fd, fcntl.LOCK_UN, SLOT_BYTES, slot * SLOT_BYTES)
+            cleared += 1
+        return cleared
+
+    def close(self) -> None:
+        self.not_accepting()
+        self.words.release()
+        self._map.close()
+        os.close(self.fd)  # drops our lock: the slot is free
+
+
+def _open_table(main_pid: int) -> int:
+    directory = f"/proc/{main_pid}/fd"
+    for entry in os.listdir(directory):
+        try:
+            target = os.readlink(f"{directory}/{entry}")
+        except OSError:
+            continue
+        if target.startswith(f"/memfd:{TABLE_NAME} "):
+            return os.open(f"{directory}/{entry}", os.O_RDWR | os.O_CLOEXEC)
+    raise OSError(errno.ENOENT, f"main {main_pid} has no table of counts")
+
+
+class BalancedAcceptor:
+    """One worker's accept loop on the listening sockets it shares with its siblings."""
+
+    def __init__(self, counts: SharedCounts, held: Callable[[], int], gate: AcceptGate | None = None,
+                 clock: Callable[[], float] = time.monotonic):
+        self.counts = counts
+        self.held = held  # connections being served (uvicorn's count), besides those we are still setting up
+        self.gate = gate or AcceptGate()
+        self.clock = clock
+        self.pending = 0
+        self.sockets: list[socket.socket] = []
+        self._serve: Callable[[socket.socket], asyncio.Future] | None = None
+        self._watching = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def own(self) -> int:
+        return self.held() + self.pending
+
+    def start(self, sockets: list[socket.socket], serve: Callable[[socket.socket], asyncio.Future]) -> None:
+        """Accept on `sockets`; `serve(sock)` serves one accepted connection (a future done once it is set up)."""
+        self._loop = asyncio.get_running_loop()
+        self.sockets = list(sockets)
+        self._serve = serve
+        for sock in self.sockets:
+            sock.setblocking(False)
+        self.counts.accepting(self.own())
+        self._watch()
+
+    def stop(self) -> None:
+        """Accept nothing more (the sockets stay open: the engine closes them)."""
+        self.counts.not_accepting()
+        self._unwatch()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._serve = None
+
+    def publish(self) -> None:
+        """Connections came or went (uvicorn's set of them changed, see `WatchedSet`): say how many we hold."""
+        self.counts.publish(self.own())
+
+    def _watch(self) -> None:
+        if not self._watching and self._serve is not None:
+            for sock in self.sockets:
+                self._loop.add_reader(sock.fileno(), self._readable, sock)
+            self._watching = True
+
+    def _unwatch(self) -> None:
+        if self._watching:
+            for sock in self.sockets:
+                self._loop.remove_reader(sock.fileno())
+            self._watching = False
+
+    def _hold_back(self, delay: float) -> None:
+        """Stop watching the sockets for `delay` seconds (level-triggered: watching them would spin)."""
+        self._unwatch()
+        if self._timer is None:
+            self._timer = self._loop.call_later(delay, self._look_again)
+
+    def _look_again(self) -> None:
+        self._timer = None
+        if self.gate.waiting_since is not None:
+            self.counts.forget_dead()
+        self._watch()
+
+    def _readable(self, sock: socket.socket) -> None:
+        counts, gate = self.counts, self.gate
+        for _ in range(64):  # a bounded batch per wake-up, as asyncio's own loop does (there: the backlog)
+            own = self.own()
+            counts.publish(own)
+            if not gate.may_accept(own, counts.others(), self.clock()):
+                self._hold_back(RECHECK)
+                return
+            try:
+                conn, _ = sock.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return
+            except OSError as exc:
+                if exc.errno in _OUT_OF_RESOURCES:  # reported once per interval (fdlimit.DescriptorWatch)
+                    self._loop.call_exception_handler({"message": ACCEPT_OUT_OF_RESOURCES, "exception": exc,
+                                                       "socket": sock})
+                    self._hold_back(ACCEPT_RETRY_DELAY)
+                else:
+                    log.warning("accept failed: %s", exc)
+                return
+            self.pending += 1
+            counts.publish(own + 1)
+            try:
+                setup = self._serve(conn)
+            except Exception:  # noqa: BLE001 - never let one connection end the accept loop
+                self.pending -= 1
+                conn.close()
+                log.exception("could not serve an accepted connection")
+                continue
+            setup.add_done_callback(self._set_up)
+
+    def _set_up(self, future: asyncio.Future) -> None:
+        self.pending -= 1
+        self.publish()
+        if not future.cancelled() and future.exception() is not None:
+            log.debug("an accepted connection could not be set up: %s", future.exception())
+
+
+class WatchedSet(set):
+    """uvicorn's set of a server's connections (each protocol adds itself when made, discards itself when
+    lost), telling `changed()` after each: siblings see a connection gone at once, not at the next accept."""
+
+    def __init__(self, items, changed: Callable[[], None]):
+        super().__init__(items)
+        self.changed = changed
+
+    def add(self, item) -> None:
+        super().add(item)
+        self.changed()
+
+    def discard(self, item) -> None:
+        super().discard(item)
+        self.changed()
+
+
+def for_worker(engine, main_pid: int, workers: int, index: int) -> BalancedAcceptor | None:
+    """Have the app's `engine` accept through a balanced loop; None (the event loop's own accepting, as
+    with uvicorn) if this worker cannot reach its generation's table."""
+    try:
+        counts = SharedCounts.attach(main_pid, workers, index)
+    except OSError as exc:
+        log.warning("workers not balanced: %s; this worker accepts as the kernel wakes it", exc.strerror or exc)
+        return None
+    acceptor = BalancedAcceptor(counts, lambda: len(engine.connections))
+    engine.acceptor = acceptor
+    return acceptor
