@@ -5,7 +5,9 @@ The counts live in one page of shared memory that the generation's main creates 
 child and opens it through `/proc/<main>/fd`, so nothing has to be passed along. Each worker claims a slot
 (its own index's if it is free, else the first free one: a worker being recycled still holds its index
 while its replacement starts), holding a lock on it for as long as it lives; the kernel drops the lock of
-a worker that dies, which is how its siblings tell that its slot is stale. In its slot a worker keeps its
+a worker that dies, which is how its siblings tell that its slot is stale. (POSIX record locks: a fork of
+the worker, e.g. the app's multiprocessing, does not inherit them; they would also go if the worker closed
+any descriptor of the table, so it keeps its own open for as long as it lives.) In its slot a worker keeps its
 pid while it accepts (0 otherwise) and how many connections it holds, those it adopted at a handover
 included.
 
@@ -140,9 +142,10 @@ class BalancedAcceptor:
         self.held = held  # connections being served (uvicorn's count), besides those we are still setting up
         self.gate = gate or AcceptGate()
         self.clock = clock
-        self.pending = 0
+        self.pending = 0  # accepted, not yet in uvicorn's count
+        self._unmade: set = set()  # protocols of accepted connections, not yet in uvicorn's count
         self.sockets: list[socket.socket] = []
-        self._serve: Callable[[socket.socket], asyncio.Future] | None = None
+        self._serve: Serve | None = None
         self._watching = False
         self._timer: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -150,13 +153,15 @@ class BalancedAcceptor:
     def own(self) -> int:
         return self.held() + self.pending
 
-    def start(self, sockets: list[socket.socket], serve: Callable[[socket.socket], asyncio.Future]) -> None:
-        """Accept on `sockets`; `serve(sock)` serves one accepted connection (a future done once it is set up)."""
+    def start(self, sockets: list[socket.socket], serve: Serve) -> None:
+        """Accept on `sockets`; `serve(sock, created)` serves one accepted connection, calling `created(protocol)`
+        when it makes its protocol, and returns a future done once the connection is set up."""
         self._loop = asyncio.get_running_loop()
         self.sockets = list(sockets)
         self._serve = serve
         for sock in self.sockets:
             sock.setblocking(False)
+        self.counts.forget_dead()  # e.g. the worker this one replaces, if it died while accepting
         self.counts.accepting(self.own())
         self._watch()
 
@@ -169,8 +174,15 @@ class BalancedAcceptor:
             self._timer = None
         self._serve = None
 
-    def publish(self) -> None:
-        """Connections came or went (uvicorn's set of them changed, see `WatchedSet`): say how many we hold."""
+    def added(self, protocol) -> None:
+        """uvicorn counts a connection from now on (see `WatchedSet`)."""
+        if protocol in self._unmade:
+            self._unmade.discard(protocol)
+            self.pending -= 1
+        self.publish()
+
+    def publish(self, _protocol=None) -> None:
+        """Say how many connections we hold: siblings see one gone at once, not at our next accept."""
         self.counts.publish(self.own())
 
     def _watch(self) -> None:
@@ -219,37 +231,50 @@ class BalancedAcceptor:
                 return
             self.pending += 1
             counts.publish(own + 1)
-            try:
-                setup = self._serve(conn)
-            except Exception:  # noqa: BLE001 - never let one connection end the accept loop
-                self.pending -= 1
-                conn.close()
-                log.exception("could not serve an accepted connection")
-                continue
-            setup.add_done_callback(self._set_up)
+            self._set_up(conn)
 
-    def _set_up(self, future: asyncio.Future) -> None:
-        self.pending -= 1
-        self.publish()
-        if not future.cancelled() and future.exception() is not None:
-            log.debug("an accepted connection could not be set up: %s", future.exception())
+    def _set_up(self, conn: socket.socket) -> None:
+        made = []
+
+        def created(protocol) -> None:
+            made.append(protocol)
+            self._unmade.add(protocol)
+
+        def done(future: asyncio.Future) -> None:
+            if not made or made[0] in self._unmade:  # it never made it into uvicorn's count
+                self._unmade.discard(made[0] if made else None)
+                self.pending -= 1
+                self.publish()
+            if not future.cancelled() and future.exception() is not None:
+                log.debug("an accepted connection could not be set up: %s", future.exception())
+
+        try:
+            self._serve(conn, created).add_done_callback(done)
+        except Exception:  # noqa: BLE001 - never let one connection end the accept loop
+            conn.close()
+            self.pending -= 1
+            log.exception("could not serve an accepted connection")
+
+
+Serve = Callable[[socket.socket, Callable[[object], None]], asyncio.Future]
 
 
 class WatchedSet(set):
     """uvicorn's set of a server's connections (each protocol adds itself when made, discards itself when
-    lost), telling `changed()` after each: siblings see a connection gone at once, not at the next accept."""
+    lost), telling `added(item)` and `discarded(item)` after each change."""
 
-    def __init__(self, items, changed: Callable[[], None]):
+    def __init__(self, items, added: Callable[[object], None], discarded: Callable[[object], None]):
         super().__init__(items)
-        self.changed = changed
+        self.added = added
+        self.discarded = discarded
 
     def add(self, item) -> None:
         super().add(item)
-        self.changed()
+        self.added(item)
 
     def discard(self, item) -> None:
         super().discard(item)
-        self.changed()
+        self.discarded(item)
 
 
 def for_worker(engine, main_pid: int, workers: int, index: int) -> BalancedAcceptor | None:

@@ -622,7 +622,7 @@ class Engine:
             self.descriptors.start()
         if self.acceptor is not None:
             state = self.server.server_state
-            state.connections = WatchedSet(state.connections, self.acceptor.publish)
+            state.connections = WatchedSet(state.connections, self.acceptor.added, self.acceptor.publish)
             for sock in self.sockets:
                 sock.listen(self.server.config.backlog)  # as asyncio's server would have
             self.acceptor.start(self.sockets, self.serve_accepted)
@@ -824,10 +824,15 @@ class Engine:
             self.adopted += 1
         return protocol
 
-    def serve_accepted(self, sock: socket.socket) -> asyncio.Future:
-        """Serve a connection our own accept loop took, as uvicorn's server would have; done once set up."""
+    def serve_accepted(self, sock: socket.socket, created: Callable[[object], None]) -> asyncio.Future:
+        """Serve a connection our own accept loop took, as uvicorn's server would have (`created(protocol)` as
+        its protocol is made); done once set up."""
+        def protocol():
+            made = self._protocol()
+            created(made)
+            return made
         return asyncio.ensure_future(asyncio.get_running_loop().connect_accepted_socket(
-            self._protocol, sock=sock, ssl=self.server.config.ssl))
+            protocol, sock=sock, ssl=self.server.config.ssl))
 
     def _protocol(self):
         """A new connection's protocol, as uvicorn's server makes it."""

@@ -1,0 +1,208 @@
+"""Balanced workers: the rule (who may accept), the counts the workers share, and bursts of new connections
+against two workers on both engines."""
+
+from __future__ import annotations
+
+import collections
+import http.client
+import os
+import re
+import signal
+
+import pytest
+
+from graceful_http.balance import AcceptGate, fair_share
+from graceful_http.balanced_accept import SharedCounts, create_table, slot_count
+from support.load import pid_of
+from support.serve_process import ENGINES, HOST, ServeProcess, wait_until
+
+# ---- the rule -------------------------------------------------------------------------
+
+
+def test_fair_share_is_the_largest_part_of_an_even_split():
+    assert [fair_share(total, 2) for total in range(6)] == [0, 1, 1, 2, 2, 3]
+    assert fair_share(50, 2) == 25 and fair_share(50, 3) == 17 and fair_share(7, 1) == 7
+
+
+def test_a_worker_alone_takes_everything():
+    gate = AcceptGate(slack=0)
+    assert all(gate.may_accept(own, (), now=0.0) for own in range(100))
+
+
+def test_a_worker_takes_connections_up_to_its_share_plus_slack():
+    gate = AcceptGate(slack=1)
+    # 2 workers, the other holds 10: taking one more must leave us with at most the share of the new total + 1.
+    assert gate.may_accept(11, (10,), now=0.0)  # 12 of 22: share 11, plus 1
+    assert gate.may_accept(12, (10,), now=0.0)  # 13 of 23: share 12, plus 1
+    assert not gate.may_accept(13, (10,), now=0.0)  # 14 of 24: share 12, plus 1 is 13
+    assert AcceptGate(slack=0).may_accept(10, (10,), now=0.0)
+    assert not AcceptGate(slack=0).may_accept(11, (10,), now=0.0)
+
+
+def test_a_burst_taken_in_turns_ends_within_the_slack_of_an_even_split():
+    held = [0, 0, 0]
+    gates = [AcceptGate(slack=1) for _ in held]
+    for arrival in range(100):  # each new connection goes to the first worker, in a rotating order, that may take it
+        for turn in range(3):
+            worker = (arrival + turn) % 3
+            others = tuple(h for index, h in enumerate(held) if index != worker)
+            if gates[worker].may_accept(held[worker], others, now=0.0):
+                held[worker] += 1
+                break
+        else:
+            pytest.fail(f"no worker would take connection {arrival + 1} with {held}")
+    assert sum(held) == 100 and max(held) - min(held) <= 2, held
+
+
+def test_above_its_share_a_worker_waits_while_the_others_take_connections_and_not_longer_than_its_patience():
+    gate = AcceptGate(slack=0, patience=0.1)
+    assert not gate.may_accept(5, (0,), now=10.0)
+    assert not gate.may_accept(5, (0,), now=10.08)
+    assert gate.may_accept(5, (0,), now=10.12)  # the other took nothing in 0.1 s: take it rather than let it wait
+    assert gate.may_accept(6, (0,), now=10.2)  # and go on taking them while the other takes none
+    assert not gate.may_accept(7, (1,), now=10.3)  # it took one: it is alive, wait for it again
+    assert not gate.may_accept(7, (2,), now=10.38)  # still taking them: the patience starts again
+    assert not gate.may_accept(7, (2,), now=10.46)
+    assert gate.may_accept(7, (2,), now=10.5)
+
+
+def test_below_its_share_again_a_worker_forgets_that_it_was_waiting():
+    gate = AcceptGate(slack=0, patience=0.1)
+    assert not gate.may_accept(3, (1,), now=0.0)
+    assert gate.may_accept(1, (3,), now=0.05)
+    assert gate.waiting_since is None
+    assert not gate.may_accept(3, (1,), now=0.2)  # a new wait, not the old one's expired patience
+
+
+# ---- the shared counts (real processes: a slot is held by a lock, which is per process) -------------
+
+
+def _in_child(work) -> int:
+    """Fork; the child runs work() (its return value is the exit code) and stays until told to go (its
+    stdin); returns (pid, write end of its stdin pipe, read end of its report pipe)."""
+    go_read, go_write = os.pipe()
+    report_read, report_write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            os.close(go_write)
+            os.close(report_read)
+            os.write(report_write, f"{work()}\n".encode())
+            os.read(go_read, 1)
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(go_read)
+    os.close(report_write)
+    return pid, go_write, report_read
+
+
+def _report(fd: int) -> str:
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = os.read(fd, 100)
+        assert chunk, "the child ended without reporting"
+        data += chunk
+    return data.decode().strip()
+
+
+def test_workers_claim_their_own_slot_or_a_free_one_and_siblings_see_their_counts():
+    main = os.getpid()
+    table = create_table()
+    kept = []
+    try:
+        def worker(index: int, held: int):
+            def work():
+                counts = SharedCounts.attach(main, workers=2, index=index)
+                counts.accepting(held)
+                kept.append(counts)  # as a worker keeps it: closing any descriptor of the table drops its lock
+                return counts.slot
+            return work
+
+        first = _in_child(worker(1, 7))
+        assert _report(first[2]) == "0"
+        second = _in_child(worker(1, 3))  # a replacement for worker 1 while it still runs: another slot
+        second_slot = int(_report(second[2]))
+        assert second_slot != 0
+        mine = SharedCounts.attach(main, workers=2, index=2)  # this process, as a third worker
+        assert mine.slot not in (0, second_slot)
+        assert sorted(mine.others()) == [3, 7]
+        mine.accepting(0)
+        os.kill(second[0], signal.SIGKILL)  # dies while accepting: its count is stale until someone notices
+        os.waitpid(second[0], 0)
+        assert sorted(mine.others()) == [3, 7]
+        assert mine.forget_dead() == 1
+        assert mine.others() == (7,)
+        os.write(first[1], b"x")  # the first one exits cleanly... but still marked accepting: forgotten too
+        os.waitpid(first[0], 0)
+        assert mine.forget_dead() == 1 and mine.others() == ()
+        mine.close()
+    finally:
+        os.close(table)
+
+
+def test_no_table_or_no_free_slot_is_an_oserror():
+    with pytest.raises(OSError):
+        SharedCounts.attach(os.getpid(), workers=2, index=1)  # no table in this process
+    assert slot_count(2) == 8 and slot_count(1000) == 256
+
+
+# ---- end to end: bursts of keep-alive connections against two workers ----------------------------
+
+BURST = 50
+
+
+@pytest.fixture(params=list(ENGINES))
+def engine(request) -> str:
+    python = ENGINES[request.param]
+    if not os.access(python, os.X_OK):
+        pytest.fail(f"engine {request.param!r}: {python} is not installed")
+    return request.param
+
+
+def burst(port: int) -> collections.Counter:
+    """Open BURST connections at once, then one request on each, all still open: which pid answered each."""
+    connections = [http.client.HTTPConnection(HOST, port, timeout=10) for _ in range(BURST)]
+    try:
+        for connection in connections:
+            connection.connect()
+        for connection in connections:
+            connection.request("GET", "/")
+        answered = collections.Counter()
+        for connection in connections:
+            response = connection.getresponse()
+            assert response.status == 200
+            answered[pid_of(response.read())] += 1
+        return answered
+    finally:
+        for connection in connections:
+            connection.close()
+
+
+def worker_pids(log: str) -> set[int]:
+    return {int(pid) for pid in re.findall(r"worker \d started as pid (\d+)", log)}
+
+
+def test_every_burst_is_split_between_the_workers_also_after_one_is_replaced(engine, tmp_path):
+    """50 new keep-alive connections at once: each of 2 workers holds 20 to 30 of them, every time. Left to the
+    kernel, one worker often takes most of them (whichever it woke first accepts the whole backlog)."""
+    with ServeProcess(ENGINES[engine], tmp_path, "--workers", "2", "--no-access-log") as server:
+        server.wait_serving()
+        wait_until(lambda: len(worker_pids(server.log())) == 2, 20, "both workers to start", server.log_tail)
+        splits = [burst(server.port) for _ in range(3)]
+        # A worker killed while it accepts is replaced by a fork+exec'd one, which finds the counts too (and
+        # the dead one's stale count is forgotten).
+        first = worker_pids(server.log())
+        os.kill(min(first), signal.SIGKILL)
+        wait_until(lambda: len(worker_pids(server.log())) == 3, 20, "the replacement worker", server.log_tail)
+        replacement = (worker_pids(server.log()) - first).pop()
+        wait_until(lambda: server.get_pid() == replacement or None, 20, "the replacement to answer",
+                   server.log_tail)
+        splits += [burst(server.port) for _ in range(2)]
+        log = server.log()
+    for split in splits:
+        assert len(split) == 2 and all(20 <= count <= 30 for count in split.values()), \
+            f"splits of {BURST} connections over the bursts: {[sorted(s.values()) for s in splits]}"
+    assert set(splits[-1]) == (first - {min(first)}) | {replacement}
+    assert "not balanced" not in log
