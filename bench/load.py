@@ -10,6 +10,7 @@ retries, and records per request:
     latency   seconds from the write of the request to the end of the answer (or to the failure)
     code      the HTTP status, or a negative error code (ERRORS)
     pid       the pid in the body (`pid:<n>`), 0 when there was none
+    conn      which connection it went on (numbered from 1 as they are opened; 0 when none could be)
 
 A connection is re-opened after an answer with `Connection: close`, after an
 error, or when the server closed it while idle (that last case is counted in
@@ -51,6 +52,7 @@ class Connection(asyncio.Protocol):
         self.buffer = bytearray()
         self.waiter: asyncio.Future | None = None
         self.closed = False
+        self.number = 0  # which connection of the load this is, from 1
 
     # -- protocol callbacks
     def connection_made(self, transport):
@@ -107,13 +109,16 @@ class Load:
         self.latencies: list[float] = []
         self.codes: list[int] = []
         self.pids: list[int] = []
+        self.conns: list[int] = []
+        self.opened = 0
         self.idle_closes = 0
 
-    def record(self, start: float, end: float, code: int, pid: int) -> None:
+    def record(self, start: float, end: float, code: int, pid: int, conn: int = 0) -> None:
         self.starts.append(start)
         self.latencies.append(end - start)
         self.codes.append(code)
         self.pids.append(pid)
+        self.conns.append(conn)
 
     async def run(self) -> None:
         self.began = time.monotonic()
@@ -127,6 +132,8 @@ class Load:
         try:
             _, connection = await asyncio.wait_for(
                 loop.create_connection(Connection, self.host, self.port), self.timeout)
+            self.opened += 1
+            connection.number = self.opened
             return connection
         except (OSError, asyncio.TimeoutError) as exc:
             code = ERR_TIMEOUT if isinstance(exc, asyncio.TimeoutError) else ERR_CONNECT
@@ -152,7 +159,7 @@ class Load:
             try:
                 connection.transport.write(self.request)
             except (OSError, RuntimeError):
-                self.record(start, time.monotonic(), ERR_WRITE, 0)
+                self.record(start, time.monotonic(), ERR_WRITE, 0, connection.number)
                 connection.transport.abort()
                 connection = None
                 timer.cancel()
@@ -161,7 +168,7 @@ class Load:
                 status, pid, close = await waiter
             except (Lost, Malformed, asyncio.TimeoutError) as exc:
                 code = ERR_TIMEOUT if isinstance(exc, asyncio.TimeoutError) else ERR_READ
-                self.record(start, time.monotonic(), code, 0)
+                self.record(start, time.monotonic(), code, 0, connection.number)
                 connection.transport.abort()
                 connection = None
                 continue
@@ -169,7 +176,7 @@ class Load:
                 timer.cancel()
                 if connection is not None:
                     connection.waiter = None
-            self.record(start, time.monotonic(), status, pid)
+            self.record(start, time.monotonic(), status, pid, connection.number)
             if close:
                 connection.transport.close()
                 connection = None
@@ -181,6 +188,7 @@ class Load:
             "host": self.host, "port": self.port, "connections": self.connections,
             "began": self.began, "ended": self.ended, "idle_closes": self.idle_closes,
             "start": self.starts, "latency": self.latencies, "code": self.codes, "pid": self.pids,
+            "conn": self.conns,
         }
 
 

@@ -30,7 +30,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 from bench import analyze, wrk
@@ -240,6 +240,7 @@ def steady_section(plan: Plan, raw: Path) -> list[dict]:
         for kind in (GracefulHttp, Uvicorn, Gunicorn):
             servers.append(kind(workers, raw))
     runs = defaultdict(list)
+    splits = defaultdict(list)
     try:
         for server in servers:
             server.start()
@@ -260,9 +261,15 @@ def steady_section(plan: Plan, raw: Path) -> list[dict]:
                 result["server_cpus"] = server_cpu / plan.steady_duration
                 result["wrk_cpus"] = (children_cpu_seconds() - load_before) / plan.steady_duration
                 runs[id(server)].append(result)
+                split = ""
+                if server.workers > 1:  # how a burst of new connections (the load tool's) lands on the workers
+                    out = raw / f"steady-split-{server.tag}-{run + 1}.json"
+                    splits[id(server)].append(connection_split(finish_probe(probe(server.port, 0.5, out), out, 60),
+                                                               server.workers))
+                    split = f", {CONNECTIONS} new connections split {'/'.join(map(str, splits[id(server)][-1]))}"
                 say(f"steady: {server.name} workers={server.workers} run {run + 1}/{plan.steady_runs}: "
                     f"{result['req_s']:.0f} req/s, p99 {result['p99'] * 1000:.2f} ms, "
-                    f"{result['cpu_us_per_request']:.1f} µs CPU/request")
+                    f"{result['cpu_us_per_request']:.1f} µs CPU/request{split}")
         processes = {}
         for server in servers:  # how many processes really answer (workers > 1 may be ignored)
             out = raw / f"steady-pids-{server.tag}.json"
@@ -274,7 +281,7 @@ def steady_section(plan: Plan, raw: Path) -> list[dict]:
     rows = []
     for server in servers:
         rows.append({"server": server.name, "workers": server.workers, "processes": processes[id(server)],
-                     **analyze.median_of_runs(runs[id(server)])})
+                     "splits": splits[id(server)], **analyze.median_of_runs(runs[id(server)])})
     for row in rows:
         base = next(r for r in rows if r["server"] == "uvicorn" and r["workers"] == row["workers"])
         row["req_s_vs_uvicorn"] = round(row["req_s"] / base["req_s"], 3) if base["req_s"] else None
@@ -282,6 +289,23 @@ def steady_section(plan: Plan, raw: Path) -> list[dict]:
         row["cpu_vs_uvicorn"] = (round(row["cpu_us_per_request"] / base["cpu_us_per_request"], 3)
                                  if base["cpu_us_per_request"] else None)
     return rows
+
+
+def connection_split(data: dict, workers: int) -> list[int]:
+    """How many of the load tool's connections each pid answered first, largest first (0 for a worker that
+    answered none)."""
+    first: dict[int, int] = {}
+    for conn, pid, code in zip(data.get("conn", ()), data["pid"], data["code"]):
+        if conn and code == 200 and conn not in first:
+            first[conn] = pid
+    counts = sorted(Counter(first.values()).values(), reverse=True)
+    return counts + [0] * (workers - len(counts))
+
+
+def balanced(split: list[int], connections: int = CONNECTIONS) -> bool:
+    """Each worker holds its share of the connections give or take a fifth (20–30 of 50 for 2 workers)."""
+    share = connections / len(split)
+    return sum(split) == connections and all(0.8 * share <= n <= 1.2 * share for n in split)
 
 
 def children_cpu_seconds() -> float:
@@ -575,6 +599,10 @@ def targets(results: dict) -> list[dict]:
         if row and row["p99_vs_uvicorn"] is not None:
             add(f"steady, workers={workers}: p99 ≤ 1.1× uvicorn --workers {workers} (balanced workers)",
                 f"{row['p99_vs_uvicorn']:.3f}× ({row['processes']} pids answering)", row["p99_vs_uvicorn"] <= 1.1)
+        if row and row.get("splits"):
+            add(f"steady, workers={workers}: every burst of {CONNECTIONS} new keep-alive connections split evenly"
+                f" (each worker within a fifth of its share)", ", ".join("/".join(map(str, s)) for s in row["splits"]),
+                all(balanced(s) for s in row["splits"]))
     for row in results.get("reloads") or []:
         if not row["server"].startswith("graceful-http"):
             continue
@@ -685,13 +713,15 @@ def markdown(results: dict) -> str:
                  f"{r['req_s_vs_uvicorn']:.3f}×" if r["req_s_vs_uvicorn"] else "–",
                  f"{r['p99_vs_uvicorn']:.3f}×" if r["p99_vs_uvicorn"] else "–",
                  r["cpu_us_per_request"], f"{r['cpu_vs_uvicorn']:.3f}×" if r["cpu_vs_uvicorn"] else "–",
-                 " / ".join(str(x) for x in r["runs_req_s"]), r["errors"]]
+                 " / ".join(str(x) for x in r["runs_req_s"]), r["errors"],
+                 ", ".join("/".join(map(str, split)) for split in r.get("splits") or ()) or "–"]
                 for r in results["steady"]]
         parts.append("\"pids answering\": distinct pids in 0.5 s of the load tool's 50 connections (with 2 workers,"
-                     " a burst of new connections can all land on one of them).\n")
+                     " a burst of new connections can all land on one of them). \"split\": after each run, how the"
+                     " load tool's burst of 50 new keep-alive connections landed on the workers.\n")
         parts.append(_table(["server", "workers", "pids answering", "req/s", "p50 ms", "p99 ms", "req/s vs uvicorn",
-                             "p99 vs uvicorn", "server CPU µs/request", "CPU vs uvicorn", "runs (req/s)", "errors"],
-                            rows))
+                             "p99 vs uvicorn", "server CPU µs/request", "CPU vs uvicorn", "runs (req/s)", "errors",
+                             "split (each run)"], rows))
         parts += ["", *workers_paragraph(results), ""]
     if results.get("reloads"):
         parts += [f"## Reloads under load (every {s['reload_interval']} s, {s['reload_duration']} s runs, "
