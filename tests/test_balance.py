@@ -3,16 +3,19 @@ against two workers on both engines."""
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import http.client
 import os
 import re
+import select
 import signal
+import socket
 
 import pytest
 
 from graceful_http.balance import AcceptGate, fair_share
-from graceful_http.balanced_accept import SharedCounts, create_table, slot_count
+from graceful_http.balanced_accept import BalancedAcceptor, SharedCounts, create_table, slot_count
 from support.load import pid_of
 from support.serve_process import ENGINES, HOST, ServeProcess, wait_until
 
@@ -146,6 +149,75 @@ def test_no_table_or_no_free_slot_is_an_oserror():
     with pytest.raises(OSError):
         SharedCounts.attach(os.getpid(), workers=2, index=1)  # no table in this process
     assert slot_count(2) == 8 and slot_count(1000) == 256
+
+
+# ---- the accept loop, in-process: a real listening socket, a sibling that is only its slot -----------------
+
+
+def test_the_accept_loop_holds_back_above_its_share_and_serves_non_blocking_sockets():
+    table = create_table()
+    listener = socket.create_server(("127.0.0.1", 0))
+    clients = []
+    main = os.getpid()
+    kept = []
+
+    def sibling_work():  # another worker of the generation, holding 10 connections
+        counts = SharedCounts.attach(main, workers=2, index=2)
+        counts.accepting(10)
+        kept.append(counts)
+        return counts.slot
+
+    sibling, sibling_go, sibling_report = _in_child(sibling_work)
+    try:
+        sibling_slot = int(_report(sibling_report))
+        counts = SharedCounts.attach(main, workers=2, index=1)
+        served = []
+
+        def serve(conn, created):
+            protocol = object()
+            created(protocol)
+            served.append(conn)
+            acceptor.added(protocol)  # what uvicorn's set of connections tells it once the protocol is made
+            future = asyncio.get_running_loop().create_future()
+            future.set_result(None)
+            return future
+
+        acceptor = BalancedAcceptor(counts, lambda: len(served), AcceptGate(slack=1, patience=3600))
+
+        async def until(condition, what: str) -> None:
+            deadline = asyncio.get_running_loop().time() + 10
+            while not condition():
+                assert asyncio.get_running_loop().time() < deadline, f"{what}: {len(served)} served"
+                await asyncio.sleep(0.001)
+
+        async def scenario():
+            acceptor.start([listener], serve)
+            clients.extend(socket.create_connection(listener.getsockname()) for _ in range(20))
+            # 13 of 23 is our share (12) plus one: then the rest waits for the sibling.
+            await until(lambda: acceptor.gate.waiting_since is not None, "holding back")
+            assert len(served) == 13 and acceptor.pending == 0 and _waiting_in_backlog(listener)
+            counts.words[2 * sibling_slot + 1] = 20  # the sibling took (and closed) others: our share grows
+            await until(lambda: len(served) == 20, "the rest taken")
+            acceptor.stop()
+
+        asyncio.run(scenario())
+        assert not any(conn.getblocking() for conn in served), "served sockets must be non-blocking"
+        assert counts.words[2 * counts.slot] == 0, "not counted as accepting once stopped"
+        for conn in served:
+            conn.close()
+    finally:
+        os.write(sibling_go, b"x")
+        os.waitpid(sibling, 0)
+        for client in clients:
+            client.close()
+        listener.close()
+        os.close(table)
+
+
+def _waiting_in_backlog(listener) -> bool:
+    """Is a connection still waiting in the listener's backlog? (readable listening socket)"""
+    ready, _, _ = select.select([listener], [], [], 0)
+    return bool(ready)
 
 
 # ---- end to end: bursts of keep-alive connections against two workers ----------------------------

@@ -229,6 +229,7 @@ class BalancedAcceptor:
                 else:
                     log.warning("accept failed: %s", exc)
                 return
+            conn.setblocking(False)  # as asyncio's own accept does: accept() hands back a blocking socket
             self.pending += 1
             counts.publish(own + 1)
             self._set_up(conn)
