@@ -225,14 +225,6 @@ def _waiting_in_backlog(listener) -> bool:
 BURST = 50
 
 
-@pytest.fixture(params=list(ENGINES))
-def engine(request) -> str:
-    python = ENGINES[request.param]
-    if not os.access(python, os.X_OK):
-        pytest.fail(f"engine {request.param!r}: {python} is not installed")
-    return request.param
-
-
 def burst(port: int) -> collections.Counter:
     """Open BURST connections at once, then one request on each, all still open: which pid answered each."""
     connections = [http.client.HTTPConnection(HOST, port, timeout=10) for _ in range(BURST)]
@@ -256,10 +248,13 @@ def worker_pids(log: str) -> set[int]:
     return {int(pid) for pid in re.findall(r"worker \d started as pid (\d+)", log)}
 
 
+@pytest.mark.parametrize("engine", list(ENGINES))
 def test_every_burst_is_split_between_the_workers_also_after_one_is_replaced(engine, tmp_path):
     """50 new keep-alive connections at once: each of 2 workers holds 20 to 30 of them, every time. Left to the
     kernel, one worker often takes most of them (whichever it woke first accepts the whole backlog)."""
-    with ServeProcess(ENGINES[engine], tmp_path, "--workers", "2", "--no-access-log") as server:
+    python = ENGINES[engine]
+    assert os.access(python, os.X_OK), f"engine {engine!r}: {python} is not installed"
+    with ServeProcess(python, tmp_path, "--workers", "2", "--no-access-log") as server:
         server.wait_serving()
         wait_until(lambda: len(worker_pids(server.log())) == 2, 20, "both workers to start", server.log_tail)
         splits = [burst(server.port) for _ in range(3)]
