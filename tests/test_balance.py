@@ -254,7 +254,7 @@ def test_every_burst_is_split_between_the_workers_also_after_one_is_replaced(eng
     kernel, one worker often takes most of them (whichever it woke first accepts the whole backlog)."""
     python = ENGINES[engine]
     assert os.access(python, os.X_OK), f"engine {engine!r}: {python} is not installed"
-    with ServeProcess(python, tmp_path, "--workers", "2", "--no-access-log") as server:
+    with ServeProcess(python, tmp_path, "--workers", "2", "--no-access-log", pid_file=True) as server:
         server.wait_serving()
         wait_until(lambda: len(worker_pids(server.log())) == 2, 20, "both workers to start", server.log_tail)
         splits = [burst(server.port) for _ in range(3)]
@@ -267,9 +267,16 @@ def test_every_burst_is_split_between_the_workers_also_after_one_is_replaced(eng
         wait_until(lambda: server.get_pid() == replacement or None, 20, "the replacement to answer",
                    server.log_tail)
         splits += [burst(server.port) for _ in range(2)]
+        serving = (first - {min(first)}) | {replacement}
+        # A reload (worker by worker; the new main may be a fork of the old one): its workers share a table
+        # of their own.
+        reload = server.reload_cli()
+        assert reload.returncode == 0, reload.stdout + reload.stderr + server.log_tail()
+        splits += [burst(server.port) for _ in range(2)]
         log = server.log()
     for split in splits:
         assert len(split) == 2 and all(20 <= count <= 30 for count in split.values()), \
             f"splits of {BURST} connections over the bursts: {[sorted(s.values()) for s in splits]}"
-    assert set(splits[-1]) == (first - {min(first)}) | {replacement}
+    assert set(splits[4]) == serving
+    assert not set(splits[-1]) & (first | serving), "the new generation's workers answer"
     assert "not balanced" not in log
