@@ -223,26 +223,30 @@ def tracked_protocol(base):
     base_on_response_complete = base.on_response_complete
 
     class Tracked(parser_tracking, base):
-        # What a connection adds to its instance is one attribute, `_since`, set from the start: uvicorn's
-        # protocol has 28 (with `url`), and CPython 3.11 keeps a class's instances compact only up to 29
-        # names in all: an instance that sets one more gets a dict, and every attribute read of uvicorn's
-        # code on it costs more (about 13 % more instructions per request, measured with
-        # bench/instructions.py). So the rest lives on the class, and only connections that are ending
-        # (draining, lame duck) or stored in the fd store set another.
+        # uvicorn's protocol has 28 attributes (with `url`), and CPython 3.11 keeps a class's instances
+        # compact only up to 29 names in all: an instance that sets one more gets a dict, and every attribute
+        # read of uvicorn's code on it costs more (about 13 % more instructions per request, measured with
+        # bench/instructions.py). So what every connection keeps is in slots (outside those names, and read
+        # fast, which a class attribute read through an instance is not), the rest lives on the class, and
+        # only connections that are ending (draining) or stored in the fd store set more than one name.
+        __slots__ = (
+            "watched",  # stored in the fd store, or draining: every chunk received is looked at
+            # (cycle, busy, since, head bytes): since when the connection has been busy with `cycle`, or waiting
+            # for the request head after it (None: the first), as the sweep or the drain first saw it (0.0:
+            # not yet), and how many bytes of that head arrived so far.
+            "_since",
+        )
         last_data_at = 0.0  # while draining only: when the last bytes arrived
         adopted = False  # True on the class `Engine.adopt` makes (see `Adopted` below)
         lame_duck = False  # set by a draining engine that can't hand it over: each response closes it
         _fd_name = None  # see `fd_name`
         draining = False  # set by `begin_draining`
-        watched = False  # stored in the fd store, or draining: every chunk received is looked at
         max_head_bytes = MAX_HEAD_BYTES
-        # (cycle, busy, since, head bytes): since when the connection has been busy with `cycle`, or waiting
-        # for the request head after it (None: the first), as the sweep or the drain first saw it (0.0: not
-        # yet), and how many bytes of that head arrived so far.
 
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
-            self._since = None  # (never a class attribute too: Python 3.11 reads such a name the slow way)
+            self.watched = False
+            self._since = None
             limit = getattr(self.config, "h11_max_incomplete_event_size", None)
             if limit is not None:
                 if hasattr(self, "conn") and type(self.conn).__module__.startswith("h11"):
