@@ -11,6 +11,7 @@ Sections (see README, "Benchmark"):
   proxy     behind nginx and HAProxy with their defaults, idle gaps around the servers' keep-alive timeouts:
             requests that cross the server's close of an idle upstream connection (502s)
   memory    PSS of all of a server's processes, steady and at the peak of reloads under wrk, 4 workers of a 40 MB app
+  instructions  instructions per request (valgrind): plain uvicorn's protocol and graceful-http's, same app, one process
 
 Timings are figures to read, never pass/fail: the targets table says how they compare with the issue's.
 """
@@ -94,8 +95,10 @@ class Plan:
     restart_interval: float = 2.0
     store_restarts: int = 100
     store_cost_pairs: int = 20000
+    instruction_requests: int = 2000  # counted after a warm-up of instruction_warmup
+    instruction_warmup: int = 200
     sections: tuple[str, ...] = ("steady", "handoff", "reloads", "soak", "websockets", "naive", "proxy", "memory",
-                                 "restart")
+                                 "restart", "instructions")
 
 
 FULL = Plan("full")
@@ -104,7 +107,8 @@ SMOKE = Plan("smoke", steady_runs=1, steady_duration=1, steady_warmup=0, reload_
              soak_interval=0.5, soak_chunk=3, ws_clients=10, ws_reloads=1, ws_interval=3.0,
              naive_clients=10, naive_duration=3.0, proxy_bursts=1, proxy_gaps=(2.0,), memory_reloads=1,
              memory_steady=0.5, memory_per_reload=3.0, memory_whole_generation=False, memory_peers=("gunicorn",),
-             restart_duration=3.0, restart_interval=1.5, store_restarts=0, store_cost_pairs=500)
+             restart_duration=3.0, restart_interval=1.5, store_restarts=0, store_cost_pairs=500,
+             instruction_requests=50, instruction_warmup=20)
 
 
 def say(message: str) -> None:
@@ -656,6 +660,11 @@ def targets(results: dict) -> list[dict]:
                 add(f"(for reference, not the issue's target) {short[key]}: ≤ 1.5× (floor + no-op reload)",
                     f"{value:.0f} ms vs {floor:.0f} + {noop:.0f} ms ({value / (floor + noop):.2f}×)",
                     value <= 1.5 * (floor + noop))
+    counted = results.get("instructions")
+    if counted:
+        add("workers=1: instructions per request ≤ 1.02× plain uvicorn's (callgrind, same app, same engine; the"
+            " per-request overhead, whatever the machine's load)", f"{counted['graceful-http']:,} vs"
+            f" {counted['uvicorn']:,} ({counted['ratio']:.3f}×)", counted["ratio"] <= 1.02)
     for row in results.get("memory") or []:
         if row["server"].startswith("graceful-http (") and row["peak_vs_steady"] is not None:
             add(f"{row['server']}: peak PSS during reloads ≤ 1.3× steady (40 MB per worker)",
@@ -723,6 +732,12 @@ def markdown(results: dict) -> str:
                              "p99 vs uvicorn", "server CPU µs/request", "CPU vs uvicorn", "runs (req/s)", "errors",
                              "split (each run)"], rows))
         parts += ["", *workers_paragraph(results), ""]
+    if results.get("instructions"):
+        c = results["instructions"]
+        parts += [f"## Instructions per request (valgrind --tool=callgrind, {c['requests']} requests after"
+                  f" {c['warmup']}, one process per stack: `python -m bench.instructions`)", "",
+                  _table(["uvicorn (httptools, uvloop)", "graceful-http (workers=1)", "ratio"],
+                         [[c["uvicorn"], c["graceful-http"], f"{c['ratio']:.3f}×"]]), ""]
     if results.get("reloads"):
         parts += [f"## Reloads under load (every {s['reload_interval']} s, {s['reload_duration']} s runs, "
                   f"{s['reload_workers']} workers where the server has workers)", "",
@@ -854,7 +869,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, help="where to write results (default: bench/results, or "
                                                  "bench/results/smoke with --smoke)")
     parser.add_argument("--only", help="comma-separated sections: steady,handoff,reloads,soak,websockets,naive,proxy,"
-                                         "memory,restart")
+                                         "memory,restart,instructions")
     parser.add_argument("--no-systemd", action="store_true", help="skip everything that boots systemd in a container")
     parser.add_argument("--runs", type=int, help="steady-state runs per server")
     parser.add_argument("--duration", type=int, help="seconds per steady-state run")
@@ -897,7 +912,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {"kind": plan.kind, "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
                "machine": machine(), "versions": versions(), "settings": dataclasses.asdict(plan),
                "steady": [], "reloads": [], "handoff": {}, "soak": None, "websockets": [], "naive": [], "proxy": [],
-               "memory": []}
+               "memory": [], "instructions": None}
     if plan.systemd:
         from bench.systemd import boot_check
 
@@ -922,6 +937,10 @@ def main(argv: list[str] | None = None) -> int:
             results["memory"] = memory_section(plan.memory_workers, plan.memory_reloads, plan.memory_steady,
                                                plan.memory_per_reload, plan.memory_whole_generation,
                                                plan.memory_peers, raw, say)
+        if "instructions" in plan.sections:
+            from bench.instructions import instructions_section
+
+            results["instructions"] = instructions_section(plan.instruction_requests, plan.instruction_warmup, raw, say)
         if plan.systemd and set(plan.sections) & {"handoff", "reloads", "soak", "restart"}:
             systemd_sections(plan, raw, keep, results)
     finally:

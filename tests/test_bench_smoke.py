@@ -107,6 +107,11 @@ def test_results_json_is_complete(smoke):
     assert restart["store_cost"]["pairs"] == data["settings"]["store_cost_pairs"]
     assert is_number(restart["store_cost"]["sender_us_per_message"])
 
+    counted = data["instructions"]
+    assert counted["requests"] == data["settings"]["instruction_requests"], counted
+    assert counted["uvicorn"] > 10_000 and counted["graceful-http"] > 10_000, counted
+    assert counted["ratio"] == round(counted["graceful-http"] / counted["uvicorn"], 4), counted
+
     assert data["targets"], "the targets table is empty"
     for row in data["targets"]:
         assert set(row) == {"target", "measured", "met"} and isinstance(row["met"], bool), row
@@ -116,7 +121,7 @@ def test_markdown_and_table_are_printed(smoke):
     out, stdout = smoke
     text = (out / "results.md").read_text()
     for heading in ("## Steady state", "## Reloads under load", "## Soak", "## Handoff time", "## WebSockets",
-                    "## Naive keep-alive", "## Behind a proxy", "## Memory through reloads",
+                    "## Naive keep-alive", "## Behind a proxy", "## Memory through reloads", "## Instructions per request",
                     "## Against the issue's targets", "](reload-latency.png)"):
         assert heading in text, heading
         assert heading in stdout, heading

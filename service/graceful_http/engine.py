@@ -111,7 +111,9 @@ def uvicorn_config(app, lifespan: bool | str, websockets: dict | None = None,
             "root_path": settings.root_path,
             "proxy_headers": settings.proxy_headers,
             "forwarded_allow_ips": ",".join(trusted_proxies(settings)),
-            "timeout_keep_alive": settings.timeout_keep_alive,
+            # A whole number of seconds as an int, as uvicorn's own default: uvloop's call_later (the keep-alive
+            # timer armed after every response) rounds a float delay the slow way.
+            "timeout_keep_alive": _int_if_whole(settings.timeout_keep_alive),
             "limit_concurrency": settings.limit_concurrency,
             "backlog": settings.backlog,  # asyncio re-listens every socket it serves with this backlog
             "headers": [list(header) for header in settings.headers],
@@ -120,10 +122,11 @@ def uvicorn_config(app, lifespan: bool | str, websockets: dict | None = None,
         }
     if settings is not None and settings.proxy_headers and not _trusts_networks():
         app = _ClientOfAnAllTrustedChain(app)
+    protocol_class = tracked_protocol(_protocol_base(protocol))
     config = uvicorn.Config(
         app=app,
         interface="asgi3",  # the control layer is ASGI 3; it adapts the user's app itself
-        http=tracked_protocol(_protocol_base(protocol)),
+        http=protocol_class,
         lifespan=lifespan,
         access_log=False,
         log_config=None,
@@ -132,7 +135,13 @@ def uvicorn_config(app, lifespan: bool | str, websockets: dict | None = None,
     )
     # uvicorn 0.17.6 has no such option: the tracked protocol applies it itself, to h11 and httptools alike.
     config.h11_max_incomplete_event_size = settings.h11_max_incomplete_event_size if settings else None
+    if config.h11_max_incomplete_event_size is not None:  # on the class: not one more attribute per connection
+        protocol_class.max_head_bytes = config.h11_max_incomplete_event_size
     return config
+
+
+def _int_if_whole(seconds: float) -> float | int:
+    return int(seconds) if seconds == int(seconds) else seconds
 
 
 def trusted_proxies(settings: ServeSettings, environ=os.environ) -> tuple[str, ...]:
@@ -206,34 +215,42 @@ def tracked_protocol(base):
     another process needs (`handover_state`), and, once its engine drains (`begin_draining`), when it last
     received bytes (to judge idleness) and a wake-up of the drain at each response.
 
-    The steady state costs one short method per chunk received: the head's time limit is enforced by the
-    engine's once-a-second sweep (`sweep_heads`), not by a timer per request, and nothing else runs per
-    request unless the engine drains.
+    The steady state costs one short method per chunk received, which reads no flag unless the chunk
+    completed no request head: the head's time limit is enforced by the engine's once-a-second sweep
+    (`sweep_heads`), not by a timer per request, and nothing else runs per chunk or request unless the
+    connection is `watched` (in systemd's fd store, or its engine drains).
     """
     parser_tracking = _HttpToolsMessages if base.__name__ == "HttpToolsProtocol" else _H11Messages
     base_data_received = base.data_received
     base_on_response_complete = base.on_response_complete
 
     class Tracked(parser_tracking, base):
-        # Keep what a connection adds to its instance in steady state to one attribute (`_since`): past 30
-        # attributes (uvicorn's protocol has 28), CPython 3.11 drops the compact layout of all of them, which
-        # costs every attribute read of uvicorn's own code (about 2 % more instructions per request).
+        # uvicorn's protocol has 28 attributes (with `url`), and CPython 3.11 keeps a class's instances
+        # compact only up to 29 names in all: an instance that sets one more gets a dict, and every attribute
+        # read of uvicorn's code on it costs more (about 13 % more instructions per request, measured with
+        # bench/instructions.py). So what every connection keeps is in slots (outside those names, and read
+        # fast, which a class attribute read through an instance is not), the rest lives on the class, and
+        # only connections that are ending (draining) or stored in the fd store set more than one name.
+        __slots__ = (
+            "watched",  # stored in the fd store, or draining: every chunk received is looked at
+            # (cycle, busy, since, head bytes): since when the connection has been busy with `cycle`, or waiting
+            # for the request head after it (None: the first), as the sweep or the drain first saw it (0.0:
+            # not yet), and how many bytes of that head arrived so far.
+            "_since",
+        )
         last_data_at = 0.0  # while draining only: when the last bytes arrived
-        adopted = False  # set by Engine.adopt before connection_made: it arrived idle from another process
+        adopted = False  # True on the class `Engine.adopt` makes (see `Adopted` below)
         lame_duck = False  # set by a draining engine that can't hand it over: each response closes it
-        fd_name = None  # its name in systemd's fd store while it is stored there (see fdstore)
+        _fd_name = None  # see `fd_name`
         draining = False  # set by `begin_draining`
         max_head_bytes = MAX_HEAD_BYTES
-        # (cycle, busy, since, head bytes): since when the connection has been busy with `cycle`, or waiting
-        # for the request head after it (None: the first), as the sweep or the drain first saw it (0.0: not
-        # yet), and how many bytes of that head arrived so far.
-        _since = None
 
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
+            self.watched = False
+            self._since = None
             limit = getattr(self.config, "h11_max_incomplete_event_size", None)
             if limit is not None:
-                self.max_head_bytes = limit
                 if hasattr(self, "conn") and type(self.conn).__module__.startswith("h11"):
                     import h11
 
@@ -249,16 +266,26 @@ def tracked_protocol(base):
                 self.begin_draining()
 
         def data_received(self, data):
-            if self.fd_name is not None:  # busy now: out of the store before anything else happens
-                self.server_state.fd_store.got_busy_or_closed(self)
             cycle = self.cycle
             base_data_received(self, data)
-            if self.cycle is cycle or self.draining:  # no request head completed (or draining): rare
+            if self.cycle is cycle or self.watched:  # no request head completed, or watched: rare
                 self._received(cycle, data)
+
+        @property
+        def fd_name(self) -> str | None:
+            """Its name in systemd's fd store while it is stored there (see fdstore_systemd)."""
+            return self._fd_name
+
+        @fd_name.setter
+        def fd_name(self, name: str | None) -> None:
+            self._fd_name = name
+            self.watched = name is not None or self.draining
 
         def _received(self, before, data):
             """After a chunk that completed no request head (part of a head or a body, an upgrade), or any
-            chunk while draining."""
+            chunk while watched."""
+            if self._fd_name is not None:  # busy now: out of the store
+                self.server_state.fd_store.got_busy_or_closed(self)
             if self.draining:
                 self.last_data_at = time.monotonic()
             if self.cycle is not before or self.transport.get_protocol() is not self:
@@ -282,7 +309,7 @@ def tracked_protocol(base):
             """From now on, note when bytes arrive and wake the draining engine at each response."""
             if self.draining:
                 return
-            self.draining = True
+            self.draining = self.watched = True
             self.on_response_complete = self._responded_while_draining  # what new cycles will call
             cycle = self.cycle
             if cycle is not None and not cycle.response_complete:
@@ -356,7 +383,13 @@ def tracked_protocol(base):
                 self.server_state.fd_store.leaving(self)
             self._unset_keepalive_if_required()
 
+    class Adopted(Tracked):
+        """A connection another process detached, idle: a class of its own rather than one more attribute."""
+
+        adopted = True
+
     Tracked.__name__ = f"Tracked{base.__name__}"
+    Tracked.adopted_class = Adopted
     return Tracked
 
 
@@ -834,8 +867,9 @@ class Engine:
         return asyncio.ensure_future(asyncio.get_running_loop().connect_accepted_socket(
             protocol, sock=sock, ssl=self.server.config.ssl))
 
-    def _protocol(self):
-        """A new connection's protocol, as uvicorn's server makes it."""
+    def _protocol(self, adopted: bool = False):
+        """A new connection's protocol, as uvicorn's server makes it (of the protocol's `adopted_class` for a
+        connection taken from another process)."""
         if self._protocol_factory is None:
             config = self.server.config
             protocol_class = config.http_protocol_class
@@ -843,12 +877,15 @@ class Engine:
             if _takes_app_state(protocol_class):  # newer uvicorn
                 arguments["app_state"] = self.server.lifespan.state
             self._protocol_factory = functools.partial(protocol_class, **arguments)
-        return self._protocol_factory()
+        factory = self._protocol_factory
+        if adopted:
+            return factory.func.adopted_class(*factory.args, **factory.keywords)
+        return factory()
 
     def _adopted_protocol(self, lame_duck: bool):
-        protocol = self._protocol()
-        protocol.adopted = True
-        protocol.lame_duck = lame_duck
+        protocol = self._protocol(adopted=True)
+        if lame_duck:  # (an attribute set only when needed: see Tracked on the instance's attributes)
+            protocol.lame_duck = True
         return protocol
 
     async def _hand_over_idle(self, movers: list[Handover]) -> list[Handover]:

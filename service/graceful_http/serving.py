@@ -106,7 +106,7 @@ def build_engines(settings: ServeSettings, listeners, control: ControlState, met
         websockets = {"ws": settings.ws, "ws_max_size": settings.ws_max_size,
                       "ws_ping_interval": settings.ws_ping_interval, "ws_ping_timeout": settings.ws_ping_timeout}
         try:
-            engine = Engine(stack, [item.sock for item in public], idle_grace=settings.idle_grace,
+            engine = Engine(stack.entry(), [item.sock for item in public], idle_grace=settings.idle_grace,
                             websockets=websockets, websocket_close_spread=settings.websocket_close_spread,
                             settings=settings)
         except EngineSettingError as exc:  # this uvicorn cannot do a setting, or a certificate does not load
@@ -115,7 +115,7 @@ def build_engines(settings: ServeSettings, listeners, control: ControlState, met
         engines.append(engine)
     if private:  # the admins' socket: control endpoints only, trusted by its file mode
         stack = ControlLayer(not_found, control, ControlPolicy(trusted=True), access, metrics)
-        engines.append(Engine(stack, [item.sock for item in private], idle_grace=0.1, lifespan=False))
+        engines.append(Engine(stack.entry(), [item.sock for item in private], idle_grace=0.1, lifespan=False))
     return engines
 
 
