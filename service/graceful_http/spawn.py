@@ -29,6 +29,7 @@ from collections.abc import Callable, Mapping, Sequence
 from graceful_http.inherited import Inherited
 from graceful_http.listenfds import LISTEN_FDS_START, successor_environ
 from graceful_http.pidfd import inode_id
+from graceful_http.startpriority import lower
 
 _PR_SET_PDEATHSIG = 1
 
@@ -45,12 +46,13 @@ def spawn_successor(
     inherited: Inherited,
     environ: Mapping[str, str],
     command: Sequence[str] | None = None,
+    nice: int | None = None,
 ) -> int:
-    """Fork twice and exec the new generation; return its pid.
+    """Fork twice and exec the new generation (at CPU priority `nice`, if given); return its pid.
 
     The intermediate process exits at once, so the new generation is adopted
     by PID 1 (the service manager). It leads a new session, so it and
-    everything it starts can be killed as one process group.
+    everything it starts can be killed (or reprioritised) as one process group.
     """
     command = list(command or successor_command())
     pid_read, pid_write = os.pipe()
@@ -62,6 +64,8 @@ def spawn_successor(
             if grandchild == 0:
                 os.close(pid_write)
                 os.setsid()
+                if nice is not None:
+                    lower(nice)
                 _exec_with_sockets(listen_fds, names, handoff_fd, inherited, environ, command)
             os.write(pid_write, str(grandchild).encode())
         finally:
