@@ -246,11 +246,12 @@ def fork_later_worker(settings: ServeSettings, listeners, inherited: Inherited, 
                         private)
 
 
-def _start_successor(listeners, inherited: Inherited, metrics: Metrics | None, attempt: int,
-                     generation: int) -> Successor:
+async def _start_successor(listeners, inherited: Inherited, metrics: Metrics | None, attempt: int,
+                           generation: int) -> Successor:
     environ = dict(os.environ)
     carried = None
     if metrics is not None:
         carried = metrics.carried_on(reload_started=time.monotonic())
         metrics.successor_environ(environ)
-    return Successor.start(attempt, generation, listeners, inherited.for_new_generation(generation, carried), environ)
+    return await Successor.start(attempt, generation, listeners, inherited.for_new_generation(generation, carried),
+                                 environ)

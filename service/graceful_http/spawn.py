@@ -39,7 +39,7 @@ def successor_command() -> list[str]:
     return [sys.executable, *sys.orig_argv[1:]]
 
 
-def spawn_successor(
+async def spawn_successor(
     listen_fds: Sequence[int],
     names: Sequence[str],
     handoff_fd: int,
@@ -53,10 +53,20 @@ def spawn_successor(
     The intermediate process exits at once, so the new generation is adopted
     by PID 1 (the service manager). It leads a new session, so it and
     everything it starts can be killed (or reprioritised) as one process group.
+    Only our own fork is done in the event loop: the wait for the intermediate
+    (a new process to be scheduled, on CPUs the traffic may keep busy: 10-40 ms
+    measured under load) is awaited, so a main that serves keeps serving meanwhile.
     """
+    import asyncio  # here: the stable-pid holder uses this module and runs no event loop
+
     command = list(command or successor_command())
     pid_read, pid_write = os.pipe()
-    intermediate = os.fork()
+    try:
+        intermediate = os.fork()
+    except OSError:
+        os.close(pid_read)
+        os.close(pid_write)
+        raise
     if intermediate == 0:  # pragma: no cover - runs in the forked child
         try:
             os.close(pid_read)
@@ -71,13 +81,35 @@ def spawn_successor(
         finally:
             os._exit(0)
     os.close(pid_write)
+    loop = asyncio.get_running_loop()
+    closed = loop.create_future()
+    os.set_blocking(pid_read, False)
+    data = b""
+
+    def read() -> None:
+        nonlocal data
+        try:
+            chunk = os.read(pid_read, 32)
+        except BlockingIOError:
+            return
+        data += chunk
+        if not chunk and not closed.done():
+            closed.set_result(None)
+
+    loop.add_reader(pid_read, read)
     try:
-        os.waitpid(intermediate, 0)
-        data = b""
+        await closed  # the intermediate exited (its end of the pipe closed with it)
+    except asyncio.CancelledError:  # no longer wanted (we are stopping): it must not outlive us
+        os.set_blocking(pid_read, True)
         while chunk := os.read(pid_read, 32):
             data += chunk
+        if data:
+            _kill_new_generation(int(data))
+        raise
     finally:
+        loop.remove_reader(pid_read)
         os.close(pid_read)
+        os.waitpid(intermediate, 0)  # already exiting: it closed its files
     if not data:
         raise OSError("could not fork the new generation")
     return int(data)
@@ -143,6 +175,16 @@ async def wait_exit(pidfd: int, timeout: float | None = None) -> bool:
     finally:
         loop.remove_reader(pidfd)
     return True
+
+
+def _kill_new_generation(pid: int) -> None:
+    """SIGKILL a new generation that is not wanted after all, with its group if it leads one yet."""
+    for kill, target in ((os.killpg, pid), (os.kill, pid)):
+        try:
+            kill(target, signal.SIGKILL)
+            return
+        except OSError:
+            continue
 
 
 def _die_with_parent() -> None:

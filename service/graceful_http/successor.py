@@ -34,13 +34,13 @@ class Successor:
         self.rolls = False  # it started one worker and wants ours retired one by one (`ready adopts rollout`)
 
     @classmethod
-    def start(cls, attempt: int, generation: int, listeners: Sequence, inherited: Inherited,
-              environ: dict[str, str]) -> Successor:
+    async def start(cls, attempt: int, generation: int, listeners: Sequence, inherited: Inherited,
+                    environ: dict[str, str]) -> Successor:
         """Start generation `generation` on our `listeners`; OSError if it cannot even be forked."""
         link = SuccessorLink()
         nice, restore_nice = start_nice() or (None, None)
         try:
-            pid = spawn_successor([item.sock.fileno() for item in listeners], [item.name for item in listeners],
+            pid = await spawn_successor([item.sock.fileno() for item in listeners], [item.name for item in listeners],
                                   link.theirs.fileno(), inherited, environ, nice=nice)
         except OSError:
             link.close()
