@@ -91,6 +91,31 @@ def engine(request) -> str:
     return request.param
 
 
+def start_and_reload(engine: str, tmp_path, *args: str) -> tuple[ServeProcess, dict[int, int], int]:
+    """Serve the recording app with ARGS, SIGHUP, wait until only the new generation is left: (server, the new
+    generation's app imports as pid → nice, its main)."""
+    log = tmp_path / "nice.log"
+    (tmp_path / "recording.py").write_text(RECORDING_APP.format(log=str(log)))
+    server = ServeProcess(ENGINES[engine], tmp_path, "--app-dir", str(tmp_path), *args, "recording:app",
+                          pid_file=True)
+    server.start()
+    server.wait_serving()
+    old = server.main_pid()
+    before = set(recorded(log))
+    os.kill(old, signal.SIGHUP)
+    new = server.wait_new_main(old)
+    wait_until(lambda: old not in server.processes(), 20, f"the old main {old} to exit", server.log_tail)
+    return server, {pid: nice for pid, nice in recorded(log).items() if pid not in before}, new
+
+
+def test_start_nice_0_starts_a_new_generation_at_the_old_priority(engine, tmp_path):
+    server, started, new = start_and_reload(engine, tmp_path, "--start-nice", "0")
+    try:
+        assert started == {new: os.getpriority(os.PRIO_PROCESS, 0)}
+    finally:
+        server.kill_all()
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_a_new_generation_imports_its_app_at_nice_19_and_serves_at_the_old_priority(engine, workers, tmp_path):
     log = tmp_path / "nice.log"

@@ -126,7 +126,7 @@ async def _serve(settings: ServeSettings, inherited: Inherited, listeners, prede
     loop = asyncio.get_running_loop()
     warn_about_single_process_recycling(settings)
     ports = Ports(
-        start_successor=functools.partial(_start_successor, listeners, inherited, metrics),
+        start_successor=functools.partial(_start_successor, listeners, inherited, metrics, nice=settings.start_nice),
         notifier=Notifier(),
         control_server=ControlServer,
         wait_until_reaped=wait_until_reaped,
@@ -247,11 +247,11 @@ def fork_later_worker(settings: ServeSettings, listeners, inherited: Inherited, 
 
 
 async def _start_successor(listeners, inherited: Inherited, metrics: Metrics | None, attempt: int,
-                           generation: int) -> Successor:
+                           generation: int, nice: int) -> Successor:
     environ = dict(os.environ)
     carried = None
     if metrics is not None:
         carried = metrics.carried_on(reload_started=time.monotonic())
         metrics.successor_environ(environ)
     return await Successor.start(attempt, generation, listeners, inherited.for_new_generation(generation, carried),
-                                 environ)
+                                 environ, nice)

@@ -40,16 +40,16 @@ def may_raise_to(nice: int, effective_caps: int, rlimit_nice: int) -> bool:
     return rlimit_nice == resource.RLIM_INFINITY or 20 - nice <= rlimit_nice
 
 
-def start_nice() -> tuple[int, int] | None:
+def start_nice(wanted: int = START_NICE) -> tuple[int, int] | None:
     """(nice to start a new generation at, nice to give it back once ready), or None: start it as we run."""
     current = os.getpriority(os.PRIO_PROCESS, 0)
-    if current >= START_NICE or not may_raise_to(current, _effective_caps(), resource.getrlimit(resource.RLIMIT_NICE)[0]):
+    if current >= wanted or not may_raise_to(current, _effective_caps(), resource.getrlimit(resource.RLIMIT_NICE)[0]):
         return None
     try:
         os.setpriority(os.PRIO_PROCESS, 0, current)  # a system-call filter answers this one too
     except OSError:
         return None
-    return START_NICE, current
+    return wanted, current
 
 
 def lower(nice: int) -> None:  # pragma: no cover - runs in the forked child, before exec

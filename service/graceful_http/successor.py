@@ -15,7 +15,7 @@ from graceful_http import generation as g
 from graceful_http.handoff import CONFIRM_TIMEOUT, SuccessorLink
 from graceful_http.inherited import Inherited
 from graceful_http.spawn import spawn_successor, wait_exit
-from graceful_http.startpriority import RESTORE_AFTER, restore, start_nice
+from graceful_http.startpriority import RESTORE_AFTER, START_NICE, restore, start_nice
 from graceful_http.wire import ADOPTS, FAILED, READY, ROLLOUT
 
 log = logging.getLogger("graceful_http")
@@ -35,10 +35,11 @@ class Successor:
 
     @classmethod
     async def start(cls, attempt: int, generation: int, listeners: Sequence, inherited: Inherited,
-                    environ: dict[str, str]) -> Successor:
-        """Start generation `generation` on our `listeners`; OSError if it cannot even be forked."""
+                    environ: dict[str, str], wanted_nice: int = START_NICE) -> Successor:
+        """Start generation `generation` on our `listeners` (at nice `wanted_nice` where we can give our priority
+        back); OSError if it cannot even be forked."""
         link = SuccessorLink()
-        nice, restore_nice = start_nice() or (None, None)
+        nice, restore_nice = start_nice(wanted_nice) or (None, None)
         try:
             pid = await spawn_successor([item.sock.fileno() for item in listeners], [item.name for item in listeners],
                                   link.theirs.fileno(), inherited, environ, nice=nice)
