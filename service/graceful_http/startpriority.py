@@ -12,11 +12,9 @@ instead of failing it on the ready timeout.
 
 Raising a priority again needs CAP_SYS_NICE or an RLIMIT_NICE that allows it
 (systemd's `LimitNICE=`), and a sandbox may forbid `setpriority` altogether
-(the shipped unit's `SystemCallFilter=~@resources`), or kill whoever calls it
-(a filter without `SystemCallErrorNumber=`), so a child asks first, at each
-generation's start. Where the old main could not give the priority back, it
-does not lower it, and the new generation starts at the same priority as
-before.
+(the shipped unit's `SystemCallFilter=~@resources`): where the old main could
+not give the priority back, it does not lower it, and the new generation
+starts at the same priority as before.
 """
 
 from __future__ import annotations
