@@ -11,8 +11,6 @@ import subprocess
 import pytest
 
 from graceful_http.startpriority import CAP_SYS_NICE, START_NICE, may_raise_to
-from harness.systemd_service import SOCKET, InstalledService
-from support.load import get, pid_of
 from support.serve_process import ENGINES, SERVICE_DIR, ServeProcess, clean_environ, wait_until
 
 # Records the nice value its process had when it imported the app (the start), and answers with its pid.
@@ -47,8 +45,7 @@ def test_raising_a_priority_again_needs_cap_sys_nice_or_a_high_enough_rlimit_nic
 # Prints what start_nice() says, then whether the kernel lets this process go from nice 19 back to where it was.
 GATE = """\
 import os
-from graceful_http.startpriority import learn_whether_allowed, start_nice
-learn_whether_allowed()
+from graceful_http.startpriority import start_nice
 print(start_nice())
 before = os.getpriority(os.PRIO_PROCESS, 0)
 os.setpriority(os.PRIO_PROCESS, 0, 19)
@@ -145,22 +142,3 @@ def test_a_new_generation_imports_its_app_at_nice_19_and_serves_at_the_old_prior
         for pid in generation:  # serving at our priority, every thread of every process
             assert nice_of_threads(pid) == {ours}, f"pid {pid} (new main {new}) after the reload"
         assert server.get_pid() in generation
-
-
-def test_under_a_filter_that_kills_whoever_calls_setpriority_a_reload_works_as_before():
-    """The shipped unit with `SystemCallErrorNumber=` reset: its `SystemCallFilter=~@resources` then kills a process
-    that calls setpriority (SIGSYS) instead of failing the call. The main never calls it: a child asks at its start.
-    The reload works, and the new generation starts at the old one's priority."""
-    name = f"gh-pypi-nice-sigsys-{os.getpid()}"
-    with InstalledService(name, "pypi", serve_args="", service_extra="SystemCallErrorNumber=\n") as service:
-        c = service.container
-        c.systemctl("start", SOCKET)
-        assert get("127.0.0.1", service.port)[0] == 200
-        old = service.main_pid()
-        result = service.reload(check=False)
-        assert result.returncode == 0, (result.stdout, result.stderr, service.journal())
-        new = service.main_pid()
-        assert new != old
-        assert pid_of(get("127.0.0.1", service.port)[1]) == new
-        assert c.run(f"cut -d' ' -f19 /proc/{new}/stat").stdout.strip() == "0"
-        assert "SIGSYS" not in service.whole_journal() and "core-dump" not in service.whole_journal()

@@ -34,7 +34,6 @@ from graceful_http.serving import (
 )
 from graceful_http.settings import ServeSettings
 from graceful_http.spawn import fork_worker
-from graceful_http.startpriority import learn_whether_allowed
 from graceful_http.successor import Successor, wait_until_reaped
 from graceful_http.supervisor import Ports, Supervisor
 from graceful_http.worker_upkeep import start_worker_upkeep, warn_about_single_process_recycling
@@ -49,7 +48,6 @@ def run_main(settings: ServeSettings, inherited: Inherited) -> int:
     generation = inherited.generation
     logs.setup(generation, settings.log_level)
     raise_soft_limit()
-    learn_whether_allowed()  # to start the next generation at a lower CPU priority
     try:
         listeners = acquire(settings.binds, backlog=settings.backlog)
     except (ListenerError, ListenFdsError) as exc:

@@ -40,32 +40,14 @@ def may_raise_to(nice: int, effective_caps: int, rlimit_nice: int) -> bool:
     return rlimit_nice == resource.RLIM_INFINITY or 20 - nice <= rlimit_nice
 
 
-_setpriority_allowed = False  # until learn_whether_allowed() has asked
-
-
-def learn_whether_allowed() -> None:
-    """At a generation's start, before it serves: may this process call setpriority? A system-call filter may
-    refuse it (EPERM) or kill whoever calls it (SIGSYS: systemd's SystemCallFilter= without
-    SystemCallErrorNumber=), so a child asks, never the main itself."""
-    global _setpriority_allowed
-    child = os.fork()
-    if child == 0:  # pragma: no cover - runs in the forked child
-        code = 1
-        try:
-            os.setpriority(os.PRIO_PROCESS, 0, os.getpriority(os.PRIO_PROCESS, 0))
-            code = 0
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(child, 0)
-    _setpriority_allowed = os.waitstatus_to_exitcode(status) == 0
-
-
 def start_nice(wanted: int = START_NICE) -> tuple[int, int] | None:
     """(nice to start a new generation at, nice to give it back once ready), or None: start it as we run."""
     current = os.getpriority(os.PRIO_PROCESS, 0)
-    if current >= wanted or not _setpriority_allowed:
+    if current >= wanted or not may_raise_to(current, _effective_caps(), resource.getrlimit(resource.RLIMIT_NICE)[0]):
         return None
-    if not may_raise_to(current, _effective_caps(), resource.getrlimit(resource.RLIMIT_NICE)[0]):
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, current)  # a system-call filter answers this one too
+    except OSError:
         return None
     return wanted, current
 
