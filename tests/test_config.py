@@ -97,6 +97,7 @@ EVERY_OPTION = {
     "rollout": ('"generation"', "generation", ["--rollout", "worker"], "worker"),
     "canary": ("10", 10.0, ["--canary", "2.5"], 2.5),
     "preload": ("true", True, ["--no-preload"], False),
+    "start_nice": ("10", 10, ["--start-nice", "0"], 0),
 }
 FIELD = {key: option.name for key, option in settings.OPTIONS.items()}
 
@@ -206,6 +207,7 @@ BAD_CONFIGS = {
                              r" number of MiB \(0: off\) >= 0"),
     "worker timeout a word": ('worker_timeout = "never"\n',
                               r"config\.toml:1: worker_timeout 'never': expected a number of seconds"),
+    "start nice above 19": ("start_nice = 20\n", r"config\.toml:1: start_nice 20: expected a nice value from 0 to 19"),
     "rollout unknown": ('rollout = "canary"\n', r"config\.toml:1: rollout 'canary': expected one of worker, generation"),
     "invalid TOML": ("workers = 2\n\nlog_level = = 'info'\n", r"config\.toml: invalid TOML: .*\(at line 3, column \d+\)"),
     "duplicate key": ("workers = 2\nworkers = 3\n", r"config\.toml: invalid TOML: .*\(at line 2, column \d+\)"),

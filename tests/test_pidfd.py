@@ -39,9 +39,11 @@ def test_the_handoff_names_the_new_main_by_its_pidfd_id_too():
 
     async def scenario(child: subprocess.Popen):
         world = World()
-        world.start_successor = lambda attempt, generation: world.successors.append(
-            FakeSuccessor(attempt, child.pid)) or world.successors[-1]
-        world.supervisor.ports.start_successor = world.start_successor
+        async def start_successor(attempt, generation):
+            world.successors.append(FakeSuccessor(attempt, child.pid))
+            return world.successors[-1]
+
+        world.supervisor.ports.start_successor = start_successor
         assert await world.supervisor.become_main(handed_over=False)
         world.reload()
         await settle()

@@ -8,6 +8,7 @@ import select
 import signal
 
 from graceful_http.spawn import fork_worker
+from support.serve_process import wait_until
 
 
 def exit_code_of(pid: int) -> int:
@@ -68,3 +69,90 @@ def test_a_forked_worker_gets_sigterm_when_its_parent_dies():
         assert readable, f"worker {worker_pid} outlived its parent"
     finally:
         os.close(pidfd)
+
+
+def spawn_sleeper(seconds: str = "30"):
+    """spawn_successor of `sleep` (as the new generation) on a listening socket; returns the coroutine."""
+    import socket
+
+    from graceful_http.inherited import Inherited
+    from graceful_http.spawn import spawn_successor
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    mine, theirs = socket.socketpair()
+    opened = [listener, mine, theirs]
+    return spawn_successor([listener.fileno()], ["http"], theirs.fileno(), Inherited(generation=2), dict(os.environ),
+                           command=["/bin/sleep", seconds]), opened
+
+
+def state_and_parent(pid: int) -> tuple[str, int]:
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rpartition(")")[2].split()
+    return fields[0], int(fields[1])
+
+
+def test_a_new_generation_is_not_our_child_and_the_loop_runs_while_it_is_forked():
+    import asyncio
+
+    async def scenario():
+        ticks = 0
+
+        async def ticker():
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0)
+
+        ticking = asyncio.ensure_future(ticker())
+        spawning, opened = spawn_sleeper()
+        try:
+            pid = await spawning
+        finally:
+            ticking.cancel()
+            for sock in opened:
+                sock.close()
+        return pid, ticks
+
+    pid, ticks = asyncio.run(scenario())
+    try:
+        assert ticks > 0, "the event loop stood still while the new generation was started"
+        assert state_and_parent(pid)[1] != os.getpid()
+        assert os.getsid(pid) == pid  # it leads its own session, hence its own process group
+    finally:
+        os.killpg(pid, signal.SIGKILL)
+
+
+def test_a_start_cancelled_midway_leaves_no_new_generation_behind():
+    """A main that stops while the new generation is being forked must not leave it running."""
+    import asyncio
+
+    from harness.processes import alive
+
+    marker = f"{os.getpid()}.{id(object())}"  # an argument only our sleeper has
+
+    def sleepers() -> list[int]:
+        found = []
+        for entry in os.listdir("/proc"):
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as file:
+                    if file.read().split(b"\0")[:2] == [b"/bin/sleep", marker.encode()]:
+                        found.append(int(entry))
+            except OSError:
+                continue
+        return [pid for pid in found if alive(pid)]
+
+    async def scenario():
+        spawning, opened = spawn_sleeper(marker)
+        task = asyncio.ensure_future(spawning)
+        await asyncio.sleep(0)  # forked: the intermediate is on its way
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+        for sock in opened:
+            sock.close()
+
+    asyncio.run(scenario())
+    wait_until(lambda: not sleepers(), 10, "the cancelled start's new generation to be gone")

@@ -140,7 +140,7 @@ class World:
         self.supervisor = Supervisor(g.HandoffMachine(1, PID, ready_timeout), ports, graceful_timeout=5.0)
         self.supervisor.servers = Servers([self.server])
 
-    def start_successor(self, attempt: int, generation: int) -> FakeSuccessor:
+    async def start_successor(self, attempt: int, generation: int) -> FakeSuccessor:
         successor = FakeSuccessor(attempt, SUCCESSOR_PID + len(self.successors))
         self.successors.append(successor)
         return successor
@@ -259,6 +259,7 @@ def test_reload_refused_while_starting_and_while_reloading():
         assert world.successors == []
         assert await world.supervisor.become_main(handed_over=False)
         world.reload()
+        await settle()  # started: the refusal names it
         world.reload()
         await settle()
         assert len(world.successors) == 1
@@ -296,11 +297,12 @@ def test_spawn_failure_is_a_failed_reload():
     async def scenario():
         world = await serving_world()
 
-        def cannot_fork(attempt, generation):
+        async def cannot_fork(attempt, generation):
             raise OSError("Resource temporarily unavailable")
 
         world.supervisor.ports.start_successor = cannot_fork
         world.reload()
+        await settle()
         assert world.final == g.Outcome("failed", "cannot start the new generation: Resource temporarily"
                                                   " unavailable", PID)
         assert world.supervisor.machine.phase is g.Phase.SERVING

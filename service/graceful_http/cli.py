@@ -100,6 +100,10 @@ def _serve_help() -> dict[str, tuple[str | None, str]]:
                         " if its error rate is worse (5xx and failed requests; a one-sided test at the 0.01"
                         " level), the reload"
                         " fails and the old generation serves on (default: 0, off)"),
+        "start_nice": ("N", "a new generation starts at CPU priority nice N while the old one serves, and gets the"
+                            " old main's back once ready; where it could not get it back (no CAP_SYS_NICE or"
+                            " RLIMIT_NICE), or N is not lower than the old main's priority, it starts at the old"
+                            " main's (default: 0, off)"),
         "preload": (None, "with --workers: import the app in the generation's main before forking the workers, which"
                           " share it copy-on-write; a replacement worker is forked from the main too, with the"
                           " main's copy of the code (default: off)"),

@@ -130,7 +130,8 @@ async def _serve(settings: ServeSettings, inherited: Inherited, listeners, prede
     warn_about_single_process_recycling(settings)
     ports = Ports(
         start_successor=functools.partial(_start_successor, listeners, inherited, metrics,
-                                          zygote.eligible(settings.workers, settings.preload, metrics is not None)),
+                                          zygote.eligible(settings.workers, settings.preload, metrics is not None),
+                                          nice=settings.start_nice),
         notifier=Notifier(),
         control_server=ControlServer,
         wait_until_reaped=wait_until_reaped,
@@ -252,12 +253,12 @@ def fork_later_worker(settings: ServeSettings, listeners, inherited: Inherited, 
                         private)
 
 
-def _start_successor(listeners, inherited: Inherited, metrics: Metrics | None, fork_only: bool, attempt: int,
-                     generation: int) -> Successor:
+async def _start_successor(listeners, inherited: Inherited, metrics: Metrics | None, fork_only: bool, attempt: int,
+                           generation: int, nice: int) -> Successor:
     environ = dict(os.environ)
     carried = None
     if metrics is not None:
         carried = metrics.carried_on(reload_started=time.monotonic())
         metrics.successor_environ(environ)
-    return Successor.start(attempt, generation, listeners, inherited.for_new_generation(generation, carried), environ,
-                           fork_only)
+    return await Successor.start(attempt, generation, listeners, inherited.for_new_generation(generation, carried),
+                                 environ, fork_only, nice)

@@ -121,6 +121,13 @@ def parse_count(text, option: str, *, what: str, minimum: int = 1) -> int:
     return int(text)
 
 
+def parse_nice(text, option: str) -> int:
+    """A nice value a process may lower itself to: 0 (highest without privileges) to 19 (lowest)."""
+    if isinstance(text, bool) or not re.fullmatch(r"\s*\d+\s*", str(text)) or int(text) > 19:
+        raise SettingsError(f"invalid {option} {text!r}: expected a nice value from 0 to 19")
+    return int(text)
+
+
 def parse_root_path(text, option: str = "--root-path") -> str:
     """The prefix a proxy mounts the app under: empty, or a path such as /api (no trailing slash)."""
     if not isinstance(text, str) or (text and (not text.startswith("/") or text.endswith("/"))) or \
@@ -246,6 +253,8 @@ class ServeSettings:
     rollout: str = "worker"
     canary: float = 0.0  # seconds the new generation's first worker serves beside the old ones before the handoff
     preload: bool = False  # import the app in the main before forking the workers (gunicorn's --preload)
+    # a new generation's CPU priority while it starts beside the serving one (see startpriority)
+    start_nice: int = 0
 
 
 @dataclass(frozen=True)
@@ -316,6 +325,8 @@ OPTIONS = {
         Option("rollout", _choice(ROLLOUT_MODES)),
         Option("canary", lambda v, o: parse_seconds(v, o, minimum=0.0)),
         Option("preload", _boolean),
+        # the start of a new generation
+        Option("start_nice", lambda v, o: parse_nice(v, o)),
     )
 }
 

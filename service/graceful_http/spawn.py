@@ -29,6 +29,7 @@ from collections.abc import Callable, Mapping, Sequence
 from graceful_http.inherited import Inherited
 from graceful_http.listenfds import LISTEN_FDS_START, successor_environ
 from graceful_http.pidfd import inode_id
+from graceful_http.startpriority import lower
 
 _PR_SET_PDEATHSIG = 1
 
@@ -38,26 +39,34 @@ def successor_command() -> list[str]:
     return [sys.executable, *sys.orig_argv[1:]]
 
 
-def spawn_successor(
+def fork_successor(
     listen_fds: Sequence[int],
     names: Sequence[str],
     handoff_fd: int,
     inherited: Inherited,
     environ: Mapping[str, str],
     command: Sequence[str] | None = None,
+    nice: int | None = None,
     instead_of_exec: Callable[[list[str], dict[str, str]], None] | None = None,
-) -> int:
-    """Fork twice and exec the new generation; return its pid.
+) -> tuple[int, int]:
+    """Fork twice and exec the new generation (at CPU priority `nice`, if given); return the intermediate
+    process's pid and the pipe its pid comes on (`new_generation_pid` reads it).
 
     The intermediate process exits at once, so the new generation is adopted
     by PID 1 (the service manager). It leads a new session, so it and
-    everything it starts can be killed as one process group. `instead_of_exec`
-    (command, environment), called where exec would be, may run the new
-    generation in the fork itself (see `zygote`), or return to have it exec'd.
+    everything it starts can be killed (or reprioritised) as one process group.
+    `instead_of_exec` (command, environment), called where exec would be, may
+    run the new generation in the fork itself (see `zygote`), or return to have
+    it exec'd.
     """
     command = list(command or successor_command())
     pid_read, pid_write = os.pipe()
-    intermediate = os.fork()
+    try:
+        intermediate = os.fork()
+    except OSError:
+        os.close(pid_read)
+        os.close(pid_write)
+        raise
     if intermediate == 0:  # pragma: no cover - runs in the forked child
         try:
             os.close(pid_read)
@@ -65,21 +74,59 @@ def spawn_successor(
             if grandchild == 0:
                 os.close(pid_write)
                 os.setsid()
+                if nice is not None:
+                    lower(nice)
                 _exec_with_sockets(listen_fds, names, handoff_fd, inherited, environ, command, instead_of_exec)
             os.write(pid_write, str(grandchild).encode())
         finally:
             os._exit(0)
     os.close(pid_write)
+    return intermediate, pid_read
+
+
+async def new_generation_pid(intermediate: int, pid_read: int) -> int:
+    """The pid `fork_successor` forked. Only the fork is done in the event loop: the wait for the intermediate
+    (a new process to be scheduled, on CPUs the traffic may keep busy: 10-40 ms measured under load) is
+    awaited, so a main that serves keeps serving meanwhile."""
+    import asyncio  # here: the stable-pid holder uses this module and runs no event loop
+
+    loop = asyncio.get_running_loop()
+    closed = loop.create_future()
+    os.set_blocking(pid_read, False)
+    data = b""
+
+    def read() -> None:
+        nonlocal data
+        try:
+            chunk = os.read(pid_read, 32)
+        except BlockingIOError:
+            return
+        data += chunk
+        if not chunk and not closed.done():
+            closed.set_result(None)
+
+    loop.add_reader(pid_read, read)
     try:
-        os.waitpid(intermediate, 0)
-        data = b""
+        await closed  # the intermediate exited (its end of the pipe closed with it)
+    except asyncio.CancelledError:  # no longer wanted (we are stopping): it must not outlive us
+        os.set_blocking(pid_read, True)
         while chunk := os.read(pid_read, 32):
             data += chunk
+        if data:
+            _kill_new_generation(int(data))
+        raise
     finally:
+        loop.remove_reader(pid_read)
         os.close(pid_read)
+        os.waitpid(intermediate, 0)  # already exiting: it closed its files
     if not data:
         raise OSError("could not fork the new generation")
     return int(data)
+
+
+async def spawn_successor(*args, **kwargs) -> int:
+    """`fork_successor(*args, **kwargs)`, then its pid, awaited."""
+    return await new_generation_pid(*fork_successor(*args, **kwargs))
 
 
 def spawn_worker(
@@ -142,6 +189,16 @@ async def wait_exit(pidfd: int, timeout: float | None = None) -> bool:
     finally:
         loop.remove_reader(pidfd)
     return True
+
+
+def _kill_new_generation(pid: int) -> None:
+    """SIGKILL a new generation that is not wanted after all, with its group if it leads one yet."""
+    for kill, target in ((os.killpg, pid), (os.kill, pid)):
+        try:
+            kill(target, signal.SIGKILL)
+            return
+        except OSError:
+            continue
 
 
 def _die_with_parent() -> None:

@@ -15,7 +15,8 @@ from collections.abc import Sequence
 from graceful_http import generation as g
 from graceful_http.handoff import CONFIRM_TIMEOUT, SuccessorLink
 from graceful_http.inherited import Inherited
-from graceful_http.spawn import spawn_successor, wait_exit
+from graceful_http.spawn import fork_successor, new_generation_pid, wait_exit
+from graceful_http.startpriority import RESTORE_AFTER, START_NICE, restore, start_nice
 from graceful_http.wire import ADOPTS, FAILED, READY, ROLLOUT
 
 log = logging.getLogger("graceful_http")
@@ -24,37 +25,44 @@ log = logging.getLogger("graceful_http")
 class Successor:
     """The new generation being started: its pid, its handoff link and its exit."""
 
-    def __init__(self, attempt: int, pid: int, link: SuccessorLink):
+    def __init__(self, attempt: int, pid: int, link: SuccessorLink, restore_nice: int | None = None):
         self.attempt = attempt
         self.pid = pid
         self.link = link
+        self.restore_nice = restore_nice  # it starts at a lower CPU priority: this one is given back when ready
         self.pidfd = os.pidfd_open(pid)
         self.adopts = False  # it said it takes over our keep-alive connections (`ready adopts`)
         self.rolls = False  # it started one worker and wants ours retired one by one (`ready adopts rollout`)
 
     @classmethod
-    def start(cls, attempt: int, generation: int, listeners: Sequence, inherited: Inherited,
-              environ: dict[str, str], fork_only: bool = False) -> Successor:
-        """Start generation `generation` on our `listeners`; OSError if it cannot even be forked. `fork_only`:
-        without exec if the code on disk is the code loaded here (see `zygote`)."""
+    async def start(cls, attempt: int, generation: int, listeners: Sequence, inherited: Inherited,
+                    environ: dict[str, str], fork_only: bool = False, wanted_nice: int = START_NICE) -> Successor:
+        """Start generation `generation` on our `listeners` (at nice `wanted_nice` where we can give our priority
+        back); OSError if it cannot even be forked. `fork_only`: without exec if the code on disk is the code
+        loaded here (see `zygote`)."""
         from graceful_http.zygote import continue_as_successor, from_a_fresh_stack
 
         link = SuccessorLink()
-        spawn = functools.partial(spawn_successor, [item.sock.fileno() for item in listeners],
-                                  [item.name for item in listeners], link.theirs.fileno(), inherited, environ)
+        nice, restore_nice = start_nice(wanted_nice) or (None, None)
+        fork = functools.partial(fork_successor, [item.sock.fileno() for item in listeners],
+                                 [item.name for item in listeners], link.theirs.fileno(), inherited, environ, nice=nice)
         try:
-            pid = from_a_fresh_stack(lambda before: spawn(
-                instead_of_exec=functools.partial(continue_as_successor, before))) if fork_only else spawn()
+            forked = from_a_fresh_stack(lambda before: fork(
+                instead_of_exec=functools.partial(continue_as_successor, before))) if fork_only else fork()
+            pid = await new_generation_pid(*forked)
         except OSError:
             link.close()
             raise
         link.close_theirs()
-        return cls(attempt, pid, link)
+        return cls(attempt, pid, link, restore_nice)
 
     async def until_ready(self) -> g.ChildReady | g.ChildFailed:
         """What became of it: ready, or failed (it said why, or it exited)."""
         message = asyncio.create_task(self.link.next_message())
         exit_wait = asyncio.create_task(wait_exit(self.pidfd))
+        starved = None
+        if self.restore_nice is not None:
+            starved = asyncio.get_running_loop().call_later(RESTORE_AFTER, restore, self.pid, self.restore_nice)
         try:
             done, _ = await asyncio.wait({message, exit_wait}, return_when=asyncio.FIRST_COMPLETED)
             gone = f"new generation (pid {self.pid}) exited before it was ready"
@@ -71,6 +79,9 @@ class Successor:
         finally:
             message.cancel()
             exit_wait.cancel()
+            if starved is not None:
+                starved.cancel()
+                restore(self.pid, self.restore_nice)  # ready (or failed: then it is killed anyway)
 
     def alive(self) -> bool:
         return not select.select([self.pidfd], [], [], 0)[0]

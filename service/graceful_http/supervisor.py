@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +30,7 @@ log = logging.getLogger("graceful_http")
 class Ports:
     """What the supervisor does to the world besides serving."""
 
-    start_successor: Callable[[int, int], Successor]  # (attempt, generation) -> started; raises OSError
+    start_successor: Callable[[int, int], Awaitable[Successor]]  # (attempt, generation) -> started; raises OSError
     notifier: Any  # sdnotify.Notifier: send(**fields), barrier(), enabled
     control_server: Callable[[Callable], Any]  # (start_reload) -> controlsocket.ControlServer
     wait_until_reaped: Callable[[int], bool]  # blocks until systemd (PID 1) has reaped an exited pid
@@ -128,13 +128,18 @@ class Supervisor:
 
     def _do_SpawnSuccessor(self, action: g.SpawnSuccessor) -> None:
         self._canary_now = self.canary if self._canary_asked is None else self._canary_asked
+        self._run("spawn", self._spawn(action))
+
+    async def _spawn(self, action: g.SpawnSuccessor) -> None:
+        """Start it without holding up the event loop; a stop meanwhile kills it as soon as its pid is known."""
         try:
-            self.successor = self.ports.start_successor(action.attempt, action.generation)
+            successor = await self.ports.start_successor(action.attempt, action.generation)
         except OSError as exc:
             self.dispatch(g.ChildFailed(action.attempt, f"cannot start the new generation: {exc}"))
             return
-        self._run("successor", self._until_ready(self.successor))
-        self.dispatch(g.ChildStarted(action.attempt, self.successor.pid))
+        self.successor = successor
+        self._run("successor", self._until_ready(successor))
+        self.dispatch(g.ChildStarted(action.attempt, successor.pid))  # no longer wanted: the machine kills it
 
     def _do_ArmReadyTimer(self, action: g.ArmReadyTimer) -> None:
         self.ports.call_later(action.seconds, self.dispatch, g.ReadyTimedOut(action.attempt))

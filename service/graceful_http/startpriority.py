@@ -1,0 +1,81 @@
+"""A new generation starts at the lowest CPU priority and gets the old one's back once it is ready.
+
+A new generation's start (an interpreter, the imports of uvicorn and the app,
+with workers a fork) costs a few hundred ms of CPU, all of it while the old
+generation serves: on a machine whose CPUs the traffic keeps busy, the two
+compete and the requests of that second wait. At nice 19 the start takes what
+the serving processes leave, and once the new generation says it is ready the
+old main gives the whole of it (its process group: every thread of its main
+and workers) the old main's own nice value back; a start that is starved for
+`RESTORE_AFTER` gets it back then, so a saturated machine delays a reload
+instead of failing it on the ready timeout.
+
+Raising a priority again needs CAP_SYS_NICE or an RLIMIT_NICE that allows it
+(systemd's `LimitNICE=`), and a sandbox may forbid `setpriority` altogether
+(the shipped unit's `SystemCallFilter=~@resources`): where the old main could
+not give the priority back, it does not lower it, and the new generation
+starts at the same priority as before.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+
+log = logging.getLogger("graceful_http")
+
+START_NICE = 0  # off: see `--start-nice` in the README for why
+RESTORE_AFTER = 5.0  # seconds
+CAP_SYS_NICE = 23  # bit in /proc/<pid>/status CapEff
+
+
+def may_raise_to(nice: int, effective_caps: int, rlimit_nice: int) -> bool:
+    """May a process with these capabilities and RLIMIT_NICE (soft) lower a nice value to `nice`?
+
+    The kernel allows it with CAP_SYS_NICE, or when 20 - nice ≤ RLIMIT_NICE.
+    """
+    if effective_caps >> CAP_SYS_NICE & 1:
+        return True
+    return rlimit_nice == resource.RLIM_INFINITY or 20 - nice <= rlimit_nice
+
+
+def start_nice(wanted: int = START_NICE) -> tuple[int, int] | None:
+    """(nice to start a new generation at, nice to give it back once ready), or None: start it as we run."""
+    current = os.getpriority(os.PRIO_PROCESS, 0)
+    if current >= wanted or not may_raise_to(current, _effective_caps(), resource.getrlimit(resource.RLIMIT_NICE)[0]):
+        return None
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, current)  # a system-call filter answers this one too
+    except OSError:
+        return None
+    return wanted, current
+
+
+def lower(nice: int) -> None:  # pragma: no cover - runs in the forked child, before exec
+    """In the new generation's process, before exec: start at `nice` (what it forks and starts inherits it)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, nice)
+    except OSError:
+        pass  # it starts at our priority: slower requests meanwhile, nothing worse
+
+
+def restore(group: int, nice: int) -> None:
+    """Give every process (and thread) of the new generation, which leads process group `group`, `nice` back."""
+    try:
+        os.setpriority(os.PRIO_PGRP, group, nice)
+    except ProcessLookupError:
+        pass  # it is gone (failed, killed): nothing to restore
+    except OSError as exc:
+        log.warning("cannot give the new generation (pid %d) its CPU priority back (nice %d): %s", group, nice, exc)
+
+
+def _effective_caps() -> int:
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("CapEff:"):
+                    return int(line.split()[1], 16)
+    except (OSError, ValueError):
+        pass
+    return 0

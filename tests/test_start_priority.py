@@ -1,0 +1,149 @@
+"""With --start-nice 19 a new generation starts at nice 19 and has the old main's priority back once it is
+ready: the kernel's rule for raising a priority again, the gate where it may not, and a real reload read from
+/proc, with and without workers; by default (0) it starts at the old main's priority."""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+import subprocess
+
+import pytest
+
+from graceful_http.startpriority import CAP_SYS_NICE, START_NICE, may_raise_to
+from support.serve_process import ENGINES, SERVICE_DIR, ServeProcess, clean_environ, wait_until
+
+NICE = 19  # what the tests ask for with --start-nice (the default, 0, is off)
+
+# Records the nice value its process had when it imported the app (the start), and answers with its pid.
+RECORDING_APP = """\
+import os
+
+with open({log!r}, "a") as log:
+    log.write(f"{{os.getpid()}} {{os.getpriority(os.PRIO_PROCESS, 0)}}\\n")
+
+
+async def app(scope, receive, send):
+    if scope["type"] == "lifespan":
+        while (message := await receive())["type"] != "lifespan.shutdown":
+            await send({{"type": "lifespan.startup.complete"}})
+        await send({{"type": "lifespan.shutdown.complete"}})
+        return
+    body = b"pid:%d" % os.getpid()
+    await send({{"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"%d" % len(body))]}})
+    await send({{"type": "http.response.body", "body": body}})
+"""
+
+
+def test_raising_a_priority_again_needs_cap_sys_nice_or_a_high_enough_rlimit_nice():
+    assert may_raise_to(0, 1 << CAP_SYS_NICE, 0)
+    assert not may_raise_to(0, 0, 0)  # the default RLIMIT_NICE: no way back from nice 19
+    assert not may_raise_to(0, 0, 19)
+    assert may_raise_to(0, 0, 20)  # systemd's LimitNICE=+0
+    assert may_raise_to(5, 0, 15)
+    assert may_raise_to(0, 0, resource.RLIM_INFINITY)
+
+
+# Prints what start_nice() says, then whether the kernel lets this process go from nice 19 back to where it was.
+GATE = """\
+import os
+from graceful_http.startpriority import start_nice
+print(start_nice(19))
+before = os.getpriority(os.PRIO_PROCESS, 0)
+os.setpriority(os.PRIO_PROCESS, 0, 19)
+try:
+    os.setpriority(os.PRIO_PROCESS, 0, before)
+    print("raised again")
+except OSError as exc:
+    print(exc.strerror)
+"""
+
+
+@pytest.mark.parametrize("setpriv, expected", [
+    ([], ["(19, 0)", "raised again"]),
+    (["setpriv", "--bounding-set=-sys_nice", "--inh-caps=-sys_nice"], ["None", "Permission denied"]),
+    (["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"], ["None", "Permission denied"]),
+], ids=["root", "root-without-cap-sys-nice", "nobody"])
+def test_a_process_that_could_not_give_the_priority_back_does_not_lower_it(setpriv, expected):
+    """With the default RLIMIT_NICE (0) only CAP_SYS_NICE lets a priority go back up: the gate agrees with the
+    kernel."""
+    assert resource.getrlimit(resource.RLIMIT_NICE)[0] == 0, "run this test with the default RLIMIT_NICE"
+    result = subprocess.run([*setpriv, ENGINES["pypi"], "-c", GATE], capture_output=True, text=True,
+                            env=clean_environ(PYTHONPATH=str(SERVICE_DIR)), timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == expected
+
+
+def nice_of_threads(pid: int) -> set[int]:
+    """The nice value of every thread of `pid` (field 19 of /proc/<pid>/task/<tid>/stat)."""
+    values = set()
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/stat") as stat:
+            values.add(int(stat.read().rpartition(")")[2].split()[16]))
+    return values
+
+
+def recorded(log) -> dict[int, int]:
+    """pid → nice at its app import."""
+    return {int(pid): int(nice) for pid, nice in (line.split() for line in log.read_text().splitlines())}
+
+
+@pytest.fixture(params=list(ENGINES))
+def engine(request) -> str:
+    return request.param
+
+
+def start_and_reload(engine: str, tmp_path, *args: str) -> tuple[ServeProcess, dict[int, int], int]:
+    """Serve the recording app with ARGS, SIGHUP, wait until only the new generation is left: (server, the new
+    generation's app imports as pid → nice, its main)."""
+    log = tmp_path / "nice.log"
+    (tmp_path / "recording.py").write_text(RECORDING_APP.format(log=str(log)))
+    server = ServeProcess(ENGINES[engine], tmp_path, "--app-dir", str(tmp_path), *args, "recording:app",
+                          pid_file=True)
+    server.start()
+    server.wait_serving()
+    old = server.main_pid()
+    before = set(recorded(log))
+    os.kill(old, signal.SIGHUP)
+    new = server.wait_new_main(old)
+    wait_until(lambda: old not in server.processes(), 20, f"the old main {old} to exit", server.log_tail)
+    return server, {pid: nice for pid, nice in recorded(log).items() if pid not in before}, new
+
+
+@pytest.mark.parametrize("args", [("--start-nice", "0"), ()], ids=["start-nice-0", "default"])
+def test_start_nice_0_starts_a_new_generation_at_the_old_priority(engine, args, tmp_path):
+    assert START_NICE == 0
+    server, started, new = start_and_reload(engine, tmp_path, *args)
+    try:
+        assert started == {new: os.getpriority(os.PRIO_PROCESS, 0)}
+    finally:
+        server.kill_all()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_new_generation_imports_its_app_at_nice_19_and_serves_at_the_old_priority(engine, workers, tmp_path):
+    log = tmp_path / "nice.log"
+    (tmp_path / "recording.py").write_text(RECORDING_APP.format(log=str(log)))
+    assert os.getpriority(os.PRIO_PROCESS, 0) < NICE, "the test runs at nice 19 already: nothing to see"
+    with ServeProcess(ENGINES[engine], tmp_path, "--app-dir", str(tmp_path), "--workers", str(workers),
+                      "--start-nice", str(NICE), "recording:app", pid_file=True) as server:
+        server.wait_serving()
+        old = server.main_pid()
+        before = set(recorded(log))
+        os.kill(old, signal.SIGHUP)
+        new = server.wait_new_main(old)
+        size = workers + (workers > 1)  # the new main and its workers
+        generation = wait_until(lambda: len(found := server.processes()) == size and found, 20,
+                                f"only the new generation's {size} processes to be left", server.log_tail)
+        assert new in generation
+
+        # Started at 19: the new main imports the app itself; with workers, the first worker does, forked by
+        # the new main before it is ready, and the others after (at our priority again).
+        ours = os.getpriority(os.PRIO_PROCESS, 0)
+        started = {pid: nice for pid, nice in recorded(log).items() if pid not in before}
+        expected = {new: NICE} if workers == 1 else None
+        assert started == expected if workers == 1 else sorted(started.values()) == [ours, NICE], started
+        for pid in generation:  # serving at our priority, every thread of every process
+            assert nice_of_threads(pid) == {ours}, f"pid {pid} (new main {new}) after the reload"
+        assert server.get_pid() in generation
