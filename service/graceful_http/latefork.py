@@ -1,4 +1,5 @@
-"""Fork a worker from a main whose event loop already runs (a rollout's later workers), not exec one.
+"""Fork a worker from a main, not exec one: before its event loop starts (a generation's workers) or while it
+runs (a rollout's later workers).
 
 A forked worker shares the main's imported engine (uvicorn, uvloop, httptools) copy-on-write and starts by
 loading the app; an exec'd one pays for a whole interpreter and its imports, in time and in private

@@ -33,11 +33,10 @@ from graceful_http.serving import (
     start_engines,
 )
 from graceful_http.settings import ServeSettings
-from graceful_http.spawn import fork_worker
 from graceful_http.successor import Successor, wait_until_reaped
 from graceful_http.supervisor import Ports, Supervisor
 from graceful_http.worker_upkeep import start_worker_upkeep, warn_about_single_process_recycling
-from graceful_http.workers import MainLink, WorkerPool, WorkerStartFailed, worker_environ
+from graceful_http.workers import WorkerPool, WorkerStartFailed
 
 log = logging.getLogger("graceful_http")
 
@@ -92,34 +91,15 @@ def fork_workers(settings: ServeSettings, listeners, inherited: Inherited, prede
     starts by loading the app instead of by starting an interpreter.
     """
     from graceful_http.engine import preload
-    from graceful_http.worker_process import run_worker
+    from graceful_http.latefork import fork_running
 
     preload()
-    environ = worker_environ(os.environ)
     forked: list[tuple[int, socket.socket]] = []
     for index in range(1, (count or settings.workers) + 1):
-        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        worker_inherited = Inherited(generation=inherited.generation, worker_index=index, main_version=__version__,
-                                     metrics_shared_dir=metrics.shared_dir if metrics is not None else None)
-
-        def worker(worker_inherited=worker_inherited, theirs=theirs, mine=mine) -> int:  # pragma: no cover
-            for channel in [mine, *(other for _, other in forked)]:
-                channel.close()
-            if predecessor is not None:
-                predecessor.sock.close()  # the channel to the previous generation is the main's
-            os.environ.clear()
-            os.environ.update(environ)
-            link = MainLink(theirs, worker_inherited.worker_index)
-            return asyncio.run(run_worker(settings, link, worker_inherited, listeners))
-
-        try:
-            pid = fork_worker(worker)
-        except OSError:
-            mine.close()
-            raise
-        finally:
-            theirs.close()
-        forked.append((pid, mine))
+        # Not for the child: its siblings' channels, and the channel to the previous generation (the main's).
+        dropped = [channel for _, channel in forked] + ([predecessor.sock] if predecessor is not None else [])
+        forked.append(fork_running(settings, listeners, inherited, index,
+                                   metrics.shared_dir if metrics is not None else None, dropped))
     return forked
 
 
