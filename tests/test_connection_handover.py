@@ -12,6 +12,7 @@ reloads are `systemctl reload`, and the shipped unit's sandbox applies.
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import re
 import shutil
@@ -294,3 +295,33 @@ def test_under_systemd_naive_clients_see_no_close_across_30_reloads(engine, work
     assert len(drains) == RELOADS, drains
     assert [drain for drain in drains if drain != (CLIENTS, 0)] == [], "(handed over, fell back) per drain"
     assert count("reception only permitted for main PID", journal) == 0
+
+
+def _response(sock: socket.socket) -> tuple[http.client.HTTPResponse, dict]:
+    response = http.client.HTTPResponse(sock)
+    response.begin()
+    return response, json.loads(response.read())
+
+
+@pytest.mark.parametrize("engine", list(ENGINES))
+def test_a_connection_answered_before_its_body_arrived_moves_once_the_body_is_read(engine, tmp_path):
+    """An app that answers without reading the body (options_app), a client whose body comes after the
+    answer (as http.client's does when Nagle holds its second send): once the rest of the body is read the
+    connection is between two requests again, and a reload hands it over like any idle one."""
+    with ServeProcess(ENGINES[engine], tmp_path, "options_app:app", "--app-dir", str(APPS), "--no-access-log",
+                      pid_file=True) as server:
+        server.wait_serving()
+        main = server.main_pid()
+        with socket.create_connection((HOST, server.port), timeout=30) as sock:
+            sock.sendall(b"POST /early HTTP/1.1\r\nHost: test\r\nContent-Type: text/plain\r\nContent-Length: 9\r\n\r\n")
+            assert _response(sock)[0].status == 200  # answered with the body still to come
+            sock.sendall(b"payload=1")  # read long before the new generation is ready to take connections
+            os.kill(main, signal.SIGHUP)
+            new = server.wait_new_main(main)
+            server.wait_gone(main)
+            sock.sendall(b"GET /after HTTP/1.1\r\nHost: test\r\n\r\n")
+            response, answer = _response(sock)
+        log = server.log()
+    assert response.status == 200 and response.getheader("connection") != "close", response.getheaders()
+    assert answer["pid"] == new, f"answered by {answer['pid']}, the new main is {new}"
+    assert DRAINED.findall(log) == [("1", "0")], f"(handed over, fell back): {DRAINED.findall(log)}\n{log[-2000:]}"

@@ -404,9 +404,18 @@ class _HttpToolsMessages:
         body_under_way = cycle is not None and cycle.more_body and not cycle.response_complete
         return head_under_way or body_under_way or bool(self.pipeline)
 
+    def on_message_complete(self) -> None:
+        cycle = self.cycle
+        if cycle is not None and cycle.response_complete:
+            # Answered before its body ended (uvicorn ignores the rest): the parser has now read all of it,
+            # so the connection is between two requests again, which a handover needs to know.
+            cycle.more_body = False
+            return
+        super().on_message_complete()
+
     def _body_unread(self, cycle) -> bool:
-        # uvicorn stops following a request's body once its response is complete: if the app answered
-        # before the body ended, nobody can tell whether the rest of it is still to come.
+        # uvicorn stops following a request's body once its response is complete: until the parser reaches
+        # the body's end (`on_message_complete` above), nobody can tell where the next request starts.
         return cycle is not None and cycle.response_complete and cycle.more_body and cycle.scope is self.scope
 
     def _keeps_alive(self, cycle) -> bool:
