@@ -220,7 +220,9 @@ def tracked_protocol(base):
     (`sweep_heads`), not by a timer per request, and nothing else runs per chunk or request unless the
     connection is `watched` (in systemd's fd store, or its engine drains).
     """
-    parser_tracking = _HttpToolsMessages if base.__name__ == "HttpToolsProtocol" else _H11Messages
+    parser_tracking = _H11Messages
+    if base.__name__ == "HttpToolsProtocol":
+        parser_tracking = _HttpToolsMessages if hasattr(base, "_should_upgrade") else _OlderHttpToolsMessages
     base_data_received = base.data_received
     base_on_response_complete = base.on_response_complete
 
@@ -405,13 +407,18 @@ class _HttpToolsMessages:
         return head_under_way or body_under_way or bool(self.pipeline)
 
     def on_message_complete(self) -> None:
+        # uvicorn's own (httptools_impl: the message's end wakes the app's `receive`), written out here for one
+        # addition at no cost per request: a request answered before its body ended (which uvicorn ignores
+        # from then on) has now been read to its end, so the connection is between two requests again, which
+        # a handover needs to know (see `_body_unread`). (`_OlderHttpToolsMessages`: before `_should_upgrade`.)
         cycle = self.cycle
         if cycle is not None and cycle.response_complete:
-            # Answered before its body ended (uvicorn ignores the rest): the parser has now read all of it,
-            # so the connection is between two requests again, which a handover needs to know.
             cycle.more_body = False
             return
-        super().on_message_complete()
+        if self.parser.should_upgrade() and self._should_upgrade():
+            return
+        cycle.more_body = False
+        cycle.message_event.set()
 
     def _body_unread(self, cycle) -> bool:
         # uvicorn stops following a request's body once its response is complete: until the parser reaches
@@ -420,6 +427,20 @@ class _HttpToolsMessages:
 
     def _keeps_alive(self, cycle) -> bool:
         return cycle is None or bool(cycle.keep_alive)
+
+
+class _OlderHttpToolsMessages(_HttpToolsMessages):
+    """uvicorn before `_should_upgrade` (which upgrades only when a WebSocket protocol is configured)."""
+
+    def on_message_complete(self) -> None:
+        cycle = self.cycle
+        if cycle is not None and cycle.response_complete:
+            cycle.more_body = False
+            return
+        if self.parser.should_upgrade():
+            return
+        cycle.more_body = False
+        cycle.message_event.set()
 
 
 class _H11Messages:
