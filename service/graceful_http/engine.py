@@ -220,9 +220,7 @@ def tracked_protocol(base):
     (`sweep_heads`), not by a timer per request, and nothing else runs per chunk or request unless the
     connection is `watched` (in systemd's fd store, or its engine drains).
     """
-    parser_tracking = _H11Messages
-    if base.__name__ == "HttpToolsProtocol":
-        parser_tracking = _HttpToolsMessages if hasattr(base, "_should_upgrade") else _OlderHttpToolsMessages
+    parser_tracking = _HttpToolsMessages if base.__name__ == "HttpToolsProtocol" else _H11Messages
     base_data_received = base.data_received
     base_on_response_complete = base.on_response_complete
 
@@ -410,13 +408,15 @@ class _HttpToolsMessages:
         # uvicorn's own (httptools_impl: the message's end wakes the app's `receive`), written out here for one
         # addition at no cost per request: a request answered before its body ended (which uvicorn ignores
         # from then on) has now been read to its end, so the connection is between two requests again, which
-        # a handover needs to know (see `_body_unread`). (`_OlderHttpToolsMessages`: before `_should_upgrade`.)
+        # a handover needs to know (see `_body_unread`).
         cycle = self.cycle
         if cycle is not None and cycle.response_complete:
             cycle.more_body = False
             return
-        if self.parser.should_upgrade() and self._should_upgrade():
-            return
+        if self.parser.should_upgrade():
+            wanted = getattr(self, "_should_upgrade", None)  # (older uvicorn has none: it skips every upgrade)
+            if wanted is None or wanted():
+                return
         cycle.more_body = False
         cycle.message_event.set()
 
@@ -427,20 +427,6 @@ class _HttpToolsMessages:
 
     def _keeps_alive(self, cycle) -> bool:
         return cycle is None or bool(cycle.keep_alive)
-
-
-class _OlderHttpToolsMessages(_HttpToolsMessages):
-    """uvicorn before `_should_upgrade` (which upgrades only when a WebSocket protocol is configured)."""
-
-    def on_message_complete(self) -> None:
-        cycle = self.cycle
-        if cycle is not None and cycle.response_complete:
-            cycle.more_body = False
-            return
-        if self.parser.should_upgrade():
-            return
-        cycle.more_body = False
-        cycle.message_event.set()
 
 
 class _H11Messages:
