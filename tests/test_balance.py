@@ -15,7 +15,7 @@ import socket
 import pytest
 
 from graceful_http.balance import AcceptGate, fair_share
-from graceful_http.balanced_accept import BalancedAcceptor, SharedCounts, create_table, slot_count
+from graceful_http.balanced_accept import BalancedAcceptor, SharedCounts, create_table, slot_count, time_queued
 from support.load import pid_of
 from support.serve_process import ENGINES, HOST, ServeProcess, wait_until
 
@@ -67,6 +67,24 @@ def test_above_its_share_a_worker_waits_while_the_others_take_connections_and_no
     assert not gate.may_accept(7, (2,), now=10.38)  # still taking them: the patience starts again
     assert not gate.may_accept(7, (2,), now=10.46)
     assert gate.may_accept(7, (2,), now=10.5)
+
+
+def test_time_the_others_spent_waiting_for_a_cpu_does_not_count_against_their_patience():
+    gate = AcceptGate(slack=0, patience=0.1, longest=1.0)
+    queued = iter([(2.0,), (2.15,), (2.15,), (2.15,)])  # seconds the other has waited for a CPU in all
+    assert not gate.may_accept(5, (0,), now=10.0, queued=lambda: next(queued))
+    assert not gate.may_accept(5, (0,), now=10.2, queued=lambda: next(queued))  # it could run for 0.05 s only
+    assert gate.may_accept(5, (0,), now=10.26, queued=lambda: next(queued))  # 0.11 s it could have used
+
+
+def test_the_least_starved_of_the_others_sets_the_pace_and_a_connection_waits_no_longer_than_the_longest():
+    gate = AcceptGate(slack=0, patience=0.1, longest=1.0)
+    assert not gate.may_accept(9, (0, 0), now=0.0, queued=lambda: (1.0, 5.0))
+    assert gate.may_accept(9, (0, 0), now=0.3, queued=lambda: (1.0, 5.3))  # one of them could run all along
+    gate = AcceptGate(slack=0, patience=0.1, longest=1.0)
+    assert not gate.may_accept(9, (0,), now=0.0, queued=lambda: (1.0,))
+    assert not gate.may_accept(9, (0,), now=0.9, queued=lambda: (1.9,))
+    assert gate.may_accept(9, (0,), now=1.0, queued=lambda: (2.0,))  # starved the whole second: take it anyway
 
 
 def test_below_its_share_again_a_worker_forgets_that_it_was_waiting():
@@ -131,6 +149,7 @@ def test_workers_claim_their_own_slot_or_a_free_one_and_siblings_see_their_count
         mine = SharedCounts.attach(main, workers=2, index=2)  # this process, as a third worker
         assert mine.slot not in (0, second_slot)
         assert sorted(mine.others()) == [3, 7]
+        assert len(mine.queued()) == 2 and all(seconds >= 0 for seconds in mine.queued())
         mine.accepting(0)
         os.kill(second[0], signal.SIGKILL)  # dies while accepting: its count is stale until someone notices
         os.waitpid(second[0], 0)
@@ -143,6 +162,26 @@ def test_workers_claim_their_own_slot_or_a_free_one_and_siblings_see_their_count
         mine.close()
     finally:
         os.close(table)
+
+
+def test_a_process_sharing_its_cpu_with_a_busy_one_is_seen_waiting_for_it():
+    """What the patience discounts: the kernel's count of the time a sibling was runnable but not running."""
+    cpu = min(os.sched_getaffinity(0))
+    spinners = []
+    for _ in range(2):
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child: spin on one CPU, shared with the other spinner
+            os.sched_setaffinity(0, {cpu})
+            while True:
+                pass
+        spinners.append(pid)
+    try:
+        wait_until(lambda: time_queued(spinners[0]) > 0.01 or None, 20, "the kernel to count a wait for the CPU")
+    finally:
+        for pid in spinners:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+    assert time_queued(spinners[0]) == 0.0  # gone: nothing known
 
 
 def test_no_table_or_no_free_slot_is_an_oserror():
@@ -254,7 +293,8 @@ def test_every_burst_is_split_between_the_workers_also_after_one_is_replaced(eng
     kernel, one worker often takes most of them (whichever it woke first accepts the whole backlog)."""
     python = ENGINES[engine]
     assert os.access(python, os.X_OK), f"engine {engine!r}: {python} is not installed"
-    with ServeProcess(python, tmp_path, "--workers", "2", "--no-access-log", pid_file=True) as server:
+    with ServeProcess(python, tmp_path, "--workers", "2", "--no-access-log", "--log-level", "debug",
+                      pid_file=True) as server:
         server.wait_serving()
         wait_until(lambda: len(worker_pids(server.log())) == 2, 20, "both workers to start", server.log_tail)
         splits = [burst(server.port) for _ in range(3)]
@@ -274,9 +314,10 @@ def test_every_burst_is_split_between_the_workers_also_after_one_is_replaced(eng
         assert reload.returncode == 0, reload.stdout + reload.stderr + server.log_tail()
         splits += [burst(server.port) for _ in range(2)]
         log = server.log()
+    overtaken = [line for line in log.splitlines() if "above its share" in line]  # a sibling took none for a while
     for split in splits:
         assert len(split) == 2 and all(20 <= count <= 30 for count in split.values()), \
-            f"splits of {BURST} connections over the bursts: {[sorted(s.values()) for s in splits]}"
+            f"splits of {BURST} connections over the bursts: {[sorted(s.values()) for s in splits]}; {overtaken}"
     assert set(splits[4]) == serving
     assert not set(splits[-1]) & (first | serving), "the new generation's workers answer"
     assert "not balanced" not in log

@@ -8,12 +8,20 @@ than its fair share of the generation's open connections (plus `slack`); above i
 its siblings, which the kernel wakes too. A sibling that does not take them (its event loop is busy, or
 stuck) must not leave clients waiting: once the others' counts have not moved for `patience` seconds, the
 worker accepts anyway, until they move again.
+
+Time a sibling spent waiting for a CPU does not count against it: on a loaded machine a sibling can sit in
+the run queue for longer than the patience, and a worker that took the backlog then would end far above its
+share (bursts split 18/32 were seen). So the patience runs on the time the others could have run (wall time
+less the least any of them queued for a CPU meanwhile), and never longer than `longest` of wall time.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 SLACK = 1  # connections a worker may hold beyond an even split: fewer hand-overs between siblings in a burst
 PATIENCE = 0.1  # seconds a connection may wait for a sibling that takes nothing, before this worker takes it
+LONGEST = 1.0  # seconds of wall time a connection may wait, however long its siblings queue for a CPU
 
 
 def fair_share(total: int, workers: int) -> int:
@@ -24,18 +32,27 @@ def fair_share(total: int, workers: int) -> int:
 class AcceptGate:
     """One worker's rule; `now` is a monotonic clock reading (seconds)."""
 
-    def __init__(self, slack: int = SLACK, patience: float = PATIENCE):
+    def __init__(self, slack: int = SLACK, patience: float = PATIENCE, longest: float = LONGEST):
         self.slack = slack
         self.patience = patience
+        self.longest = longest
         self.waiting_since: float | None = None  # when this worker last held back with the others as they are
         self._others_then: tuple[int, ...] = ()
+        self._queued_then: tuple[float, ...] = ()
 
-    def may_accept(self, own: int, others: tuple[int, ...], now: float) -> bool:
-        """`own`: connections this worker holds; `others`: what each other accepting worker holds."""
+    def may_accept(self, own: int, others: tuple[int, ...], now: float,
+                   queued: Callable[[], tuple[float, ...]] = tuple) -> bool:
+        """`own`: connections this worker holds; `others`: what each other accepting worker holds; `queued()`:
+        how long each of them has waited for a CPU in all (seconds, as far as known; asked only when holding back)."""
         if own < fair_share(own + sum(others) + 1, len(others) + 1) + self.slack:
             self.waiting_since = None
             return True
         if self.waiting_since is None or others != self._others_then:  # they are taking connections: wait for them
-            self.waiting_since, self._others_then = now, others
+            self.waiting_since, self._others_then, self._queued_then = now, others, queued()
             return False
-        return now - self.waiting_since >= self.patience
+        waited = now - self.waiting_since
+        if waited < self.longest:
+            starved = min((total - then for total, then in zip(queued(), self._queued_then)), default=0.0)
+            if waited - starved < self.patience:
+                return False
+        return True

@@ -99,6 +99,11 @@ class SharedCounts:
         words, own = self.words, self.slot
         return tuple(words[2 * s + 1] for s in range(self.slots) if s != own and words[2 * s])
 
+    def queued(self) -> tuple[float, ...]:
+        """How long each other worker that accepts has waited for a CPU in all (seconds; in `others()`'s order)."""
+        words, own = self.words, self.slot
+        return tuple(time_queued(words[2 * s]) for s in range(self.slots) if s != own and words[2 * s])
+
     def forget_dead(self) -> int:
         """Clear the slots of workers that died while accepting (nobody holds their lock); how many."""
         cleared = 0
@@ -119,6 +124,16 @@ class SharedCounts:
         self.words.release()
         self._map.close()
         os.close(self.fd)  # drops our lock: the slot is free
+
+
+def time_queued(pid: int) -> float:
+    """Seconds the process `pid` (its main thread: the event loop) has spent runnable but waiting for a CPU,
+    from the scheduler's statistics; 0.0 where the kernel keeps none (or the process is gone)."""
+    try:
+        with open(f"/proc/{pid}/schedstat", "rb") as stats:
+            return int(stats.read().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
 
 
 def _open_table(main_pid: int) -> int:
@@ -143,6 +158,7 @@ class BalancedAcceptor:
         self.gate = gate or AcceptGate()
         self.clock = clock
         self.pending = 0  # accepted, not yet in uvicorn's count
+        self._told_of: float | None = None  # the wait (its start) after which we took connections above our share
         self._unmade: set = set()  # protocols of accepted connections, not yet in uvicorn's count
         self.sockets: list[socket.socket] = []
         self._serve: Serve | None = None
@@ -214,7 +230,7 @@ class BalancedAcceptor:
         for _ in range(64):  # a bounded batch per wake-up, as asyncio's own loop does (there: the backlog)
             own = self.own()
             counts.publish(own)
-            if not gate.may_accept(own, counts.others(), self.clock()):
+            if not gate.may_accept(own, counts.others(), self.clock(), counts.queued):
                 self._hold_back(RECHECK)
                 return
             try:
@@ -229,6 +245,10 @@ class BalancedAcceptor:
                 else:
                     log.warning("accept failed: %s", exc)
                 return
+            if gate.waiting_since is not None and gate.waiting_since != self._told_of:  # above its share
+                self._told_of = gate.waiting_since
+                log.debug("worker takes new connections above its share: its siblings took none for %.2f s",
+                          self.clock() - gate.waiting_since)
             conn.setblocking(False)  # as asyncio's own accept does: accept() hands back a blocking socket
             self.pending += 1
             counts.publish(own + 1)
