@@ -408,7 +408,7 @@ def test_config_changes_take_effect_with_a_reload_under_load():
 
         def reload_with(config: str, answer: bytes) -> int:
             c.write_file(CONFIG_PATH, config)
-            assert service.reload().returncode == 0
+            assert service.reload(check=False).returncode == 0, service.journal()[-4000:]
             mains.append(service.main_pid())
             assert mains[-1] != mains[-2]
             wait_until(lambda: get("127.0.0.1", service.port, "/")[1].startswith(answer), timeout=10,

@@ -140,20 +140,47 @@ def test_rolled_completes_the_old_generation():
     assert old.handle(r.SuccessorGone(1)) == []
 
 
-def test_a_main_whose_workers_are_still_rolling_out_refuses_reloads_and_says_how_far_it_is():
-    from graceful_http.generation import BecameMain, HandoffMachine, Phase, ReloadRequested, Reply
+def test_a_main_whose_workers_are_still_rolling_out_says_how_far_it_is_and_starts_a_reload_once_they_serve():
+    from graceful_http.generation import (
+        BecameMain,
+        HandoffMachine,
+        Phase,
+        ReloadRequested,
+        Reply,
+        RolloutEnded,
+        SpawnSuccessor,
+    )
 
     machine = HandoffMachine(generation=2, pid=100, ready_timeout=5)
     machine.handle(BecameMain(handed_over=True))
     machine.rolling_out = r.Rollout(4, RestartBackoff())
-    replies = [a for a in machine.handle(ReloadRequested("SIGHUP", requester="me")) if isinstance(a, Reply)]
+    replies = [a for a in machine.handle(ReloadRequested("SIGHUP", requester="me", canary=3.0)) if isinstance(a, Reply)]
+    assert machine.phase is Phase.SERVING  # not started: one generation's workers roll out at a time
+    assert replies[0].outcome.code == "started" and "waits until this generation's workers" in replies[0].outcome.detail
+    machine.handle(ReloadRequested("POST /graceful", requester="you"))
     assert machine.phase is Phase.SERVING
-    assert replies[0].outcome.code == "refused" and "still replacing" in replies[0].outcome.detail
     assert machine.serving_status(0, 7).endswith("7 requests · rolling out: 1 of 4 workers new")
     machine.rolling_out.begin()
     machine.rolling_out.handle(r.OldRetired(pid=41, left=3))
     machine.rolling_out.handle(r.NewWorkerReady(2))
     assert machine.serving_status(0, 7).endswith(" · rolling out: 2 of 4 workers new, 3 old left")
-    machine.rolling_out = None
+    actions = machine.handle(RolloutEnded())
     assert machine.serving_status(0, 7).endswith("7 requests")
-    assert machine.handle(ReloadRequested("SIGHUP"))[-1].__class__.__name__ == "ArmReadyTimer"
+    # One reload for both requests, with the canary asked for, and both requesters hear its outcome.
+    assert [a for a in actions if isinstance(a, SpawnSuccessor)] == [SpawnSuccessor(attempt=1, generation=3, canary=3.0)]
+    assert machine.phase is Phase.RELOADING and machine.state.requesters == ("me", "you")
+    assert "SIGHUP and POST /graceful" in actions[0].message
+    assert machine.handle(RolloutEnded()) == []  # nothing waits any more
+
+
+def test_a_stop_during_a_rollout_tells_the_waiting_reload_requesters_it_failed():
+    from graceful_http.generation import BecameMain, HandoffMachine, ReloadRequested, Reply, RolloutEnded, StopRequested
+
+    machine = HandoffMachine(generation=2, pid=100, ready_timeout=5)
+    machine.handle(BecameMain(handed_over=True))
+    machine.rolling_out = r.Rollout(2, RestartBackoff())
+    machine.handle(ReloadRequested("graceful-http reload", requester="me"))
+    replies = [a for a in machine.handle(StopRequested("SIGTERM")) if isinstance(a, Reply)]
+    assert [(a.requester, a.outcome.code, a.outcome.detail) for a in replies] == [
+        ("me", "failed", "the service is stopping")]
+    assert machine.handle(RolloutEnded()) == []

@@ -119,6 +119,33 @@ def test_a_new_main_dying_mid_rollout_leaves_the_old_generation_serving_with_all
         assert "rollout: new generation" in server.log() and "restoring 1 worker(s)" in server.log()
 
 
+def test_a_reload_asked_of_a_new_main_during_its_rollout_starts_once_the_rollout_is_done(tmp_path):
+    """systemd serializes reloads, but SIGHUP, POST /graceful or `graceful-http reload` may reach the new main
+    while its workers still replace the old ones: that reload waits its turn instead of failing."""
+    starts, release = tmp_path / "starts", tmp_path / "release"
+    os.mkfifo(release)
+    # Starts 1-2: generation 1; 3: generation 2's first worker; 4: its second, held until released.
+    environ = {"FOOTPRINT_STARTS_FILE": str(starts), "FOOTPRINT_HOLD_STARTS": "4",
+               "FOOTPRINT_RELEASE_FIFO": str(release), "FOOTPRINT_MB": "8"}
+    with footprint_server("pypi", tmp_path, environ=environ, workers=2) as server:
+        server.wait_serving()
+        first = server.run_background("reload", "--pid-file", str(server.pid_file), "--timeout", "60")
+        new = started_as(server, 2)
+        wait_until(lambda: starts.exists() and len(starts.read_text().split()) == 4 or None, 20,
+                   "generation 2's second worker to start", server.log_tail)
+        second = server.run_background("reload", "--pid", str(new), "--timeout", "60")
+        server.wait_for_log("waits until this generation's workers have replaced the previous one's")
+        assert first.poll() is None and second.poll() is None
+        with open(release, "w") as held:  # the held worker starts: the rollout ends, the waiting reload begins
+            held.write("go")
+        stdout, stderr = first.communicate(timeout=30)
+        assert first.returncode == 0, stdout + stderr + server.log_tail()
+        stdout, stderr = second.communicate(timeout=60)
+        assert second.returncode == 0, stdout + stderr + server.log_tail()
+        assert "generation 3" in stderr and "the reload waits until" in stderr
+        assert "refused" not in server.log()
+
+
 # ---- the canary ---------------------------------------------------------------------------------------------
 
 

@@ -35,6 +35,7 @@ class Phase(enum.Enum):
 class ReloadRequested:
     source: str  # "SIGHUP", "POST /graceful from 127.0.0.1", "graceful-http reload"
     requester: object | None = None  # who wants the outcome (opaque to us)
+    canary: float | None = None  # seconds, if the requester asked for a canary (else the service's setting)
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,11 @@ class HandOverFailed:
 
 
 @dataclass(frozen=True)
+class RolloutEnded:
+    """Every worker of this generation serves (or the rollout stopped): reloads may start again."""
+
+
+@dataclass(frozen=True)
 class BecameMain:
     """This generation accepts connections and is (now) the main process."""
 
@@ -86,7 +92,7 @@ class BecameMain:
 
 
 Event = (BecameMain | HandedOver | HandOverFailed | ReloadRequested | ChildStarted | ChildReady | ChildFailed
-         | ReadyTimedOut | StopRequested)
+         | ReadyTimedOut | StopRequested | RolloutEnded)
 
 
 # ---- actions ----------------------------------------------------------------
@@ -107,6 +113,7 @@ class Log:
 class SpawnSuccessor:
     attempt: int
     generation: int
+    canary: float | None = None
 
 
 @dataclass(frozen=True)
@@ -159,6 +166,7 @@ class State:
     successor_pid: int | None = None
     requesters: tuple = field(default_factory=tuple)
     last_failure: str | None = None  # shown in STATUS= until the next reload
+    deferred: tuple = field(default_factory=tuple)  # reload requests waiting for our workers' rollout to end
 
 
 class HandoffMachine:
@@ -221,20 +229,37 @@ class HandoffMachine:
             return self._refuse(event, f"this generation (pid {self.pid}) has handed over and is draining")
         if s.phase is Phase.STOPPING:
             return self._refuse(event, "the service is stopping")
-        if self.rolling_out is not None:
-            return self._refuse(event, "reload already in progress: this generation's workers are still replacing"
-                                       " the previous one's")
+        if self.rolling_out is not None:  # systemd has heard the last reload is done: this one waits its turn
+            self.state = replace(s, deferred=(*s.deferred, event))
+            waiting = "waits until this generation's workers have replaced the previous one's"
+            actions: list[Action] = [Log(f"reload requested by {event.source}: {waiting}")]
+            if event.requester is not None:
+                actions.append(Reply(event.requester, Outcome("started", f"the reload {waiting}")))
+            return actions
+        return self._start_reload(event.source, (event.requester,) if event.requester is not None else (),
+                                  event.canary)
+
+    def _start_reload(self, source: str, requesters: tuple, canary: float | None) -> list[Action]:
+        s = self.state
         attempt = s.attempt + 1
         successor = s.generation + 1
-        requesters = (event.requester,) if event.requester is not None else ()
         self.state = replace(s, phase=Phase.RELOADING, attempt=attempt, successor_pid=None, requesters=requesters,
                              last_failure=None)
         return [
-            Log(f"reload requested by {event.source}: starting generation {successor}"),
+            Log(f"reload requested by {source}: starting generation {successor}"),
             Notify({"RELOADING": 1, "STATUS": f"reloading: starting generation {successor}"}),
-            SpawnSuccessor(attempt=attempt, generation=successor),
+            SpawnSuccessor(attempt=attempt, generation=successor, canary=canary),
             ArmReadyTimer(attempt=attempt, seconds=self.ready_timeout),
         ]
+
+    def _on_RolloutEnded(self, event: RolloutEnded) -> list[Action]:
+        self.rolling_out = None
+        deferred, self.state = self.state.deferred, replace(self.state, deferred=())
+        if not deferred or self.state.phase is not Phase.SERVING:
+            return []
+        sources = " and ".join(dict.fromkeys(request.source for request in deferred))  # one reload serves them all
+        return self._start_reload(sources, tuple(r.requester for r in deferred if r.requester is not None),
+                                  next((r.canary for r in deferred if r.canary is not None), None))
 
     def _refuse(self, event: ReloadRequested, reason: str, successor: int | None = None) -> list[Action]:
         actions: list[Action] = [Log(f"reload requested by {event.source} refused: {reason}", "warning")]
@@ -330,7 +355,9 @@ class HandoffMachine:
         if s.phase in (Phase.RELOADING, Phase.HANDING_OVER):
             actions.append(KillSuccessor(s.attempt, s.successor_pid))
             actions += [Reply(r, Outcome("failed", "the service is stopping", self.pid)) for r in s.requesters]
-        self.state = replace(s, phase=Phase.STOPPING, successor_pid=None, requesters=())
+        actions += [Reply(r.requester, Outcome("failed", "the service is stopping", self.pid)) for r in s.deferred
+                    if r.requester is not None]
+        self.state = replace(s, phase=Phase.STOPPING, successor_pid=None, requesters=(), deferred=())
         return actions + [
             Log(f"{event.source} received: stopping, finishing in-flight requests"),
             Notify({"STOPPING": 1, "STATUS": "stopping: finishing in-flight requests"}),

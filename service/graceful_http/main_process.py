@@ -203,7 +203,7 @@ async def rollout(supervisor: Supervisor, predecessor: PredecessorLink | None, s
     try:
         await driver.run()
     finally:
-        supervisor.machine.rolling_out = None
+        supervisor.dispatch(g.RolloutEnded())  # a reload asked for meanwhile starts now
         if not settings.preload:
             pool.fork_now = None  # a worker replaced later is exec'd, as in any generation
 

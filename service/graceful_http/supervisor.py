@@ -57,8 +57,7 @@ class Supervisor:
         self.adoption = None  # handover.AdoptionPoint: where we take the previous generation's connections
         self._moving_to: int | None = None  # the successor our connections move to, once handed over
         self.fd_store = None  # fdstore_systemd.ConnectionStore: idle connections kept in systemd's fd store
-        self.canary = 0.0  # seconds of canary before a handoff (see `canary`): the setting...
-        self._canary_asked: float | None = None  # ...or what `graceful-http reload --canary` asked for
+        self.canary = 0.0  # seconds of canary before a handoff (see `canary`), unless a reload request asks
         self._canary_now = 0.0  # this reload's, until judged
 
     async def become_main(self, handed_over: bool) -> bool:
@@ -105,11 +104,7 @@ class Supervisor:
     def start_reload(self, source: str, on_outcome, canary: float | None = None) -> None:
         """For `graceful-http reload`: start a reload (with a canary of `canary` seconds, if given);
         `on_outcome` hears progress and the end."""
-        self._canary_asked = canary
-        try:
-            self.dispatch(g.ReloadRequested(source, requester=on_outcome))
-        finally:
-            self._canary_asked = None
+        self.dispatch(g.ReloadRequested(source, requester=on_outcome, canary=canary))
 
     def counts(self) -> tuple[int, int]:
         """(requests answered, of which failed: 5xx or the app raised), for a canary."""
@@ -127,7 +122,7 @@ class Supervisor:
         action.requester(action.outcome)
 
     def _do_SpawnSuccessor(self, action: g.SpawnSuccessor) -> None:
-        self._canary_now = self.canary if self._canary_asked is None else self._canary_asked
+        self._canary_now = self.canary if action.canary is None else action.canary
         self._run("spawn", self._spawn(action))
 
     async def _spawn(self, action: g.SpawnSuccessor) -> None:

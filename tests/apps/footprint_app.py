@@ -3,7 +3,8 @@ and caches have): FOOTPRINT_MB ($FOOTPRINT_MB, default 40) of private memory, to
 
 For failure tests: each start counts itself in the file $FOOTPRINT_STARTS_FILE (if set), and the starts
 listed in $FOOTPRINT_FAIL_STARTS (e.g. "6,7"), or in the file `fail-starts` beside this one, fail at import,
-as new code that cannot start in some process would. FAIL_PERCENT of requests (by a counter, so exactly that
+as new code that cannot start in some process would. The starts listed in $FOOTPRINT_HOLD_STARTS wait at import
+until someone writes to the FIFO $FOOTPRINT_RELEASE_FIFO (a slow start the test ends when it wants). FAIL_PERCENT of requests (by a counter, so exactly that
 share) answer 500.
 """
 
@@ -39,6 +40,10 @@ def _failing_starts() -> set[str]:
 _start = _count_start()
 if str(_start) in _failing_starts():
     raise RuntimeError(f"start {_start} fails, as asked")
+
+if str(_start) in os.environ.get("FOOTPRINT_HOLD_STARTS", "").split(","):
+    with open(os.environ["FOOTPRINT_RELEASE_FIFO"]) as release:
+        release.read()
 
 _ballast = bytes(range(256)) * (FOOTPRINT_MB * 4096)  # FOOTPRINT_MB MiB, every page written
 _served = 0
