@@ -4,8 +4,8 @@ and caches have): FOOTPRINT_MB ($FOOTPRINT_MB, default 40) of private memory, to
 For failure tests: each start counts itself in the file $FOOTPRINT_STARTS_FILE (if set), and the starts
 listed in $FOOTPRINT_FAIL_STARTS (e.g. "6,7"), or in the file `fail-starts` beside this one, fail at import,
 as new code that cannot start in some process would. The starts listed in $FOOTPRINT_HOLD_STARTS wait at import
-until someone writes to the FIFO $FOOTPRINT_RELEASE_FIFO (a slow start the test ends when it wants). FAIL_PERCENT of requests (by a counter, so exactly that
-share) answer 500.
+until someone writes to the FIFO $FOOTPRINT_RELEASE_FIFO (a slow start the test ends when it wants).
+FAIL_PERCENT of requests (by a counter, so exactly that share) answer 500.
 """
 
 import fcntl
