@@ -47,6 +47,7 @@ from support.faults import (
     wait_active,
     wait_in_flight,
     wait_only,
+    wait_settled,
 )
 from support.load import Load, get, pid_of
 
@@ -217,11 +218,10 @@ def test_new_generation_exiting_right_after_ready_is_survived(engine):
             for delay in delays:
                 set_fault(service, f"exit-after-ready {delay}")  # this invocation only: a restart is healthy
                 service.reload(check=False)
-                main = wait_active(service)
+                main = wait_settled(service)
                 wait_until(lambda: load.result.pids[main] > 0, timeout=20, what=f"a response from pid {main}")
                 journal = service.journal()
                 restarts = count(r"Scheduled restart job, restart counter is at \d+", journal)
-                wait_only(service, main)
                 state = service.state()
                 assert state == {"MainPID": str(main), "ActiveState": "active", "SubState": "running",
                                  "NRestarts": str(restarts), "Result": "success"}, (delay, state)

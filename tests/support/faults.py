@@ -44,14 +44,28 @@ def status_text(service: InstalledService) -> str:
     return service.container.show(SERVICE, "StatusText")["StatusText"]
 
 
+def running_main(service: InstalledService) -> int:
+    """The unit's main pid if it is active/running with one, else 0."""
+    state = service.state()
+    if (state["ActiveState"], state["SubState"]) == ("active", "running") and state["MainPID"] != "0":
+        return int(state["MainPID"])
+    return 0
+
+
 def wait_active(service: InstalledService, timeout: float = 30) -> int:
     """Wait until the unit is active/running with a main pid; return it."""
-    def running():
-        state = service.state()
-        if (state["ActiveState"], state["SubState"]) == ("active", "running") and state["MainPID"] != "0":
-            return int(state["MainPID"])
-        return 0
-    return service.container.wait_for(running, timeout=timeout, what="the service to be active (running)")
+    return service.container.wait_for(lambda: running_main(service), timeout=timeout,
+                                      what="the service to be active (running)")
+
+
+def wait_settled(service: InstalledService, timeout: float = 30) -> int:
+    """Wait until the unit is active/running and its main pid is the only process in its cgroup; return it.
+    (Right after a reload whose new generation crashes, the unit may still be active with the old main for a
+    moment, until systemd hears of the crash and restarts it.)"""
+    def settled():
+        main = running_main(service)
+        return main if main and service.cgroup_pids() == [main] else 0
+    return service.container.wait_for(settled, timeout=timeout, what="one main process alone in the cgroup")
 
 
 def wait_only(service: InstalledService, pid: int, timeout: float = 30) -> None:
