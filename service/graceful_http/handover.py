@@ -225,23 +225,26 @@ class Adoption:
                         self._reported(*numbers)
                     return self.adopted
                 # Ours from the moment they arrived: acknowledge first (the sender may close its copies),
-                # then serve them.
+                # then serve them, all at once: one after the other, each waiting for its transport to be set up
+                # (a loop turn, in which the others' requests are served), the batch's last waited for all.
                 await self._lines.send(encode("took", len(fds)))
-                for fd in fds:
-                    sock = socket.socket(fileno=fd)
-                    try:
-                        result = self._adopt(sock)
-                        if result is not None:
-                            await result
-                    except Exception:  # noqa: BLE001 - one connection's failure must not end the channel
-                        log.exception("could not serve a connection handed over by the previous generation")
-                        sock.close()
-                        continue
-                    self.adopted += 1
+                self.adopted += sum(await asyncio.gather(*(self._adopt_one(fd) for fd in fds)))
         except ChannelClosed:
             return self.adopted
         finally:
             self._lines.close()
+
+    async def _adopt_one(self, fd: int) -> bool:
+        sock = socket.socket(fileno=fd)
+        try:
+            result = self._adopt(sock)
+            if result is not None:
+                await result
+        except Exception:  # noqa: BLE001 - one connection's failure must not end the channel
+            log.exception("could not serve a connection handed over by the previous generation")
+            sock.close()
+            return False
+        return True
 
     @staticmethod
     def _close_all(fds: list[int]) -> None:
