@@ -18,8 +18,7 @@ import time
 from collections.abc import Callable
 from email.utils import formatdate
 
-import uvicorn
-
+from graceful_http import uvicorn_core
 from graceful_http.balanced_accept import WatchedSet
 from graceful_http.drain import ConnectionView, IdleCloser
 from graceful_http.fdlimit import DescriptorWatch
@@ -41,6 +40,8 @@ from graceful_http.websocket_drain import (
     capped_spread,
     is_websocket,
 )
+
+uvicorn = uvicorn_core.load()  # without its command line: see uvicorn_core
 
 log = logging.getLogger("graceful_http")
 
