@@ -69,24 +69,20 @@ def spawn_detached(
     command: Sequence[str],
     nice: int | None = None,
 ) -> tuple[int, int]:
-    """posix_spawn the trampoline with the sockets at fd 3…, the channel after them, and the pid pipe;
+    """posix_spawn the trampoline with the sockets at fd 3…, the channel after them and the pid pipe after that;
     return (the trampoline's pid, the pipe's read end), as `spawn.fork_successor` does."""
     count = len(listen_fds)
-    floor = LISTEN_FDS_START + count + 1  # above the fds placed at 3…: never overwritten by a placement
+    pipe_at = LISTEN_FDS_START + count + 1
     # The pid placeholders are ours: the trampoline's child puts its own in (see TRAMPOLINE).
     env = inherited.with_channel(LISTEN_FDS_START + count).to_environ(
         successor_environ(environ, names, os.getpid(), inode_id(os.getpid())))
     pid_read, pid_write = os.pipe()
     temporaries: list[int] = []
     try:
-        # Above every target first, so placing them at 3… never overwrites one still to be placed. The pipe goes
-        # onto a second close-on-exec copy of ours: a number nothing the new generation inherits can have
-        # (at a fixed number it could cover a descriptor we pass on, such as the stable-pid holder's).
-        for fd in [*listen_fds, channel_fd, pid_write, pid_write]:
-            temporaries.append(fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, floor))
-        *placed, pipe_copy, pipe_at = temporaries
-        actions = [(os.POSIX_SPAWN_DUP2, fd, LISTEN_FDS_START + index) for index, fd in enumerate(placed)]
-        actions.append((os.POSIX_SPAWN_DUP2, pipe_copy, pipe_at))
+        # Above every target first, so placing them at 3… never overwrites one still to be placed.
+        for fd in [*listen_fds, channel_fd, pid_write]:
+            temporaries.append(fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, pipe_at + 1))
+        actions = [(os.POSIX_SPAWN_DUP2, fd, LISTEN_FDS_START + index) for index, fd in enumerate(temporaries)]
         argv = trampoline_argv(pipe_at, nice, command)
         trampoline = os.posix_spawn(sys.executable, argv, env, file_actions=actions)
     except BaseException:
