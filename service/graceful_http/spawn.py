@@ -26,7 +26,6 @@ import signal
 import sys
 from collections.abc import Callable, Mapping, Sequence
 
-from graceful_http.detached_spawn import spawn_detached
 from graceful_http.inherited import Inherited
 from graceful_http.listenfds import LISTEN_FDS_START, successor_environ
 from graceful_http.pidfd import inode_id
@@ -51,8 +50,7 @@ def fork_successor(
     instead_of_exec: Callable[[list[str], dict[str, str]], None] | None = None,
 ) -> tuple[int, int]:
     """Fork twice and exec the new generation (at CPU priority `nice`, if given); return the intermediate
-    process's pid and the pipe its pid comes on (`new_generation_pid` reads it). Without `instead_of_exec`,
-    the first fork is a posix_spawn of a trampoline (see `detached_spawn`): the serving process never forks.
+    process's pid and the pipe its pid comes on (`new_generation_pid` reads it).
 
     The intermediate process exits at once, so the new generation is adopted
     by PID 1 (the service manager). It leads a new session, so it and
@@ -62,8 +60,6 @@ def fork_successor(
     it exec'd.
     """
     command = list(command or successor_command())
-    if instead_of_exec is None:  # nothing to run in a fork of ours: do not fork the process that serves
-        return spawn_detached(listen_fds, names, handoff_fd, inherited, environ, command, nice)
     pid_read, pid_write = os.pipe()
     try:
         intermediate = os.fork()
