@@ -160,3 +160,14 @@ def test_drain_hands_every_connection_over(engine):
     assert (seen["handed_over"], seen["fell_back"]) == (8, 1)
     assert sorted(seen["adopted"]) == [4, 4]
     assert seen["cut"] == 0 and seen["returned_before_deadline"]
+
+
+@pytest.mark.parametrize("engine", list(ENGINES))
+def test_idle_connections_move_a_batch_at_a_time(engine):
+    """25 connections idle at once (as under load, at every loop turn) are not all detached at once: each
+    batch is at most the engine's batch size, and every connection moves, its next request answered by the
+    new engine on the same connection."""
+    seen = run_scenario("batches", engine)
+    assert seen["first"] == [["A:/one:0"]] * 25 and seen["second"] == [["B:/two:0"]] * 25
+    assert sum(seen["sent"]) == 25 and max(seen["sent"]) <= seen["batch"] < 25
+    assert (seen["handed_over"], seen["fell_back"], seen["adopted"], seen["cut"]) == (25, 0, 25, 0)

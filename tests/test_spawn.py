@@ -156,3 +156,53 @@ def test_a_start_cancelled_midway_leaves_no_new_generation_behind():
 
     asyncio.run(scenario())
     wait_until(lambda: not sleepers(), 10, "the cancelled start's new generation to be gone")
+
+
+def test_a_new_generation_finds_its_own_pid_its_sockets_and_its_channel():
+    """The pid only exists after the second fork: LISTEN_PID, WATCHDOG_PID and LISTEN_PIDFDID name the new
+    process, not the one that started it, and the socket and the channel sit at fd 3 and 4."""
+    import asyncio
+    import json
+    import socket
+    import sys
+    import tempfile
+
+    from graceful_http.inherited import Inherited
+    from graceful_http.pidfd import inode_id
+    from graceful_http.spawn import spawn_successor
+
+    report = tempfile.NamedTemporaryFile(suffix=".json", delete=False).name
+    script = ("import json, os, socket, sys\n"
+              "listener = socket.socket(fileno=3); channel = socket.socket(fileno=4)\n"
+              "fd = os.pidfd_open(os.getpid())\n"
+              "json.dump({'pid': os.getpid(), 'env': dict(os.environ), 'port': listener.getsockname()[1],\n"
+              "           'inode': os.fstat(fd).st_ino}, open(sys.argv[1], 'w'))\n"
+              "channel.sendall(b'done')\n")
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    mine, theirs = socket.socketpair()
+    environ = {**os.environ, "WATCHDOG_USEC": "3000000", "WATCHDOG_PID": "1", "LISTEN_PID": "1"}
+
+    async def scenario() -> int:
+        return await spawn_successor([listener.fileno()], ["http"], theirs.fileno(), Inherited(generation=2),
+                                     environ, command=[sys.executable, "-c", script, report])
+
+    try:
+        pid = asyncio.run(scenario())
+        theirs.close()
+        mine.settimeout(10)
+        assert mine.recv(4) == b"done"
+        with open(report) as file:
+            seen = json.load(file)
+    finally:
+        for sock in (listener, mine, theirs):
+            sock.close()
+        os.unlink(report)
+    assert seen["pid"] == pid
+    assert seen["env"]["LISTEN_PID"] == seen["env"]["WATCHDOG_PID"] == str(pid)
+    assert seen["env"]["LISTEN_FDS"] == "1" and seen["env"]["LISTEN_FDNAMES"] == "http"
+    assert seen["env"]["GRACEFUL_HTTP_HANDOFF_FD"] == "4"
+    assert seen["port"] == port
+    if inode_id(os.getpid()) is not None:
+        assert seen["env"]["LISTEN_PIDFDID"] == str(seen["inode"])

@@ -18,8 +18,7 @@ import time
 from collections.abc import Callable
 from email.utils import formatdate
 
-import uvicorn
-
+from graceful_http import uvicorn_core
 from graceful_http.balanced_accept import WatchedSet
 from graceful_http.drain import ConnectionView, IdleCloser
 from graceful_http.fdlimit import DescriptorWatch
@@ -42,9 +41,12 @@ from graceful_http.websocket_drain import (
     is_websocket,
 )
 
+uvicorn = uvicorn_core.load()  # without its command line: see uvicorn_core
+
 log = logging.getLogger("graceful_http")
 
 DRAIN_TICK = 0.05
+HANDOVER_BATCH = 10  # connections detached and sent to the new generation at a time
 
 
 class StartupFailed(Exception):
@@ -775,8 +777,9 @@ class Engine:
         self._close_listeners()
         try:
             while not done() and time.monotonic() < deadline:
+                more = False
                 if movers:
-                    movers = await self._hand_over_idle(movers)
+                    movers, more = await self._hand_over_idle(movers)
                     nowhere = "the new generation's channel closed"
                 elif moving:  # nobody (left) to move them to: what is here drains here
                     self.fall_back_all(nowhere)
@@ -797,6 +800,8 @@ class Engine:
                         by_key[key].transport.close()
                 if done():
                     break
+                if more:  # idle connections left behind by a full batch: the next batch at once
+                    continue
                 wakeup.clear()
                 try:
                     await asyncio.wait_for(wakeup.wait(), DRAIN_TICK)
@@ -904,20 +909,29 @@ class Engine:
             protocol.lame_duck = True
         return protocol
 
-    async def _hand_over_idle(self, movers: list[Handover]) -> list[Handover]:
-        """Detach every idle connection and send them, spread over `movers`; serve here (lame duck) what
-        can never move or was not taken. Returns the movers still usable."""
+    async def _hand_over_idle(self, movers: list[Handover]) -> tuple[list[Handover], bool]:
+        """Detach idle connections (at most `HANDOVER_BATCH`) and send them, spread over `movers`; serve here
+        (lame duck) what can never move or was not taken. Returns the movers still usable, and whether idle
+        connections were left for the next batch.
+
+        At most a batch at a time: under load every connection is idle for a moment at each loop turn, and all of
+        them at once would wait, each with its client's next request, until the new generation has adopted
+        them all; the others are served here meanwhile and move with the next batches."""
         batch = []
+        more = False
         for connection in list(self.connections):
             if is_websocket(connection) or getattr(connection, "lame_duck", False):
                 continue  # WebSockets drain their own way (see websocket_drain)
             verdict, why = self.movable(connection)
             if verdict is Verdict.MOVE:
-                batch.append(self.detach(connection))
+                if len(batch) < HANDOVER_BATCH:
+                    batch.append(self.detach(connection))
+                else:
+                    more = True
             elif verdict is Verdict.NEVER:
                 self._fall_back(connection, why)
         if not batch:
-            return movers
+            return movers, more
         groups: list[list[int]] = [[] for _ in movers]
         for index, fd in enumerate(batch):
             groups[(self._next_mover + index) % len(movers)].append(fd)
@@ -933,7 +947,7 @@ class Engine:
                     await self.adopt(socket.socket(fileno=fd), lame_duck=True)
                 except OSError as exc:  # the client went away meanwhile
                     log.debug("connection handover: could not take a connection back: %s", exc)
-        return [mover for mover in movers if mover.usable]
+        return [mover for mover in movers if mover.usable], more
 
     def fall_back_all(self, why: str) -> None:
         """Drain every connection here, lame-duck style: they can't move (`why`)."""

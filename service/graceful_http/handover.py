@@ -208,40 +208,52 @@ class Adoption:
         self.adopted = 0
 
     async def run(self) -> int:
-        """Serve the channel until `done` or its end; return how many connections were taken."""
+        """Serve the channel until `done` or its end; return how many connections were taken (once every one
+        of them is set up)."""
+        adopting: list[asyncio.Future] = []
         try:
-            line, fds = await self._lines.receive()
-            self._close_all(fds)
-            word, numbers = decode(line)
-            if word != "handover" or not numbers:
-                return 0
-            await self._lines.send(encode("adopting", VERSION))
-            while True:
-                line, fds = await self._lines.receive()
-                word, numbers = decode(line)
-                if word != "conns":
-                    self._close_all(fds)
-                    if word == "done" and len(numbers) == 2 and self._reported is not None:
-                        self._reported(*numbers)
-                    return self.adopted
-                # Ours from the moment they arrived: acknowledge first (the sender may close its copies),
-                # then serve them.
-                await self._lines.send(encode("took", len(fds)))
-                for fd in fds:
-                    sock = socket.socket(fileno=fd)
-                    try:
-                        result = self._adopt(sock)
-                        if result is not None:
-                            await result
-                    except Exception:  # noqa: BLE001 - one connection's failure must not end the channel
-                        log.exception("could not serve a connection handed over by the previous generation")
-                        sock.close()
-                        continue
-                    self.adopted += 1
+            await self._take_batches(adopting)
         except ChannelClosed:
-            return self.adopted
+            pass
         finally:
             self._lines.close()
+            if adopting:
+                await asyncio.gather(*adopting)
+        return self.adopted
+
+    async def _take_batches(self, adopting: list[asyncio.Future]) -> None:
+        line, fds = await self._lines.receive()
+        self._close_all(fds)
+        word, numbers = decode(line)
+        if word != "handover" or not numbers:
+            return
+        await self._lines.send(encode("adopting", VERSION))
+        while True:
+            line, fds = await self._lines.receive()
+            word, numbers = decode(line)
+            if word != "conns":
+                self._close_all(fds)
+                if word == "done" and len(numbers) == 2 and self._reported is not None:
+                    self._reported(*numbers)
+                return
+            # Ours from the moment they arrived: acknowledge first (the sender may close its copies), then
+            # set them up, each on its own, while the next batch is read: one after the other, each waiting
+            # a loop turn for its transport (in which the others' requests are served), the last of a batch,
+            # and the whole next batch, waited for them all.
+            await self._lines.send(encode("took", len(fds)))
+            adopting.extend(asyncio.ensure_future(self._adopt_one(fd)) for fd in fds)
+
+    async def _adopt_one(self, fd: int) -> None:
+        sock = socket.socket(fileno=fd)
+        try:
+            result = self._adopt(sock)
+            if result is not None:
+                await result
+        except Exception:  # noqa: BLE001 - one connection's failure must not end the channel
+            log.exception("could not serve a connection handed over by the previous generation")
+            sock.close()
+            return
+        self.adopted += 1
 
     @staticmethod
     def _close_all(fds: list[int]) -> None:

@@ -423,13 +423,53 @@ async def drain(http: str) -> dict:
             "returned_before_deadline": returned_before_deadline}
 
 
+
+async def batches(http: str) -> dict:
+    """25 idle keep-alive connections, all idle at the drain's first turn: they move in batches."""
+    from graceful_http.engine import HANDOVER_BATCH
+
+    loop = asyncio.get_running_loop()
+    a, _, a_sock = await start_engine("A", http)
+    b, _, _ = await start_engine("B", http)
+    point = AdoptionPoint(os.getpid(), 1, b.adopt)
+    point.open()
+    port = a_sock.getsockname()[1]
+    clients = [socket.create_connection((HOST, port)) for _ in range(25)]
+    for client in clients:
+        client.sendall(b"GET /one HTTP/1.1\r\nHost: x\r\n\r\n")
+    first = [await loop.run_in_executor(None, read_responses, client, 1) for client in clients]
+    await wait_for(lambda: len(a.connections) == 25 and a.in_flight() == 0, "25 idle connections")
+    a.stop_accepting(moving_to=os.getpid())
+    movers = await connect_all(os.getpid())
+    sent: list[int] = []
+    for mover in movers:
+        send = mover.send
+
+        async def counted(fds, send=send):
+            sent.append(len(fds))
+            return await send(fds)
+
+        mover.send = counted
+    served, cut = await a.drain(time.monotonic() + DEADLINE, movers=movers)
+    for client in clients:
+        client.sendall(b"GET /two HTTP/1.1\r\nHost: x\r\n\r\n")
+    second = [await loop.run_in_executor(None, read_responses, client, 1) for client in clients]
+    for mover in movers:
+        await mover.finish()
+    point.close()
+    for client in clients:
+        client.close()
+    return {"batch": HANDOVER_BATCH, "sent": sent, "first": first, "second": second, "handed_over": a.handed_over,
+            "fell_back": a.fell_back, "adopted": b.adopted, "cut": cut}
+
+
 def main() -> None:
     scenario, http, loop = sys.argv[1:4]
     if loop == "uvloop":
         import uvloop
 
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    scenarios = {"journey": journey, "channel": channel, "drain": drain, "states": states}
+    scenarios = {"journey": journey, "channel": channel, "drain": drain, "states": states, "batches": batches}
     result = asyncio.run(asyncio.wait_for(scenarios[scenario](http), 60))
     print(json.dumps(result))
 
