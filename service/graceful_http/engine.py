@@ -396,9 +396,13 @@ class _HttpToolsMessages:
         # uvicorn's own (httptools_impl), written out for one addition at no cost per request (a method that
         # called uvicorn's cost about 500 more instructions per request, counted with bench/instructions.py):
         # a chunk that completed no request head, or any chunk of a watched connection, is looked at
-        # (`Tracked._received`).
+        # (`Tracked._received`). Its first step, `_unset_keepalive_if_required`, is written out too (a call
+        # less per chunk).
         cycle = self.cycle
-        self._unset_keepalive_if_required()
+        keep_alive = self.timeout_keep_alive_task
+        if keep_alive is not None:
+            keep_alive.cancel()
+            self.timeout_keep_alive_task = None
         try:
             self.parser.feed_data(data)
         except Exception as exc:  # (free unless raised, as uvicorn's two except clauses)
@@ -460,9 +464,12 @@ class _H11Messages:
     """h11 says it all: both sides IDLE between requests, unparsed bytes in `trailing_data`."""
 
     def data_received(self, data) -> None:
-        # uvicorn's own (h11_impl), written out with the addition the httptools one has (see there).
+        # uvicorn's own (h11_impl), written out as the httptools one is (see there).
         cycle = self.cycle
-        self._unset_keepalive_if_required()
+        keep_alive = self.timeout_keep_alive_task
+        if keep_alive is not None:
+            keep_alive.cancel()
+            self.timeout_keep_alive_task = None
         self.conn.receive_data(data)
         self.handle_events()
         if self.cycle is cycle or self.watched:
