@@ -215,8 +215,8 @@ def tracked_protocol(base):
     another process needs (`handover_state`), and, once its engine drains (`begin_draining`), when it last
     received bytes (to judge idleness) and a wake-up of the drain at each response.
 
-    The steady state costs two attribute reads per chunk received, in uvicorn's own `data_received` written
-    out (see the parser's mixin), and reads no flag unless the chunk completed no request head: the head's
+    The steady state costs two attribute reads per chunk received, in uvicorn's own `data_received` (written
+    out for httptools: see the parser's mixin), and reads no flag unless the chunk completed no request head: the head's
     time limit is enforced by the engine's once-a-second sweep (`sweep_heads`), not by a timer per request,
     and nothing else runs per chunk or request unless the connection is `watched` (in systemd's fd store, or
     its engine drains).
@@ -464,14 +464,9 @@ class _H11Messages:
     """h11 says it all: both sides IDLE between requests, unparsed bytes in `trailing_data`."""
 
     def data_received(self, data) -> None:
-        # uvicorn's own (h11_impl), written out as the httptools one is (see there).
+        # uvicorn's own, then the look the httptools one takes (see there; h11 is not the fast engine anyway)
         cycle = self.cycle
-        keep_alive = self.timeout_keep_alive_task
-        if keep_alive is not None:
-            keep_alive.cancel()
-            self.timeout_keep_alive_task = None
-        self.conn.receive_data(data)
-        self.handle_events()
+        super().data_received(data)
         if self.cycle is cycle or self.watched:
             self._received(cycle, data)
 
