@@ -10,8 +10,9 @@ only counts what is written (so the kernel's reads and writes, the same for both
 event loop runs each request's task to its end. After a warm-up, callgrind counts exactly `requests` requests
 (between two calls of a marker function, `getppid`, where it dumps its counters): their instructions ÷
 `requests`, everything the process ran for them, the driver's few hundred instructions per request included.
-The servers' periodic tasks (uvicorn's tick, graceful-http's once-a-second sweep) cost per second, not per
-request: they are left out.
+The servers' periodic tasks (uvicorn's tick, graceful-http's once-a-second sweep and descriptor watch) cost per
+second, not per request: they are left out (counted, they made graceful-http's figure vary by up to 200 from run
+to run with how long valgrind took, i.e. with the machine's load).
 
     python -m bench.instructions [--requests N] [--warmup N] [--annotate] [--keep DIR]
     (or `bench/run --only instructions --no-systemd`, which writes its table row and target)
@@ -115,6 +116,7 @@ async def graceful_http_server():
     await engine.start()
     await asyncio.sleep(0)  # its ticker's first turn sets the Date and Server headers, then waits a second
     engine._ticker.cancel()  # per second, not per request: left out (see above)
+    engine.descriptors.stop()  # its descriptor watch wakes once a second too
     return engine.server
 
 
