@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import socket
 from collections.abc import Iterable
 
 from graceful_http import __version__
 from graceful_http.inherited import Inherited
-from graceful_http.spawn import fork_worker
+from graceful_http.spawn import fork_worker, reset_signals_after_fork
 
 
 def fork_running(settings, listeners, inherited: Inherited, number: int, metrics_shared_dir: str | None,
@@ -42,9 +41,7 @@ def fork_running(settings, listeners, inherited: Inherited, number: int, metrics
     dropped = list(not_for_the_child)
 
     def worker() -> int:  # pragma: no cover - runs in the forked child
-        signal.set_wakeup_fd(-1)
-        for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGUSR2, signal.SIGCHLD):
-            signal.signal(signum, signal.SIG_DFL)
+        reset_signals_after_fork()
         for sock in [mine, *dropped]:
             try:  # detached first where it can be, so that no later close of the object hits a reused fd
                 os.close(sock.detach() if isinstance(sock, socket.socket) else sock.fileno())

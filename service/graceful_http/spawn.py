@@ -148,6 +148,16 @@ def spawn_worker(
     return pid
 
 
+def reset_signals_after_fork() -> None:  # pragma: no cover - runs in a forked child
+    """In a forked child that goes on running Python: signals as a freshly exec'd interpreter has them. The
+    parent's handlers and wake-up descriptor belong to its event loop (a SIGTERM to one new worker would
+    otherwise stop the whole main)."""
+    signal.set_wakeup_fd(-1)
+    for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGCHLD, signal.SIGQUIT):
+        signal.signal(signum, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def fork_worker(child: Callable[[], int]) -> int:
     """Fork a worker that runs `child()` and exits with its result; return its pid.
 

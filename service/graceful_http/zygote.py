@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import gc
 import os
-import signal
 import sys
 from collections.abc import Callable, Iterable, Mapping
 
@@ -155,7 +154,7 @@ def continue_as_successor(open_before: set[int], command: list[str],
                           environ: dict[str, str]) -> None:  # pragma: no cover - in a fork
     """In the forked new generation, its sockets already in place: run it here and exit, if the code on disk
     is the code loaded; else return (the caller execs `command`). `open_before`: the old main's descriptors."""
-    from graceful_http.spawn import _flush_and_exit, successor_command
+    from graceful_http.spawn import _flush_and_exit, reset_signals_after_fork, successor_command
 
     global forked_in_a_row
     if (command != successor_command() or forked_in_a_row >= MAX_FORKED_IN_A_ROW or "prometheus_client" in sys.modules
@@ -164,11 +163,8 @@ def continue_as_successor(open_before: set[int], command: list[str],
         return
     forked_in_a_row += 1
     gc.freeze()  # the old main's objects, kept by its thread's stack: out of the collector's way for good
-    signal.set_wakeup_fd(-1)
+    reset_signals_after_fork()
     _close_the_old_mains_descriptors(open_before)
-    for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGCHLD, signal.SIGQUIT):
-        signal.signal(signum, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
     os.environ.clear()
     os.environ.update(environ)
     from graceful_http.cli import main  # the same arguments: sys.argv is the one `command` gave this process
