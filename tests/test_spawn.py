@@ -71,13 +71,18 @@ def test_a_forked_worker_gets_sigterm_when_its_parent_dies():
         os.close(pidfd)
 
 
+async def spawn_successor(*args, **kwargs) -> int:
+    """As the old main starts a new generation: fork it (when this coroutine runs), then await its pid."""
+    from graceful_http.spawn import fork_successor, new_generation_pid
+
+    return await new_generation_pid(*fork_successor(*args, **kwargs))
+
+
 def spawn_sleeper(seconds: str = "30"):
     """spawn_successor of `sleep` (as the new generation) on a listening socket; returns the coroutine."""
     import socket
 
     from graceful_http.inherited import Inherited
-    from graceful_http.spawn import spawn_successor
-
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     mine, theirs = socket.socketpair()
@@ -169,7 +174,6 @@ def test_a_new_generation_finds_its_own_pid_its_sockets_and_its_channel():
 
     from graceful_http.inherited import Inherited
     from graceful_http.pidfd import inode_id
-    from graceful_http.spawn import spawn_successor
 
     report = tempfile.NamedTemporaryFile(suffix=".json", delete=False).name
     script = ("import json, os, socket, sys\n"

@@ -124,11 +124,6 @@ async def new_generation_pid(intermediate: int, pid_read: int) -> int:
     return int(data)
 
 
-async def spawn_successor(*args, **kwargs) -> int:
-    """`fork_successor(*args, **kwargs)`, then its pid, awaited."""
-    return await new_generation_pid(*fork_successor(*args, **kwargs))
-
-
 def spawn_worker(
     listen_fds: Sequence[int],
     names: Sequence[str],
