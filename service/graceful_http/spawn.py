@@ -113,7 +113,7 @@ async def new_generation_pid(intermediate: int, pid_read: int) -> int:
         while chunk := os.read(pid_read, 32):
             data += chunk
         if data:
-            _kill_new_generation(int(data))
+            kill_group(int(data))
         raise
     finally:
         loop.remove_reader(pid_read)
@@ -196,14 +196,16 @@ async def wait_exit(pidfd: int, timeout: float | None = None) -> bool:
     return True
 
 
-def _kill_new_generation(pid: int) -> None:
-    """SIGKILL a new generation that is not wanted after all, with its group if it leads one yet."""
-    for kill, target in ((os.killpg, pid), (os.kill, pid)):
+def kill_group(pid: int) -> None:
+    """SIGKILL a new generation and everything it started (it leads its own session), if it still runs; only
+    itself if it has not called `setsid` yet (no group of that id: the pid is known before it does)."""
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
         try:
-            kill(target, signal.SIGKILL)
-            return
+            os.kill(pid, signal.SIGKILL)
         except OSError:
-            continue
+            pass
 
 
 def _die_with_parent() -> None:

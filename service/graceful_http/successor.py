@@ -8,14 +8,13 @@ import functools
 import logging
 import os
 import select
-import signal
 import time
 from collections.abc import Sequence
 
 from graceful_http import generation as g
 from graceful_http.handoff import CONFIRM_TIMEOUT, SuccessorLink
 from graceful_http.inherited import Inherited
-from graceful_http.spawn import fork_successor, new_generation_pid, wait_exit
+from graceful_http.spawn import fork_successor, kill_group, new_generation_pid, wait_exit
 from graceful_http.startpriority import RESTORE_AFTER, START_NICE, restore, start_nice
 from graceful_http.wire import ADOPTS, FAILED, READY, ROLLOUT
 
@@ -108,19 +107,6 @@ class Successor:
         asyncio.get_running_loop().remove_reader(self.pidfd)  # a wait on it may still be cancelling
         os.close(self.pidfd)
         self.link.close()
-
-
-def kill_group(pid: int) -> None:
-    """SIGKILL a new generation and everything it started (it leads its own session), if it still runs."""
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    except PermissionError:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except OSError:
-            pass
 
 
 def wait_until_reaped(pid: int, timeout: float = 2.0) -> bool:

@@ -19,8 +19,9 @@ from graceful_http import rollout as r
 from graceful_http.control import ControlState
 from graceful_http.pidfd import inode_id
 from graceful_http.serving import Servers, connect_successor, drain_and_shut_down, stop_accepting
+from graceful_http.spawn import kill_group
 from graceful_http.status import StatusReporter
-from graceful_http.successor import Successor, kill_group
+from graceful_http.successor import Successor
 from graceful_http.websocket_drain import GOING_AWAY, SERVICE_RESTART
 
 log = logging.getLogger("graceful_http")
