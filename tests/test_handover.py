@@ -20,7 +20,7 @@ SERVICE = Path(__file__).resolve().parents[1] / "service"
 if str(SERVICE) not in sys.path:
     sys.path.insert(0, str(SERVICE))
 
-from graceful_http.handover import decode, encode  # noqa: E402
+from graceful_http.handover import decode, encode, fill_emptiest  # noqa: E402
 from graceful_http.movable import ConnectionState, Verdict, judge  # noqa: E402
 
 SCENARIOS = Path(__file__).resolve().parent / "support" / "handover_scenarios.py"
@@ -72,6 +72,18 @@ def test_every_reason_is_said():
 
 
 # ---- the channel's lines, pure -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("count, serving, shares", [
+    (25, [25, 0], [0, 25]),  # a rollout's last old worker: all to the new worker that has none yet
+    (25, [0], [25]),
+    (10, [3, 0], [4, 6]),
+    (6, [0, 0, 0], [2, 2, 2]),
+    (1, [2, 2], [1, 0]),  # a tie: the first
+    (3, [], []),  # nobody to send to
+])
+def test_connections_go_to_the_emptiest_receiver(count, serving, shares):
+    assert fill_emptiest(count, serving) == shares
 
 
 def test_lines_round_trip():
@@ -141,11 +153,12 @@ def test_connections_through_the_channel(engine):
 
 @pytest.mark.parametrize("engine", list(ENGINES))
 def test_drain_hands_every_connection_over(engine):
-    """A draining engine with two adoption points (a new generation's two workers): six idle keep-alive
-    clients move at once, spread over both; a busy one finishes its request without `Connection: close`
-    and moves; a half-sent request is answered, then its connection moves; one that asked for
-    `Connection: close` stays and counts as fallen back. Every client's next request is answered by the
-    new engines on the same connection, and the drain ends as soon as nothing is left."""
+    """A draining engine with two adoption points (a new generation's two workers, the first serving two
+    connections already): six idle keep-alive clients move at once, the emptier worker filled first; a busy
+    one finishes its request without `Connection: close` and moves; a half-sent request is answered, then
+    its connection moves; one that asked for `Connection: close` stays and counts as fallen back. Every
+    client's next request is answered by the new engines on the same connection, and the drain ends as soon
+    as nothing is left."""
     seen = run_scenario("drain", engine)
     answers = seen["answers"]
     for index in range(6):
@@ -158,7 +171,7 @@ def test_drain_hands_every_connection_over(engine):
     assert seen["connects"] == 7  # one per http.client client: nobody reconnected
     assert seen["counts"] == {"moved at once": 6, "fell back at once": 1}
     assert (seen["handed_over"], seen["fell_back"]) == (8, 1)
-    assert sorted(seen["adopted"]) == [4, 4]
+    assert seen["adopted"] == [3, 5]  # each ends serving five
     assert seen["cut"] == 0 and seen["returned_before_deadline"]
 
 

@@ -22,7 +22,7 @@ from graceful_http import uvicorn_core
 from graceful_http.balanced_accept import WatchedSet
 from graceful_http.drain import ConnectionView, IdleCloser
 from graceful_http.fdlimit import DescriptorWatch
-from graceful_http.handover import Handover
+from graceful_http.handover import Handover, fill_emptiest
 from graceful_http.movable import ConnectionState, Verdict, judge
 from graceful_http.settings import (
     DEFAULT_FORWARDED_ALLOW_IPS,
@@ -684,7 +684,6 @@ class Engine:
         self.handed_over = 0  # connections another process took while we drained
         self.fell_back = 0  # connections that could not move and drained here
         self.adopted = 0  # connections we took from another process
-        self._next_mover = 0
         self.idle_keeper = None  # at a stop: takes an idle connection instead of closing it (see fdstore_systemd)
         self._moving = False
         # One per process: the app's engine watches descriptors (the control socket's has no lifespan).
@@ -948,7 +947,7 @@ class Engine:
         return protocol
 
     async def _hand_over_idle(self, movers: list[Handover]) -> tuple[list[Handover], bool]:
-        """Detach idle connections (at most `HANDOVER_BATCH`) and send them, spread over `movers`; serve here
+        """Detach idle connections (at most `HANDOVER_BATCH`) and send them to the `movers` serving fewest; serve here
         (lame duck) what can never move or was not taken. Returns the movers still usable, and whether idle
         connections were left for the next batch.
 
@@ -970,10 +969,10 @@ class Engine:
                 self._fall_back(connection, why)
         if not batch:
             return movers, more
-        groups: list[list[int]] = [[] for _ in movers]
-        for index, fd in enumerate(batch):
-            groups[(self._next_mover + index) % len(movers)].append(fd)
-        self._next_mover = (self._next_mover + len(batch)) % len(movers)
+        groups, start = [], 0
+        for share in fill_emptiest(len(batch), [mover.serving for mover in movers]):
+            groups.append(batch[start:start + share])
+            start += share
         sent = [(mover, group) for mover, group in zip(movers, groups) if group]
         taken = await asyncio.gather(*(mover.send(group) for mover, group in sent))
         for (_mover, group), count in zip(sent, taken):

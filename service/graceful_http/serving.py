@@ -148,7 +148,7 @@ def open_adoption_point(servers, main_pid: int, index: int, metrics: Metrics | N
             metrics.connections(handed_over=handed_over, fell_back=fell_back)
 
     for slot in (index, *spare):
-        point = AdoptionPoint(main_pid, slot, adopt, reported)
+        point = AdoptionPoint(main_pid, slot, adopt, reported, serving=lambda: len(engine.connections))
         try:
             point.open()
         except OSError as exc:

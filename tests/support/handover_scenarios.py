@@ -13,7 +13,8 @@ httptools, `loop` asyncio or uvloop.
   connection sent and adopted; a receiver that dies before acknowledging (the
   sender serves the connection itself); a peer without the feature.
 - `drain`: engine A drains into two adopting engines (as a new generation's
-  two workers) through their adoption points: idle clients move at once, a
+  two workers, the first already serving two connections) through their
+  adoption points, the emptier first: idle clients move at once, a
   busy one after its response (without `Connection: close`), a half-sent one
   once complete; one that asked for `Connection: close` stays and is counted
   as fallen back. A drains in no time once nothing is left.
@@ -364,11 +365,14 @@ async def channel(http: str) -> dict:
 async def drain(http: str) -> dict:
     loop = asyncio.get_running_loop()
     a, a_app, a_sock = await start_engine("A", http)
-    b1, _, _ = await start_engine("B1", http)
+    b1, _, b1_sock = await start_engine("B1", http)
     b2, _, _ = await start_engine("B2", http)
-    points = [AdoptionPoint(os.getpid(), 1, b1.adopt), AdoptionPoint(os.getpid(), 2, b2.adopt)]
+    points = [AdoptionPoint(os.getpid(), index, engine.adopt, serving=lambda engine=engine: len(engine.connections))
+              for index, engine in ((1, b1), (2, b2))]
     for point in points:
         point.open()
+    b1_own = [socket.create_connection((HOST, b1_sock.getsockname()[1])) for _ in range(2)]  # B1 serves two already
+    await wait_for(lambda: len(b1.connections) == 2, "B1's own two connections")
     port = a_sock.getsockname()[1]
     naive = [CountingConnection(HOST, port, timeout=DEADLINE) for _ in range(6)]
     answers: dict[str, list[str]] = {}
@@ -415,7 +419,7 @@ async def drain(http: str) -> dict:
         point.close()
     closing.close()
     partial.close()
-    for client in [*naive, busy]:
+    for client in [*naive, busy, *b1_own]:
         client.close()
     return {"answers": answers, "closing": closing_answer, "connects": CountingConnection.connects,
             "counts": counts, "handed_over": a.handed_over, "fell_back": a.fell_back,
