@@ -391,6 +391,34 @@ def test_sigterm_finishes_the_request_in_flight_and_exits_0(server):
     assert "SIGTERM received: stopping" in server.log()
 
 
+ATEXIT_APP = '''
+import atexit, os
+from graceful_http.demo import app
+
+atexit.register(lambda: open(os.environ["ATEXIT_LOG"], "a").write(f"{os.getpid()}\\n"))
+'''
+
+
+def test_the_apps_atexit_handlers_run_when_a_generation_exits(engine, tmp_path):
+    """A generation exits without the interpreter's teardown (it would spend CPU the next generation
+    serves with), but the app's atexit handlers still run: in the old main after a reload, and at a stop."""
+    (tmp_path / "atexit_app.py").write_text(ATEXIT_APP)
+    ran = tmp_path / "atexit.log"
+    server = ServeProcess(ENGINES[engine], tmp_path, "atexit_app:app", "--app-dir", str(tmp_path), pid_file=True,
+                          environ={"ATEXIT_LOG": str(ran)})
+    try:
+        first = start(server)
+        assert server.reload_cli().returncode == 0, server.log_tail()
+        second = server.wait_new_main(first)
+        server.wait_gone(first)
+        assert ran.read_text().split() == [str(first)], server.log_tail()
+        os.kill(second, signal.SIGTERM)
+        server.wait_gone(second)
+        assert ran.read_text().split() == [str(first), str(second)], server.log_tail()
+    finally:
+        server.kill_all()
+
+
 # ---- (h) wrk during 20 reloads ----------------------------------------------------------
 
 WRK_RELOADS = 20

@@ -11,7 +11,7 @@ import argparse
 import os
 import signal
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from graceful_http import __version__
 
@@ -232,31 +232,39 @@ def serve(args: argparse.Namespace) -> int:
         from graceful_http.worker_process import run_worker
         from graceful_http.workers import MainLink
 
-        return _leave_threads_behind(asyncio.run(run_worker(settings, MainLink.from_inherited(inherited), inherited)))
+        _exit_without_teardown(asyncio.run(run_worker(settings, MainLink.from_inherited(inherited), inherited)))
     if settings.workers > (os.cpu_count() or 1):
         print(f"graceful-http: warning: --workers {settings.workers} is more than the {os.cpu_count()} CPUs here",
               file=sys.stderr)
     from graceful_http.main_process import run_main
 
-    return _leave_threads_behind(run_main(settings, inherited))
+    _exit_without_teardown(run_main(settings, inherited))
 
 
-def _leave_threads_behind(code: int) -> int:
-    """Exit now if app threads still run: a sync handler (WSGI, or a Starlette `def` endpoint) cut at the
-    graceful timeout goes on in its thread pool, which the interpreter would join at exit, keeping this
-    generation alive past --graceful-timeout (forever, for a stuck handler) after it logged `exited`."""
+def _exit_without_teardown(code: int) -> NoReturn:
+    """End a serving process that is done (drained, the app's shutdown run, `exited` logged): the atexit
+    handlers run, the interpreter's teardown does not.
+
+    The teardown frees every object one by one: 30 ms of CPU for a main with nothing but uvicorn loaded,
+    more with an app's data, spent while the next generation serves on the same CPUs (a reload's old main
+    exits in the very second the new one takes over). Nothing of it is needed by a process that exits.
+    If app threads still run (a sync handler, WSGI or a Starlette `def` endpoint, cut at the graceful
+    timeout goes on in its thread pool), the atexit handlers are skipped as well: the interpreter would
+    join those threads first, keeping this generation alive past --graceful-timeout (forever, for a stuck
+    handler) after it logged `exited`."""
+    import atexit
     import logging
     import threading
 
-    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
-        logging.shutdown()
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except (OSError, ValueError):
-                pass
-        os._exit(code)
-    return code
+    if not any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+        atexit._run_exitfuncs()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 def _use_fastest_event_loop() -> None:
