@@ -11,11 +11,13 @@ import argparse
 import os
 import signal
 import sys
-from typing import TYPE_CHECKING, NoReturn
 
 from graceful_http import __version__
 
+TYPE_CHECKING = False  # not `typing`'s: its import is 4 ms of every `systemctl reload` (see `main`)
 if TYPE_CHECKING:
+    from typing import NoReturn
+
     from graceful_http.settings import ServeSettings
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2

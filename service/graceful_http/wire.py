@@ -27,7 +27,7 @@ from __future__ import annotations
 import os
 import socket
 import struct
-from dataclasses import dataclass
+from collections import namedtuple
 
 READY, FAILED, MAIN, SERVING = "ready", "failed", "main", "serving"
 STATS, RELOAD, DRAINED, OUTCOME = "stats", "reload", "drained", "outcome"
@@ -39,13 +39,12 @@ PING, PONG = "ping", "pong"  # main → worker, and its event loop's answer (see
 FINAL_CODES = ("done", "failed", "refused")
 
 
-@dataclass(frozen=True)
-class Outcome:
-    """What a reload requester is told. `code`: started, done, failed or refused."""
+class Outcome(namedtuple("Outcome", "code detail pid", defaults=(None,))):
+    """What a reload requester is told. `code`: started, done, failed or refused; `pid`: int or None.
 
-    code: str
-    detail: str
-    pid: int | None = None
+    A named tuple, not a dataclass: `dataclasses` imports `inspect`, 9 ms of every `systemctl reload`."""
+
+    __slots__ = ()
 
 
 def encode(word: str, detail: str = "") -> bytes:
