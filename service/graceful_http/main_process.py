@@ -36,7 +36,6 @@ from graceful_http.settings import ServeSettings
 from graceful_http.successor import Successor, wait_until_reaped
 from graceful_http.supervisor import Ports, Supervisor
 from graceful_http.worker_upkeep import start_worker_upkeep, warn_about_single_process_recycling
-from graceful_http.workers import WorkerPool, WorkerStartFailed
 
 log = logging.getLogger("graceful_http")
 
@@ -127,6 +126,8 @@ async def _serve(settings: ServeSettings, inherited: Inherited, listeners, prede
     loop.add_signal_handler(signal.SIGINT, supervisor.dispatch, g.StopRequested("SIGINT"))
     try:
         if settings.workers > 1:
+            from graceful_http.workers import WorkerPool, WorkerStartFailed
+
             pool = WorkerPool(settings.workers, listeners, inherited.generation, supervisor.request_reload_now,
                               metrics=metrics)
             supervisor.servers = Servers([pool])
