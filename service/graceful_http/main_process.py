@@ -33,6 +33,8 @@ from graceful_http.serving import (
     start_engines,
 )
 from graceful_http.settings import ServeSettings
+from graceful_http.standby import Standby
+from graceful_http.standby import wanted as standby_wanted
 from graceful_http.successor import Successor, wait_until_reaped
 from graceful_http.supervisor import Ports, Supervisor
 from graceful_http.worker_upkeep import start_worker_upkeep, warn_about_single_process_recycling
@@ -75,7 +77,19 @@ def run_main(settings: ServeSettings, inherited: Inherited) -> int:
                 forked = fork_workers(settings, listeners, inherited, predecessor, metrics, 1 if rolling else None)
             except OSError as exc:
                 return report_start_failure(f"cannot fork a worker: {exc.strerror or exc}", predecessor)
-        return asyncio.run(_serve(settings, inherited, listeners, predecessor, metrics, forked, rolling))
+        standby = None
+        if standby_wanted(settings.workers, metrics is not None):  # before the app is imported (in `_serve`)
+            from graceful_http.engine import preload
+
+            preload()  # what serving imports besides the app: then the next generation has it too
+            standby = Standby.fork([item.sock.fileno() for item in listeners]
+                                   + [sock.fileno() for _, sock in listeners.restored if sock is not None]
+                                   + ([predecessor.sock.fileno()] if predecessor is not None else []))
+        try:
+            return asyncio.run(_serve(settings, inherited, listeners, predecessor, metrics, forked, rolling, standby))
+        finally:
+            if standby is not None:
+                standby.close()
     finally:
         if metrics is not None:
             metrics.remove_shared_dir()
@@ -103,14 +117,15 @@ def fork_workers(settings: ServeSettings, listeners, inherited: Inherited, prede
 
 
 async def _serve(settings: ServeSettings, inherited: Inherited, listeners, predecessor: PredecessorLink | None,
-                 metrics: Metrics | None, forked: list[tuple[int, socket.socket]], rolling: bool = False) -> int:
+                 metrics: Metrics | None, forked: list[tuple[int, socket.socket]], rolling: bool = False,
+                 standby: Standby | None = None) -> int:
     pid = os.getpid()
     loop = asyncio.get_running_loop()
     warn_about_single_process_recycling(settings)
     ports = Ports(
         start_successor=functools.partial(_start_successor, listeners, inherited, metrics,
                                           zygote.eligible(settings.workers, settings.preload, metrics is not None),
-                                          nice=settings.start_nice),
+                                          nice=settings.start_nice, standby=standby),
         notifier=Notifier(),
         control_server=ControlServer,
         wait_until_reaped=wait_until_reaped,
@@ -235,11 +250,11 @@ def fork_later_worker(settings: ServeSettings, listeners, inherited: Inherited, 
 
 
 async def _start_successor(listeners, inherited: Inherited, metrics: Metrics | None, fork_only: bool, attempt: int,
-                           generation: int, nice: int) -> Successor:
+                           generation: int, nice: int, standby: Standby | None = None) -> Successor:
     environ = dict(os.environ)
     carried = None
     if metrics is not None:
         carried = metrics.carried_on(reload_started=time.monotonic())
         metrics.successor_environ(environ)
     return await Successor.start(attempt, generation, listeners, inherited.for_new_generation(generation, carried),
-                                 environ, fork_only, nice)
+                                 environ, fork_only, nice, standby)

@@ -137,7 +137,7 @@ def spawn_worker(
     pid = os.fork()
     if pid == 0:  # pragma: no cover - runs in the forked child
         try:
-            _die_with_parent()
+            die_with_parent()
         finally:
             _exec_with_sockets(listen_fds, names, channel_fd, inherited, environ, command)
     return pid
@@ -170,7 +170,7 @@ def fork_worker(child: Callable[[], int]) -> int:
         return pid
     code = 70  # pragma: no cover - runs in the forked child; EX_SOFTWARE unless child() returns
     try:  # pragma: no cover
-        _die_with_parent()
+        die_with_parent()
         if os.getppid() != parent:  # the main died before the line above took effect
             os._exit(0)
         code = child()
@@ -208,7 +208,8 @@ def kill_group(pid: int) -> None:
             pass
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
+    """SIGTERM when the process that forked us dies (check its pid after: it may have died already)."""
     import ctypes  # here, in a new worker: a generation without workers never needs it
 
     libc = ctypes.CDLL(None, use_errno=True)

@@ -15,6 +15,7 @@ from graceful_http import generation as g
 from graceful_http.handoff import CONFIRM_TIMEOUT, SuccessorLink
 from graceful_http.inherited import Inherited
 from graceful_http.spawn import fork_successor, kill_group, new_generation_pid, wait_exit
+from graceful_http.standby import Standby
 from graceful_http.startpriority import RESTORE_AFTER, START_NICE, restore, start_nice
 from graceful_http.wire import ADOPTS, FAILED, READY, ROLLOUT
 
@@ -35,20 +36,29 @@ class Successor:
 
     @classmethod
     async def start(cls, attempt: int, generation: int, listeners: Sequence, inherited: Inherited,
-                    environ: dict[str, str], fork_only: bool = False, wanted_nice: int = START_NICE) -> Successor:
+                    environ: dict[str, str], fork_only: bool = False, wanted_nice: int = START_NICE,
+                    standby: Standby | None = None) -> Successor:
         """Start generation `generation` on our `listeners` (at nice `wanted_nice` where we can give our priority
         back); OSError if it cannot even be forked. `fork_only`: without exec if the code on disk is the code
-        loaded here (see `zygote`)."""
+        loaded here (see `zygote`); `standby`: have it fork the new generation (see `standby`), or else fork
+        here."""
         from graceful_http.zygote import continue_as_successor, from_a_fresh_stack
 
         link = SuccessorLink()
         nice, restore_nice = start_nice(wanted_nice) or (None, None)
-        fork = functools.partial(fork_successor, [item.sock.fileno() for item in listeners],
-                                 [item.name for item in listeners], link.theirs.fileno(), inherited, environ, nice=nice)
+        listen_fds, names = [item.sock.fileno() for item in listeners], [item.name for item in listeners]
+        fork = functools.partial(fork_successor, listen_fds, names, link.theirs.fileno(), inherited, environ, nice=nice)
         try:
-            forked = from_a_fresh_stack(lambda before: fork(
-                instead_of_exec=functools.partial(continue_as_successor, before))) if fork_only else fork()
-            pid = await new_generation_pid(*forked)
+            pid = None
+            if standby is not None:
+                try:
+                    pid = await standby.start(listen_fds, names, link.theirs.fileno(), inherited, environ, nice)
+                except OSError as exc:
+                    log.warning("the standby could not start the new generation (%s): forking it here", exc)
+            if pid is None:
+                forked = from_a_fresh_stack(lambda before: fork(
+                    instead_of_exec=functools.partial(continue_as_successor, before))) if fork_only else fork()
+                pid = await new_generation_pid(*forked)
         except OSError:
             link.close()
             raise

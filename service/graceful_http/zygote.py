@@ -133,17 +133,22 @@ def from_a_fresh_stack(spawn: Callable[..., int]) -> int:
         except BaseException as exc:  # handed back to the caller below
             result.append(exc)
 
-    for stream in (sys.stdout, sys.stderr):  # or the fork would write again what is still buffered
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            pass
+    flush_standard_streams()
     thread = threading.Thread(target=run, name="graceful-http successor fork")
     thread.start()
     thread.join()
     if isinstance(result[0], BaseException):
         raise result[0]
     return result[0]
+
+
+def flush_standard_streams() -> None:
+    """Before a fork that goes on running Python: or the child would write again what is still buffered."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
 
 
 def open_descriptors() -> set[int]:
