@@ -125,6 +125,11 @@ class InstalledService:
         out = self.container.run(f"cat /proc/{pid}/task/*/children", check=False).stdout
         return [int(p) for p in out.split()]
 
+    def generation(self, main: int) -> set[int]:
+        """The processes of the generation whose main is `main`: it and its children (its workers, or with one
+        process its standby)."""
+        return {main, *self.children(main)}
+
     def cmdline(self, pid: int) -> list[str]:
         out = self.container.run(f"cat /proc/{pid}/cmdline", check=False).stdout
         return out.split("\0")[:-1]

@@ -208,8 +208,8 @@ def test_starlette_app_with_lifespan_across_reloads_under_load(engine, workers):
 
         # Lifespan startup ran in every serving process of every generation, with the code of its
         # generation; shutdown in every one that drained.
-        current = {mains[-1]} | serving[mains[-1]]
-        wait_until(lambda: set(service.cgroup_pids()) == current, timeout=30, what="old generations to exit")
+        wait_until(lambda: set(service.cgroup_pids()) == service.generation(mains[-1]), timeout=30,
+                   what="old generations to exit")
 
         def by_generation(entries):
             found = {}

@@ -57,8 +57,7 @@ def test_naive_keep_alive_clients_see_no_close_across_30_reloads(engine, workers
                 new = server.wait_new_main(main)
                 if reload in (2, RELOADS):  # every connection has moved once the old generation is gone
                     server.wait_gone(main)
-                    wait_until(lambda: len(server.processes()) == workers + (workers > 1), 20,
-                               "only the serving generation's processes", server.log_tail)
+                    server.wait_only(new)
                     clients.wait_for_requests(2 * CLIENTS)
                     fds[reload] = descriptors(server.processes())
                 main = new
@@ -283,8 +282,8 @@ def test_under_systemd_naive_clients_see_no_close_across_30_reloads(engine, work
             wait_in_container(lambda: status().endswith(f" · {CLIENTS} connections adopted"), timeout=10,
                               what="STATUS= to count the adopted connections")
         result = clients.result
-        current = {pids[-1]} | (set(service.children(pids[-1])) if workers > 1 else set())
-        wait_in_container(lambda: set(service.cgroup_pids()) == current, timeout=30, what="old generations to exit")
+        wait_in_container(lambda: set(service.cgroup_pids()) == service.generation(pids[-1]), timeout=30,
+                          what="old generations to exit")
         state = service.state()
         journal = service.journal()
     assert result.failures == [], result.summary()

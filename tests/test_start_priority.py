@@ -133,7 +133,7 @@ def test_a_new_generation_imports_its_app_at_nice_19_and_serves_at_the_old_prior
         before = set(recorded(log))
         os.kill(old, signal.SIGHUP)
         new = server.wait_new_main(old)
-        size = workers + (workers > 1)  # the new main and its workers
+        size = workers + 1  # the new main and its workers, or its standby
         generation = wait_until(lambda: len(found := server.processes()) == size and found, 20,
                                 f"only the new generation's {size} processes to be left", server.log_tail)
         assert new in generation

@@ -59,18 +59,20 @@ def wait_active(service: InstalledService, timeout: float = 30) -> int:
 
 
 def wait_settled(service: InstalledService, timeout: float = 30) -> int:
-    """Wait until the unit is active/running and its main pid is the only process in its cgroup; return it.
+    """Wait until the unit is active/running and its main pid (with its standby) is alone in its cgroup; return it.
     (Right after a reload whose new generation crashes, the unit may still be active with the old main for a
     moment, until systemd hears of the crash and restarts it.)"""
     def settled():
         main = running_main(service)
-        return main if main and service.cgroup_pids() == [main] else 0
-    return service.container.wait_for(settled, timeout=timeout, what="one main process alone in the cgroup")
+        return main if main and set(service.cgroup_pids()) == service.generation(main) else 0
+    return service.container.wait_for(settled, timeout=timeout, what="one main process alone in the cgroup"
+                                      " (with its standby)")
 
 
 def wait_only(service: InstalledService, pid: int, timeout: float = 30) -> None:
-    """Wait until `pid` is the only process in the unit's cgroup (dead generations are gone)."""
-    service.container.wait_for(lambda: service.cgroup_pids() == [pid], timeout=timeout,
+    """Wait until `pid`'s generation (it and its standby) is alone in the unit's cgroup (dead generations
+    are gone)."""
+    service.container.wait_for(lambda: set(service.cgroup_pids()) == service.generation(pid), timeout=timeout,
                                what=f"pid {pid} to be alone in the cgroup (have {service.cgroup_pids()})")
 
 

@@ -111,6 +111,20 @@ def marked_processes(name: str, value: str) -> set[int]:
     return found
 
 
+def children(pid: int) -> list[int]:
+    found = []
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                with open(f"/proc/{pid}/task/{tid}/children") as file:
+                    found.extend(int(child) for child in file.read().split())
+            except FileNotFoundError:
+                pass
+    except FileNotFoundError:
+        pass
+    return found
+
+
 class ServeProcess:
     """A `serve` started by a test (all its generations); a context manager that kills them all."""
 
@@ -187,6 +201,17 @@ class ServeProcess:
     def processes(self) -> set[int]:
         """Live processes carrying this server's marker: every generation, whoever started it."""
         return marked_processes(MARKER, self.marker)
+
+    def generation(self, main: int) -> set[int]:
+        """The processes of the generation whose main is `main`: it and its children (its workers, or with one
+        process its standby)."""
+        return {main, *children(main)}
+
+    def wait_only(self, main: int, timeout: float = 20) -> None:
+        """Wait until the generation of `main` is all that is left (an old main's standby ends a moment after
+        it)."""
+        wait_until(lambda: self.processes() == self.generation(main), timeout,
+                   f"only the generation of pid {main} to be left", lambda: f"{self.processes()}\n{self.log_tail()}")
 
     def get_pid(self, path: str = "/") -> int:
         """The pid that answers GET path (the demo app names it)."""
