@@ -21,6 +21,9 @@ seconds:
                             processed MAINPID=<new generation>, the new generation is SIGKILLed
                             (checked at the handover, so rewriting the file turns it off)
 
+GET /environ answers `pid:<pid>` and the serving process's environment (`os.environ`, which for a
+generation forked rather than exec'd is not what /proc/<pid>/environ shows), NUL-separated.
+
 If the file `fault-invocation` exists, the fault applies only to processes
 with that INVOCATION_ID: once systemd restarts the service, it is healthy.
 """
@@ -129,4 +132,11 @@ async def app(scope, receive, send):
             elif message["type"] == "lifespan.shutdown":
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+    if scope["type"] == "http" and scope["path"] == "/environ":  # the serving process's environment, as it is
+        body = "\0".join([f"pid:{os.getpid()}", *(f"{name}={value}" for name, value in sorted(os.environ.items()))]).encode()
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/octet-stream"),
+                                (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+        return
     await demo(scope, receive, send)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from harness.container import wait_until
 from harness.systemd_service import APP_DIR, SERVICE, InstalledService
+from support.load import get
 
 FAULTY_APP = (Path(__file__).resolve().parents[1] / "apps" / "faulty.py").read_text()
 
@@ -114,8 +115,13 @@ def rss_kib(service: InstalledService, pid: int) -> int:
 
 
 def environ(service: InstalledService, pid: int) -> dict[str, str]:
-    out = service.container.run(f"cat /proc/{pid}/environ").stdout
-    return dict(item.partition("=")[::2] for item in out.split("\0") if item)
+    """The environment of the process serving `pid`'s requests (the faulty app's GET /environ, answered by a
+    one-process main): its `os.environ`, which /proc/<pid>/environ is not for a forked generation."""
+    status, body, _ = get("127.0.0.1", service.port, "/environ", timeout=10)
+    assert status == 200, body
+    served_by, *items = body.decode().split("\0")
+    assert served_by == f"pid:{pid}", f"GET /environ answered by {served_by}, not by pid {pid}"
+    return dict(item.partition("=")[::2] for item in items)
 
 
 def tcp_connections_of(service: InstalledService, pid: int, port: int) -> int:
