@@ -20,7 +20,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness.processes import alive, cmdline, free_port
+from harness.processes import alive, children, cmdline, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 # GRACEFUL_HTTP_BENCH_SERVICE: another copy of service/ to measure (e.g. a patch, A/B); standalone figures only
@@ -47,20 +47,6 @@ def environment(tag: str = "") -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join([str(SERVICE_DIR), str(REPO)])
     env[MARK] = f"{RUN_TOKEN}/{tag}"
     return env
-
-
-def children(pid: int) -> list[int]:
-    found = []
-    try:
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            try:
-                with open(f"/proc/{pid}/task/{tid}/children") as file:
-                    found.extend(int(c) for c in file.read().split())
-            except FileNotFoundError:
-                pass
-    except FileNotFoundError:
-        pass
-    return [c for c in found if alive(c)]
 
 
 def marked_pids(tag: str | None = None) -> list[int]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 
 
@@ -28,3 +29,18 @@ def cmdline(pid: int) -> list[str]:
             return [part.decode(errors="replace") for part in file.read().split(b"\0")[:-1]]
     except OSError:
         return []
+
+
+def children(pid: int) -> list[int]:
+    """The live children of `pid`, from every one of its threads ([] once it is gone)."""
+    found = []
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                with open(f"/proc/{pid}/task/{tid}/children") as file:
+                    found.extend(int(child) for child in file.read().split())
+            except FileNotFoundError:
+                pass
+    except FileNotFoundError:
+        pass
+    return [child for child in found if alive(child)]

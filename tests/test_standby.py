@@ -10,40 +10,20 @@ import socket
 from pathlib import Path
 
 import pytest
+from test_standalone import WORKING_APP  # an app that says its version
 
 from graceful_http.standby import wanted
-from harness.processes import alive
+from harness.processes import alive, children
 from support.load import get, pid_of
 from support.serve_process import ENGINES, HOST, ServeProcess, wait_until
 
 FORKED = "forked from the previous main, not exec'd"
-APP = '''
-import os
-from graceful_http.demo import app as demo
-
-VERSION = "{version}"
-
-
-async def app(scope, receive, send):
-    if scope["type"] == "http" and scope["path"] == "/version":
-        body = VERSION.encode()
-        await send({{"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-length", str(len(body)).encode())]}})
-        await send({{"type": "http.response.body", "body": body}})
-        return
-    await demo(scope, receive, send)
-'''
 
 
 def test_only_a_main_that_serves_by_itself_and_can_fork_its_successor_has_one():
     assert wanted(1, metrics=False)
     assert not wanted(2, metrics=False)  # a main of workers is a fork of its predecessor already
     assert not wanted(1, metrics=True)  # with prometheus_client loaded the new generation is exec'd anyway
-
-
-def children(pid: int) -> list[int]:
-    with open(f"/proc/{pid}/task/{pid}/children") as file:
-        return [int(child) for child in file.read().split()]
 
 
 def socket_inodes(pid: int) -> set[str]:
@@ -81,7 +61,7 @@ def version(server: ServeProcess) -> str:
 @pytest.mark.parametrize("engine", list(ENGINES))
 def test_the_new_generation_is_forked_from_the_standby_and_loads_the_app_anew(engine, tmp_path):
     app = tmp_path / "standby_app.py"
-    app.write_text(APP.format(version="one"))
+    app.write_text(WORKING_APP.format(version="one"))
     with ServeProcess(ENGINES[engine], tmp_path, "standby_app:app", "--app-dir", str(tmp_path), "--no-access-log",
                       pid_file=True) as server:
         server.wait_serving()
@@ -91,7 +71,7 @@ def test_the_new_generation_is_forked_from_the_standby_and_loads_the_app_anew(en
         assert listening_inode(server.port) not in socket_inodes(standby), "the standby holds the listener"
         assert version(server) == "one"
 
-        app.write_text(APP.format(version="two"))  # a deploy: the app's code changed, graceful-http's did not
+        app.write_text(WORKING_APP.format(version="two"))  # a deploy: the app's code changed, graceful-http's did not
         assert server.reload_cli().returncode == 0, server.log_tail()
         second = server.wait_new_main(first)
         server.wait_gone(first)

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from harness import container
-from harness.processes import alive, free_port
+from harness.processes import alive, children, free_port
 from support.load import get, pid_of
 
 REPO = Path(__file__).resolve().parents[2]
@@ -108,20 +108,6 @@ def marked_processes(name: str, value: str) -> set[int]:
                         found.add(int(entry))
             except OSError:
                 continue
-    return found
-
-
-def children(pid: int) -> list[int]:
-    found = []
-    try:
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            try:
-                with open(f"/proc/{pid}/task/{tid}/children") as file:
-                    found.extend(int(child) for child in file.read().split())
-            except FileNotFoundError:
-                pass
-    except FileNotFoundError:
-        pass
     return found
 
 
