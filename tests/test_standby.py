@@ -105,3 +105,22 @@ def test_without_its_standby_a_main_still_reloads_by_exec(engine, tmp_path):
         assert "the standby could not start the new generation" in log, server.log_tail()
         assert f"gen 2: {FORKED}" not in log, server.log_tail()
         standby_of(server, second)  # the exec'd generation has its own
+
+
+def test_a_standby_that_does_not_answer_fails_that_reload_only(tmp_path):
+    """A stopped standby (it might have forked and not said so): that reload fails after its timeout with the
+    reason, the old generation keeps serving and the standby is killed; the next reload forks here."""
+    with ServeProcess(ENGINES["pypi"], tmp_path, "--no-access-log", pid_file=True) as server:
+        server.wait_serving()
+        first = server.main_pid()
+        standby = standby_of(server, first)
+        os.kill(standby, signal.SIGSTOP)
+        failed = server.reload_cli()
+        assert failed.returncode == 1, failed.stdout + failed.stderr + server.log_tail()
+        assert f"the standby (pid {standby}) did not answer within" in failed.stderr, failed.stderr
+        assert server.get_pid() == first
+        wait_until(lambda: not alive(standby), 10, "the silent standby to be killed", server.log_tail)
+        assert server.reload_cli().returncode == 0, server.log_tail()
+        second = server.wait_new_main(first)
+        server.wait_gone(first)
+        assert server.get_pid() == second

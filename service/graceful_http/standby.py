@@ -26,6 +26,7 @@ import functools
 import json
 import logging
 import os
+import signal
 import socket
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -35,6 +36,11 @@ log = logging.getLogger("graceful_http")
 
 MAX_REQUEST = 1 << 20  # bytes: an environment, a few names
 MAX_DESCRIPTORS = 253  # the kernel's limit for one message
+ANSWER_TIMEOUT = 10.0  # seconds: a fork and a pid read, normally a few ms
+
+
+class StandbyUnavailable(OSError):
+    """The standby forked nothing (it was gone before the request, or could not): start the generation here."""
 
 
 def wanted(workers: int, metrics: bool) -> bool:
@@ -81,26 +87,42 @@ class Standby:
         mine.setblocking(False)
         return cls(pid, mine)
 
+    @property
+    def usable(self) -> bool:
+        return self.channel.fileno() != -1
+
     async def start(self, listen_fds: Sequence[int], names: Sequence[str], handoff_fd: int, inherited: Inherited,
                     environ: Mapping[str, str], nice: int | None) -> int:
-        """Have the standby fork the new generation; its pid. OSError if the standby can't (or is gone)."""
+        """Have the standby fork the new generation; its pid. StandbyUnavailable if it forked nothing (then
+        the caller forks); another OSError if it may have forked but did not say so in time (it is killed
+        and never asked again, and this start fails: a second generation on the same channel is worse)."""
         request = json.dumps({"names": list(names), "environ": dict(environ), "nice": nice,
                               "inherited": inherited.to_environ({})}).encode()
-        loop = asyncio.get_running_loop()
         try:
             socket.send_fds(self.channel, [request], [*listen_fds, handoff_fd])
-        except BlockingIOError:
-            raise OSError("the standby is still busy with a previous request") from None
-        answer = await loop.sock_recv(self.channel, 4096)
+        except OSError as exc:
+            self.close()
+            raise StandbyUnavailable(f"the standby (pid {self.pid}) is gone: {exc.strerror or exc}") from None
+        try:
+            answer = await asyncio.wait_for(asyncio.get_running_loop().sock_recv(self.channel, 4096), ANSWER_TIMEOUT)
+        except asyncio.TimeoutError:
+            self.close(kill=True)
+            raise OSError(f"the standby (pid {self.pid}) did not answer within {ANSWER_TIMEOUT:g}s") from None
         if not answer:
-            raise OSError(f"the standby (pid {self.pid}) is gone")
+            self.close()
+            raise OSError(f"the standby (pid {self.pid}) ended before it answered")
         reply = json.loads(answer)
         if "pid" not in reply:
-            raise OSError(reply.get("error") or "the standby could not fork")
+            raise StandbyUnavailable(reply.get("error") or "the standby could not fork")
         return int(reply["pid"])
 
-    def close(self) -> None:
-        """It sees its channel close and exits."""
+    def close(self, kill: bool = False) -> None:
+        """It sees its channel close and exits (`kill`: SIGKILL, for one that does not answer)."""
+        if kill:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except OSError:
+                pass
         self.channel.close()
 
 

@@ -15,7 +15,7 @@ from graceful_http import generation as g
 from graceful_http.handoff import CONFIRM_TIMEOUT, SuccessorLink
 from graceful_http.inherited import Inherited
 from graceful_http.spawn import fork_successor, kill_group, new_generation_pid, wait_exit
-from graceful_http.standby import Standby
+from graceful_http.standby import Standby, StandbyUnavailable
 from graceful_http.startpriority import RESTORE_AFTER, START_NICE, restore, start_nice
 from graceful_http.wire import ADOPTS, FAILED, READY, ROLLOUT
 
@@ -50,10 +50,10 @@ class Successor:
         fork = functools.partial(fork_successor, listen_fds, names, link.theirs.fileno(), inherited, environ, nice=nice)
         try:
             pid = None
-            if standby is not None:
+            if standby is not None and standby.usable:
                 try:
                     pid = await standby.start(listen_fds, names, link.theirs.fileno(), inherited, environ, nice)
-                except OSError as exc:
+                except StandbyUnavailable as exc:
                     log.warning("the standby could not start the new generation (%s): forking it here", exc)
             if pid is None:
                 forked = from_a_fresh_stack(lambda before: fork(
