@@ -100,32 +100,39 @@ def parse_seconds(text, option: str, *, minimum: float = 0.0) -> float:
     return value
 
 
-def parse_workers(text, option: str = "--workers") -> int:
+def _whole_number(text) -> int | None:
+    """`text` (a flag's string or a config file's value) as a whole number ≥ 0, or None if it is not one."""
     if isinstance(text, bool) or not re.fullmatch(r"\s*\d+\s*", str(text)):
+        return None
+    return int(text)
+
+
+def parse_workers(text, option: str = "--workers") -> int:
+    value = _whole_number(text)
+    if value is None:
         raise SettingsError(f"invalid {option} {text!r}: expected a whole number of worker processes >= 1")
-    value = int(text)
     if value < 1:
         raise SettingsError(f"invalid {option} {text!r}: a generation needs at least 1 worker")
     return value
 
 
 def parse_bytes(text, option: str) -> int:
-    if isinstance(text, bool) or not re.fullmatch(r"\s*\d+\s*", str(text)) or int(text) < 1:
-        raise SettingsError(f"invalid {option} {text!r}: expected a whole number of bytes >= 1")
-    return int(text)
+    return parse_count(text, option, what="bytes")
 
 
 def parse_count(text, option: str, *, what: str, minimum: int = 1) -> int:
-    if isinstance(text, bool) or not re.fullmatch(r"\s*\d+\s*", str(text)) or int(text) < minimum:
+    value = _whole_number(text)
+    if value is None or value < minimum:
         raise SettingsError(f"invalid {option} {text!r}: expected a whole number of {what} >= {minimum}")
-    return int(text)
+    return value
 
 
 def parse_nice(text, option: str) -> int:
     """A nice value a process may lower itself to: 0 (highest without privileges) to 19 (lowest)."""
-    if isinstance(text, bool) or not re.fullmatch(r"\s*\d+\s*", str(text)) or int(text) > 19:
+    value = _whole_number(text)
+    if value is None or value > 19:
         raise SettingsError(f"invalid {option} {text!r}: expected a nice value from 0 to 19")
-    return int(text)
+    return value
 
 
 def parse_root_path(text, option: str = "--root-path") -> str:
@@ -284,7 +291,7 @@ OPTIONS = {
         Option("interface", _choice(INTERFACES)),
         Option("binds", parse_bind, repeated=True, key="bind"),
         Option("workers", parse_workers),
-        Option("graceful_timeout", lambda v, o: parse_seconds(v, o)),
+        Option("graceful_timeout", parse_seconds),
         Option("ready_timeout", lambda v, o: parse_seconds(v, o, minimum=0.1)),
         Option("pid_file", _text),
         Option("control_allow", parse_network, repeated=True),
@@ -294,14 +301,14 @@ OPTIONS = {
         Option("metrics", _boolean),
         Option("ws", _choice(WEBSOCKET_IMPLEMENTATIONS)),
         Option("ws_max_size", parse_bytes),
-        Option("ws_ping_interval", lambda v, o: parse_seconds(v, o)),
-        Option("ws_ping_timeout", lambda v, o: parse_seconds(v, o)),
-        Option("websocket_close_spread", lambda v, o: parse_seconds(v, o)),
+        Option("ws_ping_interval", parse_seconds),
+        Option("ws_ping_timeout", parse_seconds),
+        Option("websocket_close_spread", parse_seconds),
         Option("stable_pid", _boolean),
         Option("root_path", parse_root_path),
         Option("proxy_headers", _boolean),
         Option("forwarded_allow_ips", parse_trusted_proxies),
-        Option("timeout_keep_alive", lambda v, o: parse_seconds(v, o)),
+        Option("timeout_keep_alive", parse_seconds),
         Option("limit_concurrency", lambda v, o: parse_count(v, o, what="connections and requests")),
         Option("backlog", lambda v, o: parse_count(v, o, what="pending connections")),
         Option("headers", parse_header, repeated=True, key="header"),
@@ -319,14 +326,14 @@ OPTIONS = {
         Option("max_requests", lambda v, o: parse_count(v, o, what="requests (0: off)", minimum=0)),
         Option("max_requests_jitter", lambda v, o: parse_count(v, o, what="requests", minimum=0)),
         Option("max_worker_memory", lambda v, o: parse_count(v, o, what="MiB (0: off)", minimum=0)),
-        Option("max_worker_lifetime", lambda v, o: parse_seconds(v, o)),
-        Option("worker_timeout", lambda v, o: parse_seconds(v, o)),
+        Option("max_worker_lifetime", parse_seconds),
+        Option("worker_timeout", parse_seconds),
         # reloads with workers
         Option("rollout", _choice(ROLLOUT_MODES)),
         Option("canary", lambda v, o: parse_seconds(v, o, minimum=0.0)),
         Option("preload", _boolean),
         # the start of a new generation
-        Option("start_nice", lambda v, o: parse_nice(v, o)),
+        Option("start_nice", parse_nice),
     )
 }
 
