@@ -255,18 +255,13 @@ def _exit_without_teardown(code: int) -> NoReturn:
     join those threads first, keeping this generation alive past --graceful-timeout (forever, for a stuck
     handler) after it logged `exited`."""
     import atexit
-    import logging
     import threading
+
+    from graceful_http.spawn import flush_and_exit
 
     if not any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
         atexit._run_exitfuncs()
-    logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            pass
-    os._exit(code)
+    flush_and_exit(code)
 
 
 def _use_fastest_event_loop() -> None:

@@ -25,6 +25,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Mapping, Sequence
+from typing import NoReturn
 
 from graceful_http.inherited import Inherited
 from graceful_http.listenfds import LISTEN_FDS_START, successor_environ
@@ -177,7 +178,7 @@ def fork_worker(child: Callable[[], int]) -> int:
     except BaseException as exc:  # pragma: no cover
         os.write(2, f"graceful-http: worker {os.getpid()} failed: {exc!r}\n".encode())
     finally:  # pragma: no cover - never return into the main's code
-        _flush_and_exit(code)
+        flush_and_exit(code)
 
 
 async def wait_exit(pidfd: int, timeout: float | None = None) -> bool:
@@ -216,16 +217,26 @@ def die_with_parent() -> None:
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
-def _flush_and_exit(code: int) -> None:  # pragma: no cover - runs in a forked child
-    """os._exit after flushing what the child logged: no atexit handlers, no joining app threads."""
+def flush_standard_streams() -> None:
+    """Before a fork that goes on running Python (or the child would write again what is still buffered),
+    and before `os._exit`."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+
+
+def flush_and_exit(code: int) -> NoReturn:  # pragma: no cover - runs in a process that is done
+    """os._exit after flushing what this process logged: no interpreter teardown, no atexit handlers (the
+    caller runs them if it wants them), no joining app threads."""
     import logging
 
     try:
         logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
     except BaseException:
         pass
+    flush_standard_streams()
     os._exit(code)
 
 

@@ -60,7 +60,7 @@ class Standby:
     def fork(cls, not_for_the_standby: Iterable[int]) -> Standby | None:
         """Fork the standby, before the app is imported and before any event loop runs; None if it cannot be.
         `not_for_the_standby`: descriptors it must not hold (the listeners, connections, the handoff channel)."""
-        from graceful_http.zygote import flush_standard_streams
+        from graceful_http.spawn import flush_standard_streams
 
         closing = list(not_for_the_standby)
         try:

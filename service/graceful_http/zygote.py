@@ -125,6 +125,8 @@ def from_a_fresh_stack(spawn: Callable[..., int]) -> int:
     `open_before`: our descriptors, as they are just before the fork."""
     import threading
 
+    from graceful_http.spawn import flush_standard_streams
+
     result: list = []
 
     def run() -> None:
@@ -142,15 +144,6 @@ def from_a_fresh_stack(spawn: Callable[..., int]) -> int:
     return result[0]
 
 
-def flush_standard_streams() -> None:
-    """Before a fork that goes on running Python: or the child would write again what is still buffered."""
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            pass
-
-
 def open_descriptors() -> set[int]:
     return {int(name) for name in os.listdir("/proc/self/fd")}
 
@@ -159,7 +152,7 @@ def continue_as_successor(open_before: set[int], command: list[str],
                           environ: dict[str, str]) -> None:  # pragma: no cover - in a fork
     """In the forked new generation, its sockets already in place: run it here and exit, if the code on disk
     is the code loaded; else return (the caller execs `command`). `open_before`: the old main's descriptors."""
-    from graceful_http.spawn import _flush_and_exit, reset_signals_after_fork, successor_command
+    from graceful_http.spawn import flush_and_exit, reset_signals_after_fork, successor_command
 
     global forked_in_a_row
     if (command != successor_command() or forked_in_a_row >= MAX_FORKED_IN_A_ROW or "prometheus_client" in sys.modules
@@ -182,7 +175,7 @@ def continue_as_successor(open_before: set[int], command: list[str],
     except BaseException as exc:
         os.write(2, f"graceful-http: new generation {os.getpid()} failed: {exc!r}\n".encode())
     finally:
-        _flush_and_exit(code)
+        flush_and_exit(code)
 
 
 def _close_the_old_mains_descriptors(open_before: set[int]) -> None:  # pragma: no cover - in a fork
