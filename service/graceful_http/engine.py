@@ -809,11 +809,17 @@ class Engine:
         def done() -> bool:  # every connection gone, every handler finished (a WebSocket's may outlive it)
             return not self.connections and not state.tasks and not (arriving and arriving())
 
-        # Sleep first: connections the loop accepted just before we stopped are registered a few loop turns later.
-        await asyncio.sleep(DRAIN_TICK)
-        self._close_listeners()
+        # Connections the loop accepted just before we stopped are registered a few loop turns later: our copies
+        # of the listeners close, and the drain may end, only a tick from now. Idle connections move at once (the
+        # sooner they all have, the shorter both generations compete for the CPUs).
+        settles_at = time.monotonic() + DRAIN_TICK
         try:
-            while not done() and time.monotonic() < deadline:
+            while time.monotonic() < deadline:
+                settled = time.monotonic() >= settles_at
+                if settled:
+                    self._close_listeners()
+                    if done():
+                        break
                 more = False
                 if movers:
                     movers, more = await self._hand_over_idle(movers)
@@ -835,17 +841,18 @@ class Engine:
                 for key in closer.due(views, now):
                     if self.idle_keeper is None or not self.idle_keeper(by_key[key]):
                         by_key[key].transport.close()
-                if done():
+                if settled and done():
                     break
                 if more:  # idle connections left behind by a full batch: the next batch at once
                     continue
                 wakeup.clear()
                 try:
-                    await asyncio.wait_for(wakeup.wait(), DRAIN_TICK)
+                    await asyncio.wait_for(wakeup.wait(), DRAIN_TICK if settled else max(0.0, settles_at - time.monotonic()))
                 except asyncio.TimeoutError:
                     pass
         finally:
             state.wake_drain = None
+            self._close_listeners()  # a deadline shorter than the tick
         websockets.cancel()
         cut = self.in_flight()
         if self.descriptors is not None:
