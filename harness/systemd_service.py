@@ -94,7 +94,7 @@ class InstalledService:
             "ExecStart=\n"
             f"ExecStart={command} serve --app-dir {APP_DIR} {pid_file_arg}{self.serve_args}\n"
             "ExecReload=\n"
-            f"ExecReload={command} reload\n"
+            f"ExecReload=+{command} reload\n"  # as the shipped unit: outside the sandbox
             # The load in these tests logs thousands of access lines a second;
             # journald's default rate limit would drop lifecycle lines with them.
             "LogRateLimitIntervalSec=0\n"
