@@ -165,6 +165,21 @@ def build_parser(commands: tuple[str, ...] = COMMANDS) -> argparse.ArgumentParse
     return parser
 
 
+_built: dict[tuple[str, ...], argparse.ArgumentParser] = {}
+
+
+def parser_for(argv: list[str]) -> argparse.ArgumentParser:
+    """The parser for this command line: only its command's when it names one, built once per process.
+
+    Building costs (about 100 `add_argument`s for serve and check) fall on every reload: `reload` is
+    ExecReload=, started at every `systemctl reload`, and imports nothing of the server; a one-process main's
+    new generation is a fork of its standby (see `standby`), which inherited the parser its main built."""
+    commands = (argv[0],) if argv[:1] and argv[0] in COMMANDS else COMMANDS
+    if commands not in _built:
+        _built[commands] = build_parser(commands)
+    return _built[commands]
+
+
 def _add_reload_command(subparsers) -> None:
     reload = subparsers.add_parser("reload", help="hand over to a new generation and wait until it serves",
                                  description="Ask the running service for a reload and wait for the outcome."
@@ -354,10 +369,7 @@ def _fail(code: int, message: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    # `reload` is ExecReload=, started for every `systemctl reload`: it builds only its own parser and
-    # imports nothing of the server, which keeps its start-up (part of every reload) short.
-    parser = build_parser(("reload",) if argv[:1] == ["reload"] else COMMANDS)
-    args = parser.parse_args(argv)
+    args = parser_for(argv).parse_args(argv)
     try:
         if args.command == "serve":
             return serve(args)
