@@ -184,3 +184,12 @@ def test_idle_connections_move_a_batch_at_a_time(engine):
     assert seen["first"] == [["A:/one:0"]] * 25 and seen["second"] == [["B:/two:0"]] * 25
     assert sum(seen["sent"]) == 25 and max(seen["sent"]) <= seen["batch"] < 25
     assert (seen["handed_over"], seen["fell_back"], seen["adopted"], seen["cut"]) == (25, 0, 25, 0)
+
+
+@pytest.mark.parametrize("engine", list(ENGINES))
+def test_idle_connections_move_as_the_drain_begins(engine):
+    """The drain's first batch leaves at once; only the old generation's copies of the listeners wait for the
+    tick (a connection accepted in the loop's last turn is still being set up), and the drain ends after it."""
+    seen = run_scenario("first_batch", engine)
+    assert seen["moved_before_the_tick"] and seen["drain_ended_after_the_tick"]
+    assert seen["second"] == ["B:/two:0"] * 3

@@ -18,6 +18,8 @@ httptools, `loop` asyncio or uvloop.
   busy one after its response (without `Connection: close`), a half-sent one
   once complete; one that asked for `Connection: close` stays and is counted
   as fallen back. A drains in no time once nothing is left.
+- `first_batch`: idle connections move as the drain begins; the listeners' close and the drain's end wait
+  for the tick.
 - `states`: the handover verdict of connections in every state that matters
   (idle, a partial head, pipelined, a response under way, an unread body,
   Connection: close, HTTP/1.0, upgraded to WebSocket).
@@ -467,13 +469,51 @@ async def batches(http: str) -> dict:
             "fell_back": a.fell_back, "adopted": b.adopted, "cut": cut}
 
 
+async def first_batch(http: str) -> dict:
+    """Idle connections leave as the drain begins, not a tick later: only the listeners' close (and the drain's
+    end) waits for the tick, made long here (2 s) so that the order cannot come from timing."""
+    import graceful_http.engine
+
+    tick = graceful_http.engine.DRAIN_TICK = 2.0
+    loop = asyncio.get_running_loop()
+    a, _, a_sock = await start_engine("A", http)
+    b, _, _ = await start_engine("B", http)
+    point = AdoptionPoint(os.getpid(), 1, b.adopt)
+    point.open()
+    clients = [socket.create_connection((HOST, a_sock.getsockname()[1])) for _ in range(3)]
+    for client in clients:
+        client.sendall(b"GET /one HTTP/1.1\r\nHost: x\r\n\r\n")
+        await loop.run_in_executor(None, read_responses, client, 1)
+    await wait_for(lambda: len(a.connections) == 3 and a.in_flight() == 0, "3 idle connections")
+    a.stop_accepting(moving_to=os.getpid())
+    movers = await connect_all(os.getpid())
+    began = time.monotonic()
+    draining = asyncio.ensure_future(a.drain(began + DEADLINE, movers=movers))
+    await wait_for(lambda: a.handed_over == 3, "the idle connections to move")
+    moved_after = time.monotonic() - began
+    await draining
+    drained_after = time.monotonic() - began
+    second = []
+    for client in clients:
+        client.sendall(b"GET /two HTTP/1.1\r\nHost: x\r\n\r\n")
+        second += await loop.run_in_executor(None, read_responses, client, 1)
+    for mover in movers:
+        await mover.finish()
+    point.close()
+    for client in clients:
+        client.close()
+    return {"moved_before_the_tick": moved_after < tick, "drain_ended_after_the_tick": drained_after >= tick,
+            "second": second}
+
+
 def main() -> None:
     scenario, http, loop = sys.argv[1:4]
     if loop == "uvloop":
         import uvloop
 
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    scenarios = {"journey": journey, "channel": channel, "drain": drain, "states": states, "batches": batches}
+    scenarios = {"journey": journey, "channel": channel, "drain": drain, "states": states, "batches": batches,
+                 "first_batch": first_batch}
     result = asyncio.run(asyncio.wait_for(scenarios[scenario](http), 60))
     print(json.dumps(result))
 
