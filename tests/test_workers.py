@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 from graceful_http.listeners import Listener
 from graceful_http.workers import RestartBackoff, WorkerPool
@@ -66,3 +67,59 @@ def test_restart_backoff_doubles_for_quick_deaths_and_resets_after_a_stable_run(
     backoff = RestartBackoff(initial=0.5, maximum=2.0, stable_after=30.0)
     assert [backoff.next_delay(1.0) for _ in range(4)] == [0.5, 1.0, 2.0, 2.0]
     assert backoff.next_delay(60.0) == 0.5
+
+
+# A stand-in worker that reports its counts when it starts, and again whenever its main writes to it.
+REPORTING = """\
+import socket, sys
+channel = socket.socket(fileno=int(sys.argv[1]))
+channel.sendall(b"ready\\nstats 0 5 0\\n")
+total = 5
+while channel.recv(4096):
+    total += 7
+    channel.sendall(f"stats 0 {total} 0\\n".encode())
+"""
+
+
+def test_a_canary_waits_for_every_workers_next_report():
+    """The counts a canary compares are as of each worker's last report: `next_reports` returns only once
+    every worker has reported again (so what they answered before the canary's window is not in it), and
+    gives up on a worker that does not."""
+    started: list[subprocess.Popen] = []
+
+    def spawn(listen_fds, names, channel_fd, inherited, environ) -> int:
+        process = subprocess.Popen([sys.executable, "-c", REPORTING, str(channel_fd)], pass_fds=[channel_fd])
+        started.append(process)
+        return process.pid
+
+    listener_sock, other = socket.socketpair()
+
+    async def until(predicate):
+        while not predicate():
+            await asyncio.sleep(0.005)
+
+    async def scenario():
+        pool = WorkerPool(2, [Listener(listener_sock, "http", inherited=True)], 3, request_reload=None, spawn=spawn)
+        await asyncio.wait_for(pool.start(), 10)
+        await asyncio.wait_for(until(lambda: pool.total_requests == 10), 10)
+        first, second = sorted(pool.workers.values(), key=lambda w: w.index)
+        waiting = asyncio.ensure_future(pool.next_reports(timeout=30))
+        first.writer.write(b"x\n")
+        await asyncio.wait_for(until(lambda: pool.total_requests == 17), 10)
+        assert not waiting.done()  # the second has not reported since
+        second.writer.write(b"x\n")
+        await asyncio.wait_for(waiting, 10)
+        assert pool.total_requests == 24
+        gave_up = time.monotonic()
+        await asyncio.wait_for(pool.next_reports(timeout=0.2), 10)  # nobody reports: it returns all the same
+        assert time.monotonic() - gave_up >= 0.2
+        pool.stop_accepting()
+        await asyncio.wait_for(pool.drain(deadline=0), 10)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        for process in started:
+            if process.poll() is None:
+                process.kill()
+        other.close()

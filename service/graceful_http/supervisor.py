@@ -25,6 +25,8 @@ from graceful_http.websocket_drain import GOING_AWAY, SERVICE_RESTART
 
 log = logging.getLogger("graceful_http")
 
+FRESH_COUNTS_TIMEOUT = 1.0  # s: a canary's workers report every 0.25 s; one that does not is not waited for
+
 
 @dataclass
 class Ports:
@@ -111,6 +113,12 @@ class Supervisor:
         server = self.servers[0] if self.servers else None
         failed = server.failed if hasattr(server, "failed") else self.control.failed
         return self.servers.total_requests, failed
+
+    async def _fresh_counts(self) -> None:
+        """Our workers' counts arrive every stats interval: wait for the next ones (an engine's are its own)."""
+        server = self.servers[0] if self.servers else None
+        if hasattr(server, "next_reports"):
+            await server.next_reports(FRESH_COUNTS_TIMEOUT)
 
     def _do_Log(self, action: g.Log) -> None:
         log.log(logging.getLevelName(action.level.upper()), "%s", action.message)
@@ -211,8 +219,10 @@ class Supervisor:
         log.info("canary: generation %d (pid %d) serves beside us for %gs", action.generation, action.pid, seconds)
         self.status.send(STATUS=f"reloading: canary, generation {action.generation} serves beside us for {seconds:g}s")
         successor.link.start_canary()
+        await self._fresh_counts()
         before = self.counts()
         theirs = await successor.link.counts_during(seconds)
+        await self._fresh_counts()
         after = self.counts()
         if self.machine.phase is not g.Phase.HANDING_OVER:  # stopped meanwhile
             return

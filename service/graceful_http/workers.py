@@ -98,6 +98,7 @@ class Worker:
         self.total = 0
         self.adopted = 0  # connections it took over from the previous generation
         self.failed = 0  # requests answered 5xx or whose app raised, if it counts them (a canary)
+        self.reports = 0  # how many STATS lines it sent (see `WorkerPool.next_reports`)
         self.drained = (0, 0, 0, 0)  # (answered while draining, cut, handed over, fell back), as it reports them
         self.answered_at = self.started_at  # when its event loop last answered a ping (`heartbeat`)
         self.retiring = False  # being recycled or replaced as stuck: not replaced again when it exits
@@ -127,6 +128,7 @@ class WorkerPool:
         self.retired: list[Worker] = []
         self.fork_now = None  # (number) -> (pid, channel): fork a worker from the running main (see `latefork`)
         self._failed_by_dead = 0
+        self._reported = asyncio.Event()
 
     def describe(self) -> str:
         return f"{self.count} worker processes"
@@ -189,6 +191,8 @@ class WorkerPool:
                 worker.in_flight, worker.total, worker.adopted = numbers[:3]
                 if len(numbers) > 4:  # the padding aside: it counts failures
                     worker.failed = numbers[3]
+                worker.reports += 1
+                self._reported.set()
             elif word == DRAINED:
                 worker.drained = tuple(([int(n) for n in detail.split()] + [0, 0, 0, 0])[:4])
             elif word == RELOAD:
@@ -310,6 +314,19 @@ class WorkerPool:
     def channels(self) -> list:
         """The main's ends of the workers' channels (a worker forked later must not keep them)."""
         return [w.writer.get_extra_info("socket") for w in self.workers.values()]
+
+    async def next_reports(self, timeout: float) -> None:
+        """Wait until every worker has reported its counts once more (or `timeout` s). The counts are as of each
+        worker's last report, up to a stats interval old: a canary takes them after this, so that what the
+        workers answered before its window began is not counted in it."""
+        marks = {pid: worker.reports for pid, worker in self.workers.items()}
+        deadline = time.monotonic() + timeout
+        while any(pid in self.workers and self.workers[pid].reports == seen for pid, seen in marks.items()):
+            self._reported.clear()
+            try:
+                await asyncio.wait_for(self._reported.wait(), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                return
 
     @property
     def failed(self) -> int:
