@@ -23,21 +23,39 @@ while channel.recv(4096):
 """
 
 
-def test_a_dead_worker_is_replaced(caplog):
+def run_with_stand_ins(script: str, scenario, on_spawn=None) -> list[subprocess.Popen]:
+    """Run `scenario(pool)` (async) on a pool of two workers that are `script` run by this interpreter (given
+    their channel's descriptor); kill what is left of them after. Returns the processes started."""
     started: list[subprocess.Popen] = []
-    spawned = asyncio.Queue()
 
     def spawn(listen_fds, names, channel_fd, inherited, environ) -> int:
-        process = subprocess.Popen([sys.executable, "-c", STAND_IN, str(channel_fd)], pass_fds=[channel_fd])
+        process = subprocess.Popen([sys.executable, "-c", script, str(channel_fd)], pass_fds=[channel_fd])
         started.append(process)  # kept: a collected Popen might reap its child before the pool does
-        spawned.put_nowait(inherited)
+        if on_spawn is not None:
+            on_spawn(inherited)
         return process.pid
 
     listener_sock, other = socket.socketpair()
 
-    async def scenario():
+    async def run():
         pool = WorkerPool(2, [Listener(listener_sock, "http", inherited=True)], 3, request_reload=None, spawn=spawn)
         await asyncio.wait_for(pool.start(), 10)
+        await scenario(pool)
+
+    try:
+        asyncio.run(run())
+    finally:
+        for process in started:
+            if process.poll() is None:
+                process.kill()
+        other.close()
+    return started
+
+
+def test_a_dead_worker_is_replaced(caplog):
+    spawned = asyncio.Queue()
+
+    async def scenario(pool):
         first = [await spawned.get(), await spawned.get()]
         assert [(i.generation, i.worker_index) for i in first] == [(3, 1), (3, 2)]
         victim = next(w for w in pool.workers.values() if w.index == 1)
@@ -52,13 +70,7 @@ def test_a_dead_worker_is_replaced(caplog):
         await asyncio.wait_for(pool.drain(deadline=0), 10)
         assert pool.workers == {}
 
-    try:
-        asyncio.run(scenario())
-    finally:
-        for process in started:
-            if process.poll() is None:
-                process.kill()
-        other.close()
+    started = run_with_stand_ins(STAND_IN, scenario, on_spawn=spawned.put_nowait)
     assert len(started) == 3
     assert f"worker 2 (pid {started[1].pid}) was killed by SIGKILL; replacing it in 0.5s" in caplog.text
 
@@ -85,22 +97,12 @@ def test_a_canary_waits_for_every_workers_next_report():
     """The counts a canary compares are as of each worker's last report: `next_reports` returns only once
     every worker has reported again (so what they answered before the canary's window is not in it), and
     gives up on a worker that does not."""
-    started: list[subprocess.Popen] = []
-
-    def spawn(listen_fds, names, channel_fd, inherited, environ) -> int:
-        process = subprocess.Popen([sys.executable, "-c", REPORTING, str(channel_fd)], pass_fds=[channel_fd])
-        started.append(process)
-        return process.pid
-
-    listener_sock, other = socket.socketpair()
 
     async def until(predicate):
         while not predicate():
             await asyncio.sleep(0.005)
 
-    async def scenario():
-        pool = WorkerPool(2, [Listener(listener_sock, "http", inherited=True)], 3, request_reload=None, spawn=spawn)
-        await asyncio.wait_for(pool.start(), 10)
+    async def scenario(pool):
         await asyncio.wait_for(until(lambda: pool.total_requests == 10), 10)
         first, second = sorted(pool.workers.values(), key=lambda w: w.index)
         waiting = asyncio.ensure_future(pool.next_reports(timeout=30))
@@ -116,10 +118,4 @@ def test_a_canary_waits_for_every_workers_next_report():
         pool.stop_accepting()
         await asyncio.wait_for(pool.drain(deadline=0), 10)
 
-    try:
-        asyncio.run(scenario())
-    finally:
-        for process in started:
-            if process.poll() is None:
-                process.kill()
-        other.close()
+    run_with_stand_ins(REPORTING, scenario)
