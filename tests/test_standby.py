@@ -68,7 +68,9 @@ def test_the_new_generation_is_forked_from_the_standby_and_loads_the_app_anew(en
         first = server.main_pid()
         standby = standby_of(server, first)
         assert listening_inode(server.port) in socket_inodes(first)
-        assert listening_inode(server.port) not in socket_inodes(standby), "the standby holds the listener"
+        # The fork gave it the listener; it closes it first thing, but it may not have run yet.
+        wait_until(lambda: listening_inode(server.port) not in socket_inodes(standby), 10,
+                   "the standby to close its copy of the listener", server.log_tail)
         assert version(server) == "one"
 
         app.write_text(WORKING_APP.format(version="two"))  # a deploy: the app's code changed, graceful-http's did not
