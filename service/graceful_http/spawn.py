@@ -110,9 +110,7 @@ async def new_generation_pid(intermediate: int, pid_read: int) -> int:
     try:
         await closed  # the intermediate exited (its end of the pipe closed with it)
     except asyncio.CancelledError:  # no longer wanted (we are stopping): it must not outlive us
-        os.set_blocking(pid_read, True)
-        while chunk := os.read(pid_read, 32):
-            data += chunk
+        data += _read_to_the_end(pid_read)
         if data:
             kill_group(int(data))
         raise
@@ -120,6 +118,29 @@ async def new_generation_pid(intermediate: int, pid_read: int) -> int:
         loop.remove_reader(pid_read)
         os.close(pid_read)
         os.waitpid(intermediate, 0)  # already exiting: it closed its files
+    return _generation_pid(data)
+
+
+def new_generation_pid_blocking(intermediate: int, pid_read: int) -> int:
+    """`new_generation_pid` for a process without an event loop (the standby), which may wait for it."""
+    try:
+        data = _read_to_the_end(pid_read)
+    finally:
+        os.close(pid_read)
+        os.waitpid(intermediate, 0)
+    return _generation_pid(data)
+
+
+def _read_to_the_end(fd: int) -> bytes:
+    os.set_blocking(fd, True)
+    data = b""
+    while chunk := os.read(fd, 32):
+        data += chunk
+    return data
+
+
+def _generation_pid(data: bytes) -> int:
+    """The pid the intermediate process wrote (nothing: it could not fork the new generation)."""
     if not data:
         raise OSError("could not fork the new generation")
     return int(data)

@@ -166,22 +166,11 @@ def _fork_generation(request: dict, fds: list[int]) -> int:  # pragma: no cover 
     """Fork the new generation as the old main would (see `spawn.fork_successor`), as a fork of this process
     where `zygote` allows it; its pid. The received descriptors are close-on-exec: the new generation keeps
     only the copies placed at 3, 4, …"""
-    from graceful_http.spawn import fork_successor
-    from graceful_http.zygote import continue_as_successor, from_a_fresh_stack
+    from graceful_http.spawn import fork_successor, new_generation_pid_blocking
+    from graceful_http.zygote import fork_to_go_on_here
 
     if len(fds) < 2 or len(fds) != len(request["names"]) + 1:
         raise ValueError(f"{len(fds)} descriptors for {len(request['names'])} sockets and a channel")
     inherited = Inherited.from_environ(dict(request["inherited"]))
-    intermediate, pid_read = from_a_fresh_stack(lambda before: fork_successor(
-        fds[:-1], request["names"], fds[-1], inherited, request["environ"], nice=request["nice"],
-        instead_of_exec=functools.partial(continue_as_successor, before)))
-    try:
-        text = b""
-        while chunk := os.read(pid_read, 64):
-            text += chunk
-    finally:
-        os.close(pid_read)
-        os.waitpid(intermediate, 0)
-    if not text.isdigit():
-        raise OSError("the new generation could not be forked")
-    return int(text)
+    return new_generation_pid_blocking(*fork_to_go_on_here(functools.partial(
+        fork_successor, fds[:-1], request["names"], fds[-1], inherited, request["environ"], nice=request["nice"])))

@@ -42,7 +42,7 @@ class Successor:
         back); OSError if it cannot even be forked. `fork_only`: without exec if the code on disk is the code
         loaded here (see `zygote`); `standby`: have it fork the new generation (see `standby`), or else fork
         here."""
-        from graceful_http.zygote import continue_as_successor, from_a_fresh_stack
+        from graceful_http.zygote import fork_to_go_on_here
 
         link = SuccessorLink()
         nice, restore_nice = start_nice(wanted_nice) or (None, None)
@@ -56,8 +56,7 @@ class Successor:
                 except StandbyUnavailable as exc:
                     log.warning("the standby could not start the new generation (%s): forking it here", exc)
             if pid is None:
-                forked = from_a_fresh_stack(lambda before: fork(
-                    instead_of_exec=functools.partial(continue_as_successor, before))) if fork_only else fork()
+                forked = fork_to_go_on_here(fork) if fork_only else fork()
                 pid = await new_generation_pid(*forked)
         except OSError:
             link.close()

@@ -23,6 +23,7 @@ MAX_FORKED_IN_A_ROW forked generations the next is exec'd.
 
 from __future__ import annotations
 
+import functools
 import gc
 import os
 import sys
@@ -116,6 +117,13 @@ def started_with_environment() -> dict[str, str]:
 def eligible(workers: int, preload: bool, metrics: bool) -> bool:
     """Whether a main so configured may fork its successor (see the module's docstring)."""
     return workers > 1 and not preload and not metrics
+
+
+def fork_to_go_on_here(fork: Callable[..., tuple[int, int]]) -> tuple[int, int]:
+    """`fork(instead_of_exec=…)` (`spawn.fork_successor` with its sockets) from a fresh stack, the new generation
+    going on in the fork where the code on disk is the code loaded (`continue_as_successor`), else exec'd:
+    what a main of workers and a standby do at a reload. Returns what `fork` returns."""
+    return from_a_fresh_stack(lambda before: fork(instead_of_exec=functools.partial(continue_as_successor, before)))
 
 
 def from_a_fresh_stack(spawn: Callable[..., int]) -> int:
