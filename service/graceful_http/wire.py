@@ -24,8 +24,8 @@ start-up time is part of every `systemctl reload`.
 
 from __future__ import annotations
 
+import _socket  # not `socket`: see the docstring's last paragraph
 import os
-import socket
 import struct
 from collections import namedtuple
 
@@ -83,7 +83,7 @@ def control_address(pid: int) -> bytes:
     return f"\0graceful-http/{namespace}/{pid}".encode()
 
 
-def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+def peer_credentials(sock: _socket.socket) -> tuple[int, int, int]:
     """(pid, uid, gid) of the process at the other end of a unix socket (SO_PEERCRED)."""
-    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    creds = sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, struct.calcsize("3i"))
     return struct.unpack("3i", creds)
