@@ -13,6 +13,7 @@ import pytest
 from test_standalone import WORKING_APP  # an app that says its version
 
 from graceful_http.standby import wanted
+from graceful_http.zygote import KEPT_BY_A_STANDBY_FORK
 from harness.processes import alive, children
 from support.load import get, pid_of
 from support.serve_process import ENGINES, HOST, ServeProcess, wait_until
@@ -126,3 +127,31 @@ def test_a_standby_that_does_not_answer_fails_that_reload_only(tmp_path):
         second = server.wait_new_main(first)
         server.wait_gone(first)
         assert server.get_pid() == second
+
+
+def anonymous_memory(pid: int) -> int:
+    """Bytes of anonymous memory resident in `pid` (RssAnon): what a fork keeps of its predecessors adds to it."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no RssAnon for pid {pid}")
+
+
+def test_a_fork_of_the_standby_keeps_no_more_of_its_predecessors_than_zygote_counts(tmp_path):
+    """`zygote` lets generations forked from a standby go on for LEFTOVER_BUDGET ÷ KEPT_BY_A_STANDBY_FORK reloads
+    in a row before one is exec'd: the memory each of them keeps must stay below that estimate."""
+    with ServeProcess(ENGINES["pypi"], tmp_path, "--no-access-log", pid_file=True) as server:
+        server.wait_serving()
+        main = server.main_pid()
+        sizes = []
+        for _ in range(7):  # generations 2 to 8
+            assert server.reload_cli().returncode == 0, server.log_tail()
+            main = server.wait_new_main(main)
+            for _ in range(5):
+                assert server.get_pid() == main
+            sizes.append(anonymous_memory(main))
+        assert f"gen 8: {FORKED}" in server.log(), server.log_tail()
+        per_generation = (sizes[-1] - sizes[0]) / (len(sizes) - 1)
+        print(f"RssAnon of generations 2 to 8: {sizes}, {per_generation / 1024:.0f} KiB a generation")
+        assert per_generation <= KEPT_BY_A_STANDBY_FORK, (
+            f"each forked generation keeps about {per_generation / 1024:.0f} KiB more (RssAnon {sizes})")

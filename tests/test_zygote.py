@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from graceful_http import zygote
 from graceful_http.zygote import eligible, interpreter_environment, mapped_files, unchanged_since
 from support.load import get
 from support.serve_process import ENGINES, HOST, SERVICE_DIR, ServeProcess
@@ -22,6 +23,17 @@ def test_files_changed_at_or_after_the_reference_time_or_gone_are_changed():
     assert not unchanged_since(["/a", "/c"], 200, times.get)
     assert not unchanged_since(["/a", "/gone"], 200, times.get)
     assert unchanged_since([], 200, times.get)
+
+
+def test_a_generation_is_forked_while_what_it_keeps_of_its_predecessors_stays_within_the_budget(monkeypatch):
+    """A standby's fork keeps less than a serving main's (see `zygote`): more generations in a row may be forks."""
+    budget = zygote.LEFTOVER_BUDGET
+    monkeypatch.setattr(zygote, "leftover", 0)
+    assert zygote.within_budget(zygote.KEPT_BY_A_FORKED_MAIN)
+    monkeypatch.setattr(zygote, "leftover", budget - zygote.KEPT_BY_A_STANDBY_FORK)
+    assert zygote.within_budget(zygote.KEPT_BY_A_STANDBY_FORK)
+    assert not zygote.within_budget(zygote.KEPT_BY_A_FORKED_MAIN)
+    assert budget // zygote.KEPT_BY_A_STANDBY_FORK >= 4 * (budget // zygote.KEPT_BY_A_FORKED_MAIN)
 
 
 def test_mapped_files_are_read_from_maps_and_a_replaced_one_is_noticed():

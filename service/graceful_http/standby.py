@@ -167,10 +167,11 @@ def _fork_generation(request: dict, fds: list[int]) -> int:  # pragma: no cover 
     where `zygote` allows it; its pid. The received descriptors are close-on-exec: the new generation keeps
     only the copies placed at 3, 4, …"""
     from graceful_http.spawn import fork_successor, new_generation_pid_blocking
-    from graceful_http.zygote import fork_to_go_on_here
+    from graceful_http.zygote import KEPT_BY_A_STANDBY_FORK, fork_to_go_on_here
 
     if len(fds) < 2 or len(fds) != len(request["names"]) + 1:
         raise ValueError(f"{len(fds)} descriptors for {len(request['names'])} sockets and a channel")
     inherited = Inherited.from_environ(dict(request["inherited"]))
     return new_generation_pid_blocking(*fork_to_go_on_here(functools.partial(
-        fork_successor, fds[:-1], request["names"], fds[-1], inherited, request["environ"], nice=request["nice"])))
+        fork_successor, fds[:-1], request["names"], fds[-1], inherited, request["environ"], nice=request["nice"]),
+        KEPT_BY_A_STANDBY_FORK))

@@ -42,7 +42,7 @@ class Successor:
         back); OSError if it cannot even be forked. `fork_only`: without exec if the code on disk is the code
         loaded here (see `zygote`); `standby`: have it fork the new generation (see `standby`), or else fork
         here."""
-        from graceful_http.zygote import fork_to_go_on_here
+        from graceful_http.zygote import KEPT_BY_A_FORKED_MAIN, fork_to_go_on_here
 
         link = SuccessorLink()
         nice, restore_nice = start_nice(wanted_nice) or (None, None)
@@ -56,7 +56,7 @@ class Successor:
                 except StandbyUnavailable as exc:
                     log.warning("the standby could not start the new generation (%s): forking it here", exc)
             if pid is None:
-                forked = fork_to_go_on_here(fork) if fork_only else fork()
+                forked = fork_to_go_on_here(fork, KEPT_BY_A_FORKED_MAIN) if fork_only else fork()
                 pid = await new_generation_pid(*forked)
         except OSError:
             link.close()

@@ -17,8 +17,12 @@ How: the fork is made from a thread of its own, so that the new generation's onl
 stack, not inside the old main's running loop (which it would otherwise run within, one level deeper at
 each reload). What exec would reset is reset by hand: the old main's close-on-exec descriptors closed, the
 signal handlers restored, the environment replaced. The old main's objects stay where its thread left them
-(frozen out of the collector, never run again): about 0.5 MB that nothing can free, so after
-MAX_FORKED_IN_A_ROW forked generations the next is exec'd.
+(frozen out of the collector, never run again): memory nothing can free, which grows with each forked
+generation, so once it would pass LEFTOVER_BUDGET the next generation is exec'd. How much a fork keeps
+depends on what it is a fork of: a serving main of workers keeps its loop and servers (about 0.35 MB of
+anonymous memory a generation, measured), a standby only its own frames and its main's before the app
+(about 0.05 MB; see `standby`). The exec'd generation starts an interpreter (about 180 ms of CPU) while
+the old one serves: with the standby's smaller share that happens every 40th reload, not every 9th.
 """
 
 from __future__ import annotations
@@ -97,8 +101,16 @@ def same_code_as_on_disk() -> bool:
     return files is not None and unchanged_since(files, CODE_LOADED_SINCE_NS, _change_time)
 
 
-MAX_FORKED_IN_A_ROW = 8  # what they keep of their predecessors (see above) stays below about 4 MB
+LEFTOVER_BUDGET = 4 << 20  # bytes a forked generation may keep of its predecessors (see above)
+KEPT_BY_A_FORKED_MAIN = 512 << 10  # bytes kept of a main of workers, a generation (measured: about 350 KB)
+KEPT_BY_A_STANDBY_FORK = 96 << 10  # bytes kept of a standby and its main, a generation (measured: about 50 KB)
 forked_in_a_row = 0  # how many generations before (and including) this one were forked, not exec'd
+leftover = 0  # bytes this generation keeps of its predecessors, by the estimates above
+
+
+def within_budget(kept: int) -> bool:
+    """May the next generation be a fork, keeping `kept` more bytes of this one?"""
+    return leftover + kept <= LEFTOVER_BUDGET
 
 
 def interpreter_environment(environ: Mapping[str, str]) -> dict[str, str]:
@@ -119,11 +131,13 @@ def eligible(workers: int, preload: bool, metrics: bool) -> bool:
     return workers > 1 and not preload and not metrics
 
 
-def fork_to_go_on_here(fork: Callable[..., tuple[int, int]]) -> tuple[int, int]:
+def fork_to_go_on_here(fork: Callable[..., tuple[int, int]], kept: int) -> tuple[int, int]:
     """`fork(instead_of_exec=…)` (`spawn.fork_successor` with its sockets) from a fresh stack, the new generation
-    going on in the fork where the code on disk is the code loaded (`continue_as_successor`), else exec'd:
-    what a main of workers and a standby do at a reload. Returns what `fork` returns."""
-    return from_a_fresh_stack(lambda before: fork(instead_of_exec=functools.partial(continue_as_successor, before)))
+    going on in the fork where the code on disk is the code loaded and it would keep no more than the budget
+    allows of us (`kept` bytes more: see KEPT_BY_…) (`continue_as_successor`), else exec'd: what a main of
+    workers and a standby do at a reload. Returns what `fork` returns."""
+    return from_a_fresh_stack(lambda before: fork(instead_of_exec=functools.partial(continue_as_successor, before,
+                                                                                    kept)))
 
 
 def from_a_fresh_stack(spawn: Callable[..., int]) -> int:
@@ -156,18 +170,20 @@ def open_descriptors() -> set[int]:
     return {int(name) for name in os.listdir("/proc/self/fd")}
 
 
-def continue_as_successor(open_before: set[int], command: list[str],
+def continue_as_successor(open_before: set[int], kept: int, command: list[str],
                           environ: dict[str, str]) -> None:  # pragma: no cover - in a fork
     """In the forked new generation, its sockets already in place: run it here and exit, if the code on disk
-    is the code loaded; else return (the caller execs `command`). `open_before`: the old main's descriptors."""
+    is the code loaded and what it keeps of its predecessors (`kept` more bytes) is within the budget; else
+    return (the caller execs `command`). `open_before`: the old main's descriptors."""
     from graceful_http.spawn import flush_and_exit, reset_signals_after_fork, successor_command
 
-    global forked_in_a_row
-    if (command != successor_command() or forked_in_a_row >= MAX_FORKED_IN_A_ROW or "prometheus_client" in sys.modules
+    global forked_in_a_row, leftover
+    if (command != successor_command() or not within_budget(kept) or "prometheus_client" in sys.modules
             or interpreter_environment(environ) != interpreter_environment(started_with_environment())
             or not same_code_as_on_disk()):
         return
     forked_in_a_row += 1
+    leftover += kept
     gc.freeze()  # the old main's objects, kept by its thread's stack: out of the collector's way for good
     reset_signals_after_fork()
     _close_the_old_mains_descriptors(open_before)
