@@ -148,12 +148,13 @@ def test_a_main_whose_workers_are_still_rolling_out_says_how_far_it_is_and_start
         ReloadRequested,
         Reply,
         RolloutEnded,
+        RolloutStarted,
         SpawnSuccessor,
     )
 
     machine = HandoffMachine(generation=2, pid=100, ready_timeout=5)
     machine.handle(BecameMain(handed_over=True))
-    machine.rolling_out = r.Rollout(4, RestartBackoff())
+    assert machine.handle(RolloutStarted(r.Rollout(4, RestartBackoff()))) == []
     replies = [a for a in machine.handle(ReloadRequested("SIGHUP", requester="me", canary=3.0)) if isinstance(a, Reply)]
     assert machine.phase is Phase.SERVING  # not started: one generation's workers roll out at a time
     assert replies[0].outcome.code == "started" and "waits until this generation's workers" in replies[0].outcome.detail
@@ -174,11 +175,19 @@ def test_a_main_whose_workers_are_still_rolling_out_says_how_far_it_is_and_start
 
 
 def test_a_stop_during_a_rollout_tells_the_waiting_reload_requesters_it_failed():
-    from graceful_http.generation import BecameMain, HandoffMachine, ReloadRequested, Reply, RolloutEnded, StopRequested
+    from graceful_http.generation import (
+        BecameMain,
+        HandoffMachine,
+        ReloadRequested,
+        Reply,
+        RolloutEnded,
+        RolloutStarted,
+        StopRequested,
+    )
 
     machine = HandoffMachine(generation=2, pid=100, ready_timeout=5)
     machine.handle(BecameMain(handed_over=True))
-    machine.rolling_out = r.Rollout(2, RestartBackoff())
+    assert machine.handle(RolloutStarted(r.Rollout(2, RestartBackoff()))) == []
     machine.handle(ReloadRequested("graceful-http reload", requester="me"))
     replies = [a for a in machine.handle(StopRequested("SIGTERM")) if isinstance(a, Reply)]
     assert [(a.requester, a.outcome.code, a.outcome.detail) for a in replies] == [

@@ -80,6 +80,14 @@ class HandOverFailed:
 
 
 @dataclass(frozen=True)
+class RolloutStarted:
+    """Our workers replace the previous generation's one by one (`rollout`, whose `progress()` the status
+    shows): a reload asked for meanwhile waits until RolloutEnded."""
+
+    rollout: object
+
+
+@dataclass(frozen=True)
 class RolloutEnded:
     """Every worker of this generation serves (or the rollout stopped): reloads may start again."""
 
@@ -92,7 +100,7 @@ class BecameMain:
 
 
 Event = (BecameMain | HandedOver | HandOverFailed | ReloadRequested | ChildStarted | ChildReady | ChildFailed
-         | ReadyTimedOut | StopRequested | RolloutEnded)
+         | ReadyTimedOut | StopRequested | RolloutStarted | RolloutEnded)
 
 
 # ---- actions ----------------------------------------------------------------
@@ -251,6 +259,10 @@ class HandoffMachine:
             SpawnSuccessor(attempt=attempt, generation=successor, canary=canary),
             ArmReadyTimer(attempt=attempt, seconds=self.ready_timeout),
         ]
+
+    def _on_RolloutStarted(self, event: RolloutStarted) -> list[Action]:
+        self.rolling_out = event.rollout
+        return []
 
     def _on_RolloutEnded(self, event: RolloutEnded) -> list[Action]:
         self.rolling_out = None

@@ -215,7 +215,7 @@ async def rollout(supervisor: Supervisor, predecessor: PredecessorLink | None, s
                                       predecessor)
     driver = RolloutDriver(supervisor.servers[0], LineChannel(predecessor.sock) if predecessor else None,
                            RestartBackoff())
-    supervisor.machine.rolling_out = driver.machine
+    supervisor.dispatch(g.RolloutStarted(driver.machine))  # a reload asked for meanwhile waits for its end
     try:
         await driver.run()
     finally:
