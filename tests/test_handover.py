@@ -177,13 +177,14 @@ def test_drain_hands_every_connection_over(engine):
 
 @pytest.mark.parametrize("engine", list(ENGINES))
 def test_idle_connections_move_a_batch_at_a_time(engine):
-    """25 connections idle at once (as under load, at every loop turn) are not all detached at once: each
-    batch is at most the engine's batch size, and every connection moves, its next request answered by the
-    new engine on the same connection."""
+    """More connections idle at once (as under load, at every loop turn) than two batches are not all detached
+    at once: each batch is at most the engine's batch size, and every connection moves, its next request
+    answered by the new engine on the same connection."""
     seen = run_scenario("batches", engine)
-    assert seen["first"] == [["A:/one:0"]] * 25 and seen["second"] == [["B:/two:0"]] * 25
-    assert sum(seen["sent"]) == 25 and max(seen["sent"]) <= seen["batch"] < 25
-    assert (seen["handed_over"], seen["fell_back"], seen["adopted"], seen["cut"]) == (25, 0, 25, 0)
+    count = seen["count"]
+    assert seen["first"] == [["A:/one:0"]] * count and seen["second"] == [["B:/two:0"]] * count
+    assert sum(seen["sent"]) == count and max(seen["sent"]) <= seen["batch"] < count and len(seen["sent"]) >= 3
+    assert (seen["handed_over"], seen["fell_back"], seen["adopted"], seen["cut"]) == (count, 0, count, 0)
 
 
 @pytest.mark.parametrize("engine", list(ENGINES))

@@ -46,7 +46,7 @@ uvicorn = uvicorn_core.load()  # without its command line: see uvicorn_core
 log = logging.getLogger("graceful_http")
 
 DRAIN_TICK = 0.05
-HANDOVER_BATCH = 10  # connections detached and sent to the new generation at a time
+HANDOVER_BATCH = 64  # connections detached and sent to the new generation at a time (see _hand_over_idle)
 
 
 class StartupFailed(Exception):
@@ -960,7 +960,11 @@ class Engine:
 
         At most a batch at a time: under load every connection is idle for a moment at each loop turn, and all of
         them at once would wait, each with its client's next request, until the new generation has adopted
-        them all; the others are served here meanwhile and move with the next batches."""
+        them all; the others are served here meanwhile and move with the next batches. But each batch is a
+        round trip through both loops (5–7 ms under load), through which both generations serve side by
+        side: batches of 10 took 50 busy connections five of them. Interleaved A/B (`bench.reload_ab`, one
+        worker, 8 pairs, twice), 10 → 64: p99 after ÷ steady, median 1.41× → 1.30× and 1.48× → 1.34×, slow
+        requests per reload 355 → 310 and 401 → 260; two workers (25 connections each) unchanged."""
         batch = []
         more = False
         for connection in list(self.connections):

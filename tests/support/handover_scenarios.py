@@ -431,20 +431,22 @@ async def drain(http: str) -> dict:
 
 
 async def batches(http: str) -> dict:
-    """25 idle keep-alive connections, all idle at the drain's first turn: they move in batches."""
+    """More idle keep-alive connections than two batches, all idle at the drain's first turn: they move in
+    batches."""
     from graceful_http.engine import HANDOVER_BATCH
 
+    count = 2 * HANDOVER_BATCH + 5
     loop = asyncio.get_running_loop()
     a, _, a_sock = await start_engine("A", http)
     b, _, _ = await start_engine("B", http)
     point = AdoptionPoint(os.getpid(), 1, b.adopt)
     point.open()
     port = a_sock.getsockname()[1]
-    clients = [socket.create_connection((HOST, port)) for _ in range(25)]
+    clients = [socket.create_connection((HOST, port)) for _ in range(count)]
     for client in clients:
         client.sendall(b"GET /one HTTP/1.1\r\nHost: x\r\n\r\n")
     first = [await loop.run_in_executor(None, read_responses, client, 1) for client in clients]
-    await wait_for(lambda: len(a.connections) == 25 and a.in_flight() == 0, "25 idle connections")
+    await wait_for(lambda: len(a.connections) == count and a.in_flight() == 0, f"{count} idle connections")
     a.stop_accepting(moving_to=os.getpid())
     movers = await connect_all(os.getpid())
     sent: list[int] = []
@@ -465,8 +467,8 @@ async def batches(http: str) -> dict:
     point.close()
     for client in clients:
         client.close()
-    return {"batch": HANDOVER_BATCH, "sent": sent, "first": first, "second": second, "handed_over": a.handed_over,
-            "fell_back": a.fell_back, "adopted": b.adopted, "cut": cut}
+    return {"batch": HANDOVER_BATCH, "count": count, "sent": sent, "first": first, "second": second,
+            "handed_over": a.handed_over, "fell_back": a.fell_back, "adopted": b.adopted, "cut": cut}
 
 
 async def first_batch(http: str) -> dict:
