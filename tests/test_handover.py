@@ -188,6 +188,16 @@ def test_idle_connections_move_a_batch_at_a_time(engine):
 
 
 @pytest.mark.parametrize("engine", list(ENGINES))
+def test_a_connection_is_held_for_the_new_generation_as_its_response_completes(engine):
+    """Under load a connection's next request arrives before the drain's next turn, so a connection read from
+    until then stayed for one more request, again and again; held as its response completes, it moves, and
+    the next request is the new generation's whenever the drain gets to it."""
+    seen = run_scenario("held", engine)
+    assert seen["first"] == ["A:/slow:0"] and seen["second"] == ["B:/two:0"], seen
+    assert (seen["served_by_a"], seen["handed_over"], seen["fell_back"]) == (1, 1, 0), seen
+
+
+@pytest.mark.parametrize("engine", list(ENGINES))
 def test_idle_connections_move_as_the_drain_begins(engine):
     """The drain's first batch leaves at once; only the old generation's copies of the listeners wait for the
     tick (a connection accepted in the loop's last turn is still being set up), and the drain ends after it."""

@@ -245,6 +245,7 @@ def tracked_protocol(base):
         lame_duck = False  # set by a draining engine that can't hand it over: each response closes it
         _fd_name = None  # see `fd_name`
         draining = False  # set by `begin_draining`
+        held = False  # set by `hold_for_handover`
         max_head_bytes = MAX_HEAD_BYTES
 
         def __init__(self, *args, **kwargs):
@@ -316,7 +317,10 @@ def tracked_protocol(base):
             base_on_response_complete(self)
             if self.lame_duck and self.cycle is not before:  # a pipelined request started
                 _close_after_response(self)
-            wake = getattr(self.server_state, "wake_drain", None)
+            state = self.server_state
+            if getattr(state, "hold_idle", False) and self.cycle is before and not self.lame_duck:
+                hold_for_handover(self)
+            wake = getattr(state, "wake_drain", None)
             if wake is not None:  # a draining engine hands over connections as soon as they are idle
                 wake()
 
@@ -505,6 +509,24 @@ def begin_draining(connection, now: float) -> None:
         begin()
         if _busy(connection):
             connection._state_since(now)
+
+
+def hold_for_handover(connection) -> None:
+    """Stop reading a connection the moment its response is complete, if it may move now: the drain hands it
+    over at its next turn, and its client's next request waits in the kernel for the process that adopts it.
+    Read here, that request would keep the connection here one more time, and under load again and again:
+    each next request arrived before the drain's next turn (50 busy connections took 40–100 ms to move)."""
+    if judge(connection.handover_state())[0] is Verdict.MOVE:
+        connection.transport.pause_reading()
+        connection.held = True
+
+
+def release_held(connection) -> None:
+    """Read a held connection again: it stays and drains here after all."""
+    if getattr(connection, "held", False):
+        connection.held = False
+        if not connection.transport.is_closing():
+            connection.transport.resume_reading()
 
 
 def connection_state(connection) -> ConnectionState:
@@ -805,6 +827,7 @@ class Engine:
         state = self.server.server_state
         wakeup = asyncio.Event()
         state.wake_drain = wakeup.set
+        state.hold_idle = bool(movers)  # each response's end holds its connection for the next batch
 
         def done() -> bool:  # every connection gone, every handler finished (a WebSocket's may outlive it)
             return not self.connections and not state.tasks and not (arriving and arriving())
@@ -824,6 +847,7 @@ class Engine:
                 if movers:
                     movers, more = await self._hand_over_idle(movers)
                     nowhere = "the new generation's channel closed"
+                    state.hold_idle = bool(movers)
                 elif moving:  # nobody (left) to move them to: what is here drains here
                     self.fall_back_all(nowhere)
                 now = time.monotonic()
@@ -852,6 +876,7 @@ class Engine:
                     pass
         finally:
             state.wake_drain = None
+            state.hold_idle = False
             self._close_listeners()  # a deadline shorter than the tick
         websockets.cancel()
         cut = self.in_flight()
@@ -1006,6 +1031,7 @@ class Engine:
     def _fall_back(self, connection, why: str) -> None:
         if getattr(connection, "lame_duck", False):
             return
+        release_held(connection)
         connection.lame_duck = True
         self.fell_back += 1
         log.debug("connection handover: %s stays and drains here: %s", _peer(getattr(connection, "client", None)), why)

@@ -508,6 +508,40 @@ async def first_batch(http: str) -> dict:
             "second": second}
 
 
+async def held(http: str) -> dict:
+    """A connection whose response completes while the drain runs is held at that moment (not read from again)
+    and moves: the request its client sends at once is the new generation's, even though the drain looks
+    again only at its tick (its wake-ups are turned off here, and the tick made 1 s)."""
+    import graceful_http.engine
+
+    graceful_http.engine.DRAIN_TICK = 1.0
+    loop = asyncio.get_running_loop()
+    a, a_app, a_sock = await start_engine("A", http)
+    b, _, _ = await start_engine("B", http)
+    point = AdoptionPoint(os.getpid(), 1, b.adopt)
+    point.open()
+    client = socket.create_connection((HOST, a_sock.getsockname()[1]))
+    client.sendall(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+    await wait_for(lambda: a.in_flight() == 1, "the slow request under way")
+    a.stop_accepting(moving_to=os.getpid())
+    movers = await connect_all(os.getpid())
+    draining = asyncio.ensure_future(a.drain(time.monotonic() + DEADLINE, movers=movers))
+    state = a.server.server_state
+    await wait_for(lambda: getattr(state, "wake_drain", None) is not None, "the drain to begin")
+    state.wake_drain = lambda: None  # the drain looks again only at its tick
+    a_app.release.set()
+    first = await loop.run_in_executor(None, read_responses, client, 1)
+    client.sendall(b"GET /two HTTP/1.1\r\nHost: x\r\n\r\n")
+    second = await loop.run_in_executor(None, read_responses, client, 1)
+    await draining
+    for mover in movers:
+        await mover.finish()
+    point.close()
+    client.close()
+    return {"first": first, "second": second, "served_by_a": a.total_requests, "handed_over": a.handed_over,
+            "fell_back": a.fell_back}
+
+
 def main() -> None:
     scenario, http, loop = sys.argv[1:4]
     if loop == "uvloop":
@@ -515,7 +549,7 @@ def main() -> None:
 
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     scenarios = {"journey": journey, "channel": channel, "drain": drain, "states": states, "batches": batches,
-                 "first_batch": first_batch}
+                 "first_batch": first_batch, "held": held}
     result = asyncio.run(asyncio.wait_for(scenarios[scenario](http), 60))
     print(json.dumps(result))
 
