@@ -164,7 +164,7 @@ async def _serve(settings: ServeSettings, inherited: Inherited, listeners, prede
     except StartError as exc:
         return report_start_failure(str(exc), predecessor)
     log.info("graceful-http %s serving %s on %s", __version__, settings.app, supervisor.servers[0].describe())
-    if zygote.forked_in_a_row:
+    if zygote.was_forked():
         log.info("forked from the previous main, not exec'd: the code on disk is the code it had loaded")
     for listener in listeners:
         log.info("listening on %s", listener.describe())

@@ -21,8 +21,8 @@ signal handlers restored, the environment replaced. The old main's objects stay 
 generation, so once it would pass LEFTOVER_BUDGET the next generation is exec'd. How much a fork keeps
 depends on what it is a fork of: a serving main of workers keeps its loop and servers (about 0.35 MB of
 anonymous memory a generation, measured), a standby only its own frames and its main's before the app
-(about 0.05 MB; see `standby`). The exec'd generation starts an interpreter (about 180 ms of CPU) while
-the old one serves: with the standby's smaller share that happens every 40th reload, not every 9th.
+(about 0.06 MB; see `standby`). The exec'd generation starts an interpreter (about 180 ms of CPU) while
+the old one serves: with the standby's smaller share that happens every 43rd reload, not every 9th.
 """
 
 from __future__ import annotations
@@ -104,8 +104,12 @@ def same_code_as_on_disk() -> bool:
 LEFTOVER_BUDGET = 4 << 20  # bytes a forked generation may keep of its predecessors (see above)
 KEPT_BY_A_FORKED_MAIN = 512 << 10  # bytes kept of a main of workers, a generation (measured: about 350 KB)
 KEPT_BY_A_STANDBY_FORK = 96 << 10  # bytes kept of a standby and its main, a generation (measured: about 50 KB)
-forked_in_a_row = 0  # how many generations before (and including) this one were forked, not exec'd
-leftover = 0  # bytes this generation keeps of its predecessors, by the estimates above
+leftover = 0  # bytes this generation keeps of its predecessors, by the estimates above (0: it was exec'd)
+
+
+def was_forked() -> bool:
+    """Is this generation a fork of its predecessor's process (every fork keeps something of it)?"""
+    return leftover > 0
 
 
 def within_budget(kept: int) -> bool:
@@ -177,12 +181,11 @@ def continue_as_successor(open_before: set[int], kept: int, command: list[str],
     return (the caller execs `command`). `open_before`: the old main's descriptors."""
     from graceful_http.spawn import flush_and_exit, reset_signals_after_fork, successor_command
 
-    global forked_in_a_row, leftover
+    global leftover
     if (command != successor_command() or not within_budget(kept) or "prometheus_client" in sys.modules
             or interpreter_environment(environ) != interpreter_environment(started_with_environment())
             or not same_code_as_on_disk()):
         return
-    forked_in_a_row += 1
     leftover += kept
     gc.freeze()  # the old main's objects, kept by its thread's stack: out of the collector's way for good
     reset_signals_after_fork()
