@@ -263,7 +263,7 @@ def test_a_new_generation_that_dies_takes_only_the_connections_it_adopted(engine
 
 
 @pytest.mark.systemd
-@pytest.mark.parametrize("engine,workers", [("debian", 1), ("pypi", 2)])
+@pytest.mark.parametrize("engine,workers", [("pypi", 1), ("debian", 1), ("pypi", 2), ("debian", 2)])
 def test_under_systemd_naive_clients_see_no_close_across_30_reloads(engine, workers):
     with InstalledService(f"gh-handover-{engine}-{workers}-{os.getpid()}", engine,
                           serve_args=f"echo_app:app --no-access-log --workers {workers}") as service:

@@ -20,8 +20,8 @@ from support.load import Load, get, pid_of
 pytestmark = pytest.mark.systemd
 
 ENGINES = ["pypi", "debian"]
-# (engine, workers): both engines single-process, and a two-worker generation.
-SETUPS = [("pypi", 1), ("debian", 1), ("pypi", 2)]
+# (engine, workers): both engines, single-process and a two-worker generation.
+SETUPS = [("pypi", 1), ("debian", 1), ("pypi", 2), ("debian", 2)]
 
 WORKING_APP = '''
 from graceful_http.demo import app as demo
