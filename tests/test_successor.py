@@ -58,6 +58,25 @@ def test_a_failure_it_reports_then_exits():
     asyncio.run(scenario())
 
 
+def test_a_failure_reported_by_a_generation_already_reaped():
+    """A new generation can fail (a bad config) and be reaped by PID 1 before the old main has its pid: its
+    reason is still on the channel, and it is not an error to start with ('[Errno 3] No such process')."""
+    async def scenario():
+        link = SuccessorLink()
+        process = subprocess.Popen([sys.executable, "-c", STAND_IN, str(link.theirs.fileno()), "failed bad config"],
+                                   pass_fds=[link.theirs.fileno()])
+        link.close_theirs()
+        process.wait()  # exited and reaped
+        successor = Successor(1, process.pid, link)
+        try:
+            assert not successor.alive()
+            assert await asyncio.wait_for(successor.until_ready(), 10) == g.ChildFailed(1, "bad config")
+        finally:
+            successor.close()
+
+    asyncio.run(scenario())
+
+
 def test_exiting_without_a_word():
     async def scenario():
         successor, process = start()

@@ -30,7 +30,7 @@ class Successor:
         self.pid = pid
         self.link = link
         self.restore_nice = restore_nice  # it starts at a lower CPU priority: this one is given back when ready
-        self.pidfd = os.pidfd_open(pid)
+        self.pidfd = exit_watch(pid)
         self.adopts = False  # it said it takes over our keep-alive connections (`ready adopts`)
         self.rolls = False  # it started one worker and wants ours retired one by one (`ready adopts rollout`)
 
@@ -116,6 +116,18 @@ class Successor:
         asyncio.get_running_loop().remove_reader(self.pidfd)  # a wait on it may still be cancelling
         os.close(self.pidfd)
         self.link.close()
+
+
+def exit_watch(pid: int) -> int:
+    """A descriptor that becomes readable once `pid` exits: its pidfd, or, if it has exited and been reaped
+    already (a new generation that failed at once, reaped by PID 1 before we knew its pid: its reason is on
+    the handoff channel), one that is readable now."""
+    try:
+        return os.pidfd_open(pid)
+    except ProcessLookupError:
+        read, write = os.pipe()
+        os.close(write)  # at its end: readable from the start
+        return read
 
 
 def wait_until_reaped(pid: int, timeout: float = 2.0) -> bool:
