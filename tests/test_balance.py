@@ -253,6 +253,89 @@ def test_the_accept_loop_holds_back_above_its_share_and_serves_non_blocking_sock
         os.close(table)
 
 
+@pytest.mark.parametrize("loop_name", ["asyncio", "uvloop"])
+def test_connections_its_clients_closed_are_not_counted_when_new_ones_are_accepted(loop_name):
+    """A client closes the connections it held and opens new ones at once (the EOFs and the new connections
+    wake the worker together): before any of the new ones is accepted, the closed ones are gone from the
+    worker's count, which its siblings use to size their share. (Counted, they let a sibling take its share
+    of a total that includes them: bursts split 17/33 on a busy machine.)"""
+    import uvloop
+
+    new_loop = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}[loop_name]
+    table = create_table()
+    listener = socket.create_server(("127.0.0.1", 0))
+    clients = []
+    main = os.getpid()
+    kept = []
+
+    def sibling_work():  # another worker of the generation, holding 10 connections
+        counts = SharedCounts.attach(main, workers=2, index=2)
+        counts.accepting(10)
+        kept.append(counts)
+        return counts.slot
+
+    sibling, sibling_go, sibling_report = _in_child(sibling_work)
+    try:
+        _report(sibling_report)
+        counts = SharedCounts.attach(main, workers=2, index=1)
+        served = set()
+        gate = AcceptGate(slack=1, patience=3600)
+        decided_with = []  # this worker's count at each decision to accept or not
+        may_accept = gate.may_accept
+        gate.may_accept = lambda own, *rest: decided_with.append(own) or may_accept(own, *rest)
+
+        class Served(asyncio.Protocol):  # as uvicorn's protocols: in the set from made to lost
+            def connection_made(self, transport):
+                served.add(self)
+                acceptor.added(self)
+
+            def connection_lost(self, exc):
+                served.discard(self)
+                acceptor.publish()
+
+        def serve(conn, created):
+            def make():
+                protocol = Served()
+                created(protocol)
+                return protocol
+            return asyncio.ensure_future(asyncio.get_running_loop().connect_accepted_socket(make, conn))
+
+        acceptor = BalancedAcceptor(counts, lambda: len(served), gate)
+
+        async def until(condition, what: str) -> None:
+            deadline = asyncio.get_running_loop().time() + 10
+            while not condition():
+                assert asyncio.get_running_loop().time() < deadline, f"{what}: {len(served)} served"
+                await asyncio.sleep(0.001)
+
+        async def scenario():
+            acceptor.start([listener], serve)
+            clients.extend(socket.create_connection(listener.getsockname()) for _ in range(8))
+            await until(lambda: len(served) == 8, "the first connections served")
+            decided_with.clear()
+            for client in clients:
+                client.close()  # their EOFs wait for the worker's next turn...
+            clients[:] = [socket.create_connection(listener.getsockname()) for _ in range(5)]  # ...with these
+            await until(lambda: len(served) == 5, "the new connections served")
+            acceptor.stop()
+
+        loop = new_loop()
+        try:
+            loop.run_until_complete(scenario())
+        finally:
+            loop.close()
+        assert decided_with[0] == 0, f"counts at each decision after the closes: {decided_with}"
+        for protocol in list(served):
+            protocol.connection_lost(None)
+    finally:
+        os.write(sibling_go, b"x")
+        os.waitpid(sibling, 0)
+        for client in clients:
+            client.close()
+        listener.close()
+        os.close(table)
+
+
 def _waiting_in_backlog(listener) -> bool:
     """Is a connection still waiting in the listener's backlog? (readable listening socket)"""
     ready, _, _ = select.select([listener], [], [], 0)

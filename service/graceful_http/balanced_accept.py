@@ -163,6 +163,7 @@ class BalancedAcceptor:
         self.sockets: list[socket.socket] = []
         self._serve: Serve | None = None
         self._watching = False
+        self._deferred = False  # an accept is due in two loop turns (see `_readable`)
         self._timer: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -226,6 +227,22 @@ class BalancedAcceptor:
         self._watch()
 
     def _readable(self, sock: socket.socket) -> None:
+        """New connections wait: count first what this worker's clients closed meanwhile, then accept.
+
+        A client's close reaches uvicorn's count two loop turns after its EOF is read (the transport closes,
+        then calls `connection_lost` soon), and the EOFs of a client that closed its connections before
+        opening new ones come in the same wake-up as the new ones. Counted stale, they inflated this worker's
+        count, and so its sibling's share: bursts split 17/33 on a busy machine."""
+        self._unwatch()  # level-triggered: watched meanwhile, it would wake every turn
+        if not self._deferred:
+            self._deferred = True
+            self._loop.call_soon(self._loop.call_soon, self._accept_some, sock)
+
+    def _accept_some(self, sock: socket.socket) -> None:
+        self._deferred = False
+        if self._serve is None:  # stopped meanwhile
+            return
+        self._watch()  # unless it holds back, which unwatches again
         counts, gate = self.counts, self.gate
         for _ in range(64):  # a bounded batch per wake-up, as asyncio's own loop does (there: the backlog)
             own = self.own()
