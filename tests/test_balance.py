@@ -11,10 +11,11 @@ import re
 import select
 import signal
 import socket
+import time
 
 import pytest
 
-from graceful_http.balance import AcceptGate, fair_share
+from graceful_http.balance import AcceptGate, burst_share, fair_share
 from graceful_http.balanced_accept import BalancedAcceptor, SharedCounts, create_table, slot_count, time_queued
 from support.load import pid_of
 from support.serve_process import ENGINES, HOST, ServeProcess, wait_until
@@ -85,6 +86,17 @@ def test_the_least_starved_of_the_others_sets_the_pace_and_a_connection_waits_no
     assert not gate.may_accept(9, (0,), now=0.0, queued=lambda: (1.0,))
     assert not gate.may_accept(9, (0,), now=0.9, queued=lambda: (1.9,))
     assert gate.may_accept(9, (0,), now=1.0, queued=lambda: (2.0,))  # starved the whole second: take it anyway
+
+
+def test_a_worker_that_took_its_share_of_a_burst_waits_for_a_sibling_that_has_not_looked_with_the_same_patience():
+    assert burst_share(50, 2) == 26 and burst_share(1, 2) == 2 and burst_share(7, 3, slack=0) == 3
+    gate = AcceptGate(slack=1, patience=0.1)
+    # The sibling's 28 may be connections its clients closed since it last looked: by the counts we could take
+    # 30 of 50, by the burst only our share of what was waiting.
+    assert gate.may_accept(25, (28,), now=0.0)
+    assert not gate.may_accept(26, (28,), now=0.0, burst_share_taken=True)
+    assert not gate.may_accept(26, (28,), now=0.08, burst_share_taken=True)
+    assert gate.may_accept(26, (28,), now=0.12, burst_share_taken=True)  # it took nothing in 0.1 s: take it
 
 
 def test_below_its_share_again_a_worker_forgets_that_it_was_waiting():
@@ -187,7 +199,7 @@ def test_a_process_sharing_its_cpu_with_a_busy_one_is_seen_waiting_for_it():
 def test_no_table_or_no_free_slot_is_an_oserror():
     with pytest.raises(OSError):
         SharedCounts.attach(os.getpid(), workers=2, index=1)  # no table in this process
-    assert slot_count(2) == 8 and slot_count(1000) == 256
+    assert slot_count(2) == 8 and slot_count(1000) == 341
 
 
 # ---- the accept loop, in-process: a real listening socket, a sibling that is only its slot -----------------
@@ -200,9 +212,10 @@ def test_the_accept_loop_holds_back_above_its_share_and_serves_non_blocking_sock
     main = os.getpid()
     kept = []
 
-    def sibling_work():  # another worker of the generation, holding 10 connections
+    def sibling_work():  # another worker of the generation, holding 10 connections, looking all the time
         counts = SharedCounts.attach(main, workers=2, index=2)
         counts.accepting(10)
+        counts.looked(2**62)
         kept.append(counts)
         return counts.slot
 
@@ -235,13 +248,75 @@ def test_the_accept_loop_holds_back_above_its_share_and_serves_non_blocking_sock
             # 13 of 23 is our share (12) plus one: then the rest waits for the sibling.
             await until(lambda: acceptor.gate.waiting_since is not None, "holding back")
             assert len(served) == 13 and acceptor.pending == 0 and _waiting_in_backlog(listener)
-            counts.words[2 * sibling_slot + 1] = 20  # the sibling took (and closed) others: our share grows
+            counts.words[3 * sibling_slot + 1] = 20  # the sibling took (and closed) others: our share grows
             await until(lambda: len(served) == 20, "the rest taken")
             acceptor.stop()
 
         asyncio.run(scenario())
         assert not any(conn.getblocking() for conn in served), "served sockets must be non-blocking"
-        assert counts.words[2 * counts.slot] == 0, "not counted as accepting once stopped"
+        assert counts.words[3 * counts.slot] == 0, "not counted as accepting once stopped"
+        for conn in served:
+            conn.close()
+    finally:
+        os.write(sibling_go, b"x")
+        os.waitpid(sibling, 0)
+        for client in clients:
+            client.close()
+        listener.close()
+        os.close(table)
+
+
+def test_of_a_burst_the_accept_loop_takes_its_share_of_what_waits_until_a_stale_sibling_looks():
+    """The sibling's slot says 28 connections, counted before it last looked (long ago): its clients may have
+    closed them all. Of 20 new connections this worker takes its share (10, plus 1), not the 20 the counts would
+    give it, and takes more once the sibling has looked (and counted what it holds)."""
+    table = create_table()
+    listener = socket.create_server(("127.0.0.1", 0))
+    clients = []
+    main = os.getpid()
+    kept = []
+
+    def sibling_work():
+        counts = SharedCounts.attach(main, workers=2, index=2)
+        counts.accepting(28)
+        counts.looked(1)  # long ago
+        kept.append(counts)
+        return counts.slot
+
+    sibling, sibling_go, sibling_report = _in_child(sibling_work)
+    try:
+        sibling_slot = int(_report(sibling_report))
+        counts = SharedCounts.attach(main, workers=2, index=1)
+        served = []
+
+        def serve(conn, created):
+            protocol = object()
+            created(protocol)
+            served.append(conn)
+            acceptor.added(protocol)
+            future = asyncio.get_running_loop().create_future()
+            future.set_result(None)
+            return future
+
+        acceptor = BalancedAcceptor(counts, lambda: len(served), AcceptGate(slack=1, patience=3600))
+
+        async def until(condition, what: str) -> None:
+            deadline = asyncio.get_running_loop().time() + 10
+            while not condition():
+                assert asyncio.get_running_loop().time() < deadline, f"{what}: {len(served)} served"
+                await asyncio.sleep(0.001)
+
+        async def scenario():
+            clients.extend(socket.create_connection(listener.getsockname()) for _ in range(20))
+            acceptor.start([listener], serve)
+            await until(lambda: acceptor.gate.waiting_since is not None, "holding back")
+            assert len(served) == 11 and _waiting_in_backlog(listener)
+            counts.words[3 * sibling_slot + 1] = 20  # it looks: it holds 20
+            counts.words[3 * sibling_slot + 2] = time.monotonic_ns()
+            await until(lambda: len(served) == 20, "the rest taken")
+            acceptor.stop()
+
+        asyncio.run(scenario())
         for conn in served:
             conn.close()
     finally:

@@ -13,6 +13,12 @@ Time a sibling spent waiting for a CPU does not count against it: on a loaded ma
 the run queue for longer than the patience, and a worker that took the backlog then would end far above its
 share (bursts split 18/32 were seen). So the patience runs on the time the others could have run (wall time
 less the least any of them queued for a CPU meanwhile), and never longer than `longest` of wall time.
+
+A sibling's count is only as fresh as its last look: the connections its clients closed since are still in
+it, and with them in the total, a worker's share of a burst grows by half of them (a client that closed 28
+connections and opened 50 at once, one worker busy elsewhere: 31/19). So while a sibling has not looked since
+a burst began, a worker takes no more of the burst than its share of what was waiting when it began
+(`burst_share`), and leaves the rest to that sibling, with the same patience.
 """
 
 from __future__ import annotations
@@ -29,6 +35,11 @@ def fair_share(total: int, workers: int) -> int:
     return -(-total // workers)
 
 
+def burst_share(waiting: int, workers: int, slack: int = SLACK) -> int:
+    """The most of a burst of `waiting` new connections one of `workers` takes while a sibling has not looked."""
+    return fair_share(waiting, workers) + slack
+
+
 class AcceptGate:
     """One worker's rule; `now` is a monotonic clock reading (seconds)."""
 
@@ -41,10 +52,11 @@ class AcceptGate:
         self._queued_then: tuple[float, ...] = ()
 
     def may_accept(self, own: int, others: tuple[int, ...], now: float,
-                   queued: Callable[[], tuple[float, ...]] = tuple) -> bool:
+                   queued: Callable[[], tuple[float, ...]] = tuple, burst_share_taken: bool = False) -> bool:
         """`own`: connections this worker holds; `others`: what each other accepting worker holds; `queued()`:
-        how long each of them has waited for a CPU in all (seconds, as far as known; asked only when holding back)."""
-        if own < fair_share(own + sum(others) + 1, len(others) + 1) + self.slack:
+        how long each of them has waited for a CPU in all (seconds, as far as known; asked only when holding back);
+        `burst_share_taken`: this worker took its `burst_share` while a sibling has not looked since the burst began."""
+        if not burst_share_taken and own < fair_share(own + sum(others) + 1, len(others) + 1) + self.slack:
             self.waiting_since = None
             return True
         if self.waiting_since is None or others != self._others_then:  # they are taking connections: wait for them

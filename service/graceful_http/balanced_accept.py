@@ -8,8 +8,8 @@ while its replacement starts), holding a lock on it for as long as it lives; the
 a worker that dies, which is how its siblings tell that its slot is stale. (POSIX record locks: a fork of
 the worker, e.g. the app's multiprocessing, does not inherit them; they would also go if the worker closed
 any descriptor of the table, so it keeps its own open for as long as it lives.) In its slot a worker keeps its
-pid while it accepts (0 otherwise) and how many connections it holds, those it adopted at a handover
-included.
+pid while it accepts (0 otherwise), how many connections it holds (those it adopted at a handover
+included), and when it last looked at the listening sockets (its count was fresh then: see `_readable`).
 
 The accept loop replaces the event loop's own on the app's listening sockets: one connection per step,
 while `balance.AcceptGate` allows it, each served exactly as uvicorn's server would serve it
@@ -26,17 +26,18 @@ import logging
 import mmap
 import os
 import socket
+import sys
 import time
 from collections.abc import Callable
 
-from graceful_http.balance import AcceptGate
+from graceful_http.balance import AcceptGate, burst_share
 from graceful_http.fdlimit import ACCEPT_OUT_OF_RESOURCES
 
 log = logging.getLogger("graceful_http")
 
 TABLE_NAME = "graceful-http-balance"
-TABLE_BYTES = 4096
-SLOT_BYTES = 16  # two 8-byte words: the pid while accepting (0 otherwise), connections held
+TABLE_BYTES = 8192
+SLOT_BYTES = 24  # three 8-byte words: the pid while accepting (0 otherwise), connections held, last look (ns)
 RECHECK = 0.002  # seconds between looks at the backlog while this worker holds back
 ACCEPT_RETRY_DELAY = 1.0  # out of descriptors: asyncio's own pause before accepting again
 _OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
@@ -78,43 +79,53 @@ class SharedCounts:
             except OSError:
                 continue
             counts = cls(fd, slots, slot)
-            counts.words[2 * slot: 2 * slot + 2] = memoryview(bytes(SLOT_BYTES)).cast("q")
+            counts.words[3 * slot: 3 * slot + 3] = memoryview(bytes(SLOT_BYTES)).cast("q")
             return counts
         os.close(fd)
         raise OSError(errno.EBUSY, f"all {slots} slots of the table are taken")
 
     def accepting(self, held: int) -> None:
         """From now on this worker takes its share: count it."""
-        self.words[2 * self.slot + 1] = held
-        self.words[2 * self.slot] = self.pid
+        self.words[3 * self.slot + 1] = held
+        self.words[3 * self.slot] = self.pid
 
     def not_accepting(self) -> None:
-        self.words[2 * self.slot] = 0
+        self.words[3 * self.slot] = 0
 
     def publish(self, held: int) -> None:
-        self.words[2 * self.slot + 1] = held
+        self.words[3 * self.slot + 1] = held
+
+    def looked(self, woke_ns: int) -> None:
+        """This worker's count holds all that happened to its connections before `woke_ns`
+        (time.monotonic_ns(): the same clock in every process)."""
+        self.words[3 * self.slot + 2] = woke_ns
 
     def others(self) -> tuple[int, ...]:
         """Connections held by each other worker that accepts."""
         words, own = self.words, self.slot
-        return tuple(words[2 * s + 1] for s in range(self.slots) if s != own and words[2 * s])
+        return tuple(words[3 * s + 1] for s in range(self.slots) if s != own and words[3 * s])
+
+    def all_looked_since(self, since_ns: int) -> bool:
+        """Do the counts of every other worker that accepts hold all that happened before `since_ns`?"""
+        words, own = self.words, self.slot
+        return all(words[3 * s + 2] >= since_ns for s in range(self.slots) if s != own and words[3 * s])
 
     def queued(self) -> tuple[float, ...]:
         """How long each other worker that accepts has waited for a CPU in all (seconds; in `others()`'s order)."""
         words, own = self.words, self.slot
-        return tuple(time_queued(words[2 * s]) for s in range(self.slots) if s != own and words[2 * s])
+        return tuple(time_queued(words[3 * s]) for s in range(self.slots) if s != own and words[3 * s])
 
     def forget_dead(self) -> int:
         """Clear the slots of workers that died while accepting (nobody holds their lock); how many."""
         cleared = 0
         for slot in range(self.slots):
-            if slot == self.slot or not self.words[2 * slot]:
+            if slot == self.slot or not self.words[3 * slot]:
                 continue
             try:
                 fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB, SLOT_BYTES, slot * SLOT_BYTES)
             except OSError:
                 continue  # its worker lives
-            self.words[2 * slot] = 0
+            self.words[3 * slot] = 0
             fcntl.lockf(self.fd, fcntl.LOCK_UN, SLOT_BYTES, slot * SLOT_BYTES)
             cleared += 1
         return cleared
@@ -164,6 +175,10 @@ class BalancedAcceptor:
         self._serve: Serve | None = None
         self._watching = False
         self._deferred = False  # an accept is due in two loop turns (see `_readable`)
+        self._woke_ns = 0  # when the sockets were last found readable
+        self._burst_began: int | None = None  # the wake-up that found new connections after none were waiting
+        self._burst_share: int | None = None  # the most of them we take while a sibling has not looked since
+        self._burst_taken = 0
         self._timer: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -190,6 +205,7 @@ class BalancedAcceptor:
             self._timer.cancel()
             self._timer = None
         self._serve = None
+        self._burst_began = None
 
     def added(self, protocol) -> None:
         """uvicorn counts a connection from now on (see `WatchedSet`)."""
@@ -232,8 +248,10 @@ class BalancedAcceptor:
         A client's close reaches uvicorn's count two loop turns after its EOF is read (the transport closes,
         then calls `connection_lost` soon), and the EOFs of a client that closed its connections before
         opening new ones come in the same wake-up as the new ones. Counted stale, they inflated this worker's
-        count, and so its sibling's share: bursts split 17/33 on a busy machine."""
+        count, and so its sibling's share: bursts split 17/33 on a busy machine. The count is then as of this
+        wake-up, which the slot's last look says (see `balance` for a sibling that has not looked yet)."""
         self._unwatch()  # level-triggered: watched meanwhile, it would wake every turn
+        self._woke_ns = time.monotonic_ns()
         if not self._deferred:
             self._deferred = True
             self._loop.call_soon(self._loop.call_soon, self._accept_some, sock)
@@ -244,15 +262,26 @@ class BalancedAcceptor:
             return
         self._watch()  # unless it holds back, which unwatches again
         counts, gate = self.counts, self.gate
+        counts.publish(self.own())
+        counts.looked(self._woke_ns)
+        if self._burst_began is None:
+            self._burst_began, self._burst_taken = self._woke_ns, 0
+            waiting = waiting_connections(sock)
+            self._burst_share = None if waiting is None else burst_share(waiting, len(counts.others()) + 1, gate.slack)
         for _ in range(64):  # a bounded batch per wake-up, as asyncio's own loop does (there: the backlog)
             own = self.own()
             counts.publish(own)
-            if not gate.may_accept(own, counts.others(), self.clock(), counts.queued):
+            share_taken = (self._burst_share is not None and self._burst_taken >= self._burst_share
+                           and not counts.all_looked_since(self._burst_began))
+            if not gate.may_accept(own, counts.others(), self.clock(), counts.queued, share_taken):
                 self._hold_back(RECHECK)
                 return
             try:
                 conn, _ = sock.accept()
-            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+            except BlockingIOError:
+                self._burst_began = None  # none waiting: the next connection begins a burst
+                return
+            except (InterruptedError, ConnectionAbortedError):
                 return
             except OSError as exc:
                 if exc.errno in _OUT_OF_RESOURCES:  # reported once per interval (fdlimit.DescriptorWatch)
@@ -267,6 +296,7 @@ class BalancedAcceptor:
                 log.debug("worker takes new connections above its share: its siblings took none for %.2f s",
                           self.clock() - gate.waiting_since)
             conn.setblocking(False)  # as asyncio's own accept does: accept() hands back a blocking socket
+            self._burst_taken += 1
             self.pending += 1
             counts.publish(own + 1)
             self._set_up(conn)
@@ -293,6 +323,18 @@ class BalancedAcceptor:
             self.pending -= 1
             log.exception("could not serve an accepted connection")
 
+
+def waiting_connections(sock: socket.socket) -> int | None:
+    """How many connections wait in a listening TCP socket's backlog (the kernel's tcp_info tells it as
+    `tcpi_unacked` for a listener); None for other sockets."""
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_UNACKED + 4)
+    except OSError:
+        return None
+    return int.from_bytes(info[_TCP_INFO_UNACKED:_TCP_INFO_UNACKED + 4], sys.byteorder)
+
+
+_TCP_INFO_UNACKED = 24  # offset of tcpi_unacked: 8 one-byte fields, then rto, ato, snd_mss, rcv_mss (4 bytes each)
 
 Serve = Callable[[socket.socket, Callable[[object], None]], asyncio.Future]
 
