@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import http.client
 import os
 import re
@@ -205,127 +206,105 @@ def test_no_table_or_no_free_slot_is_an_oserror():
 # ---- the accept loop, in-process: a real listening socket, a sibling that is only its slot -----------------
 
 
-def test_the_accept_loop_holds_back_above_its_share_and_serves_non_blocking_sockets():
+@contextlib.contextmanager
+def _beside_a_sibling(held: int, looked_ns: int):
+    """A generation's table made here and a sibling worker (a child process, only its slot) that holds `held`
+    connections and last looked at `looked_ns`: yields (a listening socket, the sibling's slot, our counts)."""
     table = create_table()
     listener = socket.create_server(("127.0.0.1", 0))
-    clients = []
     main = os.getpid()
     kept = []
 
-    def sibling_work():  # another worker of the generation, holding 10 connections, looking all the time
+    def sibling_work():
         counts = SharedCounts.attach(main, workers=2, index=2)
-        counts.accepting(10)
-        counts.looked(2**62)
-        kept.append(counts)
+        counts.accepting(held)
+        counts.looked(looked_ns)
+        kept.append(counts)  # as a worker keeps it: closing any descriptor of the table drops its lock
         return counts.slot
 
     sibling, sibling_go, sibling_report = _in_child(sibling_work)
     try:
         sibling_slot = int(_report(sibling_report))
-        counts = SharedCounts.attach(main, workers=2, index=1)
-        served = []
+        yield listener, sibling_slot, SharedCounts.attach(main, workers=2, index=1)
+    finally:
+        os.write(sibling_go, b"x")
+        os.waitpid(sibling, 0)
+        listener.close()
+        os.close(table)
 
-        def serve(conn, created):
-            protocol = object()
-            created(protocol)
-            served.append(conn)
-            acceptor.added(protocol)  # what uvicorn's set of connections tells it once the protocol is made
-            future = asyncio.get_running_loop().create_future()
-            future.set_result(None)
-            return future
 
-        acceptor = BalancedAcceptor(counts, lambda: len(served), AcceptGate(slack=1, patience=3600))
+def _served_at_once(counts: SharedCounts, gate: AcceptGate):
+    """An accept loop whose connections are set up at once (no protocol runs): it, its `serve` and the sockets
+    it served."""
+    served = []
 
-        async def until(condition, what: str) -> None:
-            deadline = asyncio.get_running_loop().time() + 10
-            while not condition():
-                assert asyncio.get_running_loop().time() < deadline, f"{what}: {len(served)} served"
-                await asyncio.sleep(0.001)
+    def serve(conn, created):
+        protocol = object()
+        created(protocol)
+        served.append(conn)
+        acceptor.added(protocol)  # what uvicorn's set of connections tells it once the protocol is made
+        future = asyncio.get_running_loop().create_future()
+        future.set_result(None)
+        return future
+
+    acceptor = BalancedAcceptor(counts, lambda: len(served), gate)
+    return acceptor, serve, served
+
+
+async def _until(condition, what: str) -> None:
+    deadline = asyncio.get_running_loop().time() + 10
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, what
+        await asyncio.sleep(0.001)
+
+
+def test_the_accept_loop_holds_back_above_its_share_and_serves_non_blocking_sockets():
+    clients = []
+    with _beside_a_sibling(held=10, looked_ns=2**62) as (listener, sibling_slot, counts):  # it looks all the time
+        acceptor, serve, served = _served_at_once(counts, AcceptGate(slack=1, patience=3600))
 
         async def scenario():
             acceptor.start([listener], serve)
             clients.extend(socket.create_connection(listener.getsockname()) for _ in range(20))
             # 13 of 23 is our share (12) plus one: then the rest waits for the sibling.
-            await until(lambda: acceptor.gate.waiting_since is not None, "holding back")
+            await _until(lambda: acceptor.gate.waiting_since is not None, f"holding back ({len(served)} served)")
             assert len(served) == 13 and acceptor.pending == 0 and _waiting_in_backlog(listener)
             counts.words[3 * sibling_slot + 1] = 20  # the sibling took (and closed) others: our share grows
-            await until(lambda: len(served) == 20, "the rest taken")
+            await _until(lambda: len(served) == 20, f"the rest taken ({len(served)} served)")
             acceptor.stop()
 
-        asyncio.run(scenario())
-        assert not any(conn.getblocking() for conn in served), "served sockets must be non-blocking"
-        assert counts.words[3 * counts.slot] == 0, "not counted as accepting once stopped"
-        for conn in served:
-            conn.close()
-    finally:
-        os.write(sibling_go, b"x")
-        os.waitpid(sibling, 0)
-        for client in clients:
-            client.close()
-        listener.close()
-        os.close(table)
+        try:
+            asyncio.run(scenario())
+            assert not any(conn.getblocking() for conn in served), "served sockets must be non-blocking"
+            assert counts.words[3 * counts.slot] == 0, "not counted as accepting once stopped"
+        finally:
+            for sock in served + clients:
+                sock.close()
 
 
 def test_of_a_burst_the_accept_loop_takes_its_share_of_what_waits_until_a_stale_sibling_looks():
     """The sibling's slot says 28 connections, counted before it last looked (long ago): its clients may have
     closed them all. Of 20 new connections this worker takes its share (10, plus 1), not the 20 the counts would
     give it, and takes more once the sibling has looked (and counted what it holds)."""
-    table = create_table()
-    listener = socket.create_server(("127.0.0.1", 0))
     clients = []
-    main = os.getpid()
-    kept = []
-
-    def sibling_work():
-        counts = SharedCounts.attach(main, workers=2, index=2)
-        counts.accepting(28)
-        counts.looked(1)  # long ago
-        kept.append(counts)
-        return counts.slot
-
-    sibling, sibling_go, sibling_report = _in_child(sibling_work)
-    try:
-        sibling_slot = int(_report(sibling_report))
-        counts = SharedCounts.attach(main, workers=2, index=1)
-        served = []
-
-        def serve(conn, created):
-            protocol = object()
-            created(protocol)
-            served.append(conn)
-            acceptor.added(protocol)
-            future = asyncio.get_running_loop().create_future()
-            future.set_result(None)
-            return future
-
-        acceptor = BalancedAcceptor(counts, lambda: len(served), AcceptGate(slack=1, patience=3600))
-
-        async def until(condition, what: str) -> None:
-            deadline = asyncio.get_running_loop().time() + 10
-            while not condition():
-                assert asyncio.get_running_loop().time() < deadline, f"{what}: {len(served)} served"
-                await asyncio.sleep(0.001)
+    with _beside_a_sibling(held=28, looked_ns=1) as (listener, sibling_slot, counts):
+        acceptor, serve, served = _served_at_once(counts, AcceptGate(slack=1, patience=3600))
 
         async def scenario():
             clients.extend(socket.create_connection(listener.getsockname()) for _ in range(20))
             acceptor.start([listener], serve)
-            await until(lambda: acceptor.gate.waiting_since is not None, "holding back")
+            await _until(lambda: acceptor.gate.waiting_since is not None, f"holding back ({len(served)} served)")
             assert len(served) == 11 and _waiting_in_backlog(listener)
             counts.words[3 * sibling_slot + 1] = 20  # it looks: it holds 20
             counts.words[3 * sibling_slot + 2] = time.monotonic_ns()
-            await until(lambda: len(served) == 20, "the rest taken")
+            await _until(lambda: len(served) == 20, f"the rest taken ({len(served)} served)")
             acceptor.stop()
 
-        asyncio.run(scenario())
-        for conn in served:
-            conn.close()
-    finally:
-        os.write(sibling_go, b"x")
-        os.waitpid(sibling, 0)
-        for client in clients:
-            client.close()
-        listener.close()
-        os.close(table)
+        try:
+            asyncio.run(scenario())
+        finally:
+            for sock in served + clients:
+                sock.close()
 
 
 @pytest.mark.parametrize("loop_name", ["asyncio", "uvloop"])
@@ -337,22 +316,8 @@ def test_connections_its_clients_closed_are_not_counted_when_new_ones_are_accept
     import uvloop
 
     new_loop = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}[loop_name]
-    table = create_table()
-    listener = socket.create_server(("127.0.0.1", 0))
     clients = []
-    main = os.getpid()
-    kept = []
-
-    def sibling_work():  # another worker of the generation, holding 10 connections
-        counts = SharedCounts.attach(main, workers=2, index=2)
-        counts.accepting(10)
-        kept.append(counts)
-        return counts.slot
-
-    sibling, sibling_go, sibling_report = _in_child(sibling_work)
-    try:
-        _report(sibling_report)
-        counts = SharedCounts.attach(main, workers=2, index=1)
+    with _beside_a_sibling(held=10, looked_ns=2**62) as (listener, _, counts):
         served = set()
         gate = AcceptGate(slack=1, patience=3600)
         decided_with = []  # this worker's count at each decision to accept or not
@@ -377,21 +342,15 @@ def test_connections_its_clients_closed_are_not_counted_when_new_ones_are_accept
 
         acceptor = BalancedAcceptor(counts, lambda: len(served), gate)
 
-        async def until(condition, what: str) -> None:
-            deadline = asyncio.get_running_loop().time() + 10
-            while not condition():
-                assert asyncio.get_running_loop().time() < deadline, f"{what}: {len(served)} served"
-                await asyncio.sleep(0.001)
-
         async def scenario():
             acceptor.start([listener], serve)
             clients.extend(socket.create_connection(listener.getsockname()) for _ in range(8))
-            await until(lambda: len(served) == 8, "the first connections served")
+            await _until(lambda: len(served) == 8, "the first connections served")
             decided_with.clear()
             for client in clients:
                 client.close()  # their EOFs wait for the worker's next turn...
             clients[:] = [socket.create_connection(listener.getsockname()) for _ in range(5)]  # ...with these
-            await until(lambda: len(served) == 5, "the new connections served")
+            await _until(lambda: len(served) == 5, "the new connections served")
             acceptor.stop()
 
         loop = new_loop()
@@ -399,16 +358,9 @@ def test_connections_its_clients_closed_are_not_counted_when_new_ones_are_accept
             loop.run_until_complete(scenario())
         finally:
             loop.close()
+            for client in clients:
+                client.close()
         assert decided_with[0] == 0, f"counts at each decision after the closes: {decided_with}"
-        for protocol in list(served):
-            protocol.connection_lost(None)
-    finally:
-        os.write(sibling_go, b"x")
-        os.waitpid(sibling, 0)
-        for client in clients:
-            client.close()
-        listener.close()
-        os.close(table)
 
 
 def _waiting_in_backlog(listener) -> bool:
