@@ -50,6 +50,28 @@ def test_mapped_files_are_read_from_maps_and_a_replaced_one_is_noticed():
     assert replaced
 
 
+def test_the_module_files_listed_before_the_standby_forked_are_the_ones_examined_while_no_module_came_since(
+        monkeypatch, tmp_path):
+    old = tmp_path / "old.py"
+    old.touch()
+    monkeypatch.setattr(zygote, "CODE_LOADED_SINCE_NS", old.stat().st_ctime_ns + 1)  # loaded after it was written
+    monkeypatch.setattr(zygote, "_listed_ahead", None)
+    zygote.list_module_files_ahead()
+    assert zygote.os.__file__ in zygote._listed_ahead[1].split("\0")
+    monkeypatch.setattr(zygote, "_listed_ahead", (len(zygote.sys.modules), str(old)))
+    zygote.list_module_files_ahead()
+    assert zygote._listed_ahead[1] == str(old), "listed again with the same modules loaded"
+    assert zygote.same_code_as_on_disk(), "the listed file is older than the code loaded"
+    monkeypatch.setattr(zygote, "_listed_ahead", (len(zygote.sys.modules), str(tmp_path / "gone.py")))
+    assert not zygote.same_code_as_on_disk(), "a listed file that is gone is a change"
+    # A module loaded since: every module's file is examined, and listed again.
+    monkeypatch.setattr(zygote, "_module_files", lambda: [str(tmp_path / "gone.py")])
+    monkeypatch.setattr(zygote, "_listed_ahead", (len(zygote.sys.modules) - 1, str(old)))
+    assert not zygote.same_code_as_on_disk()
+    zygote.list_module_files_ahead()
+    assert zygote._listed_ahead == (len(zygote.sys.modules), str(tmp_path / "gone.py"))
+
+
 def test_only_a_main_of_workers_without_the_app_or_metrics_loaded_forks():
     assert eligible(4, preload=False, metrics=False)
     assert not eligible(1, preload=False, metrics=False)  # the main serves itself: its connections are in it
@@ -64,12 +86,12 @@ def test_the_variables_that_shape_an_interpreter_are_compared():
     assert interpreter_environment({**started, "PYTHONPATH": "/srv/b"}) != interpreter_environment(started)
 
 
-def served_by_copy(engine: str, tmp_path: Path) -> ServeProcess:
+def served_by_copy(engine: str, tmp_path: Path, workers: int = 2) -> ServeProcess:
     """A service running from its own copy of graceful_http (so that a test may edit that code)."""
     shutil.copytree(Path(SERVICE_DIR) / "graceful_http", tmp_path / "service" / "graceful_http",
                     ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(APPS_DIR / "footprint_app.py", tmp_path / "footprint_app.py")
-    return ServeProcess(ENGINES[engine], tmp_path, "footprint_app:app", "--app-dir", str(tmp_path), "--workers", "2",
+    return ServeProcess(ENGINES[engine], tmp_path, "footprint_app:app", "--app-dir", str(tmp_path), "--workers", str(workers),
                         "--no-access-log", pid_file=True,
                         environ={"PYTHONPATH": str(tmp_path / "service"), "FOOTPRINT_MB": "4"})
 
@@ -85,9 +107,11 @@ def reload_and_wait(server: ServeProcess) -> int:
     return new
 
 
-@pytest.mark.parametrize("engine", ["pypi", "debian"])
-def test_an_unchanged_install_reloads_by_fork_and_an_edited_one_by_exec(engine, tmp_path):
-    with served_by_copy(engine, tmp_path) as server:
+@pytest.mark.parametrize(("engine", "workers"), [("pypi", 2), ("debian", 2), ("pypi", 1)])
+def test_an_unchanged_install_reloads_by_fork_and_an_edited_one_by_exec(engine, workers, tmp_path):
+    """With workers the new main is a fork of the old one; with one process, of its standby, which examines the
+    module files its main listed before forking it (`zygote.list_module_files_ahead`)."""
+    with served_by_copy(engine, tmp_path, workers) as server:
         server.wait_serving()
         # Generation 1 may have started within a clock tick of the copy, which then counts as a change after
         # its start (so its successor may be exec'd); generation 2 started well after it.

@@ -60,8 +60,12 @@ class Standby:
     def fork(cls, not_for_the_standby: Iterable[int]) -> Standby | None:
         """Fork the standby, before the app is imported and before any event loop runs; None if it cannot be.
         `not_for_the_standby`: descriptors it must not hold (the listeners, connections, the handoff channel)."""
-        from graceful_http.spawn import flush_standard_streams
+        import ctypes  # noqa: F401 - what the standby imports (`die_with_parent`), before the files are listed
 
+        from graceful_http.spawn import flush_standard_streams
+        from graceful_http.zygote import list_module_files_ahead
+
+        list_module_files_ahead()
         closing = list(not_for_the_standby)
         try:
             mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
