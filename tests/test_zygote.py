@@ -91,8 +91,8 @@ def served_by_copy(engine: str, tmp_path: Path, workers: int = 2) -> ServeProces
     shutil.copytree(Path(SERVICE_DIR) / "graceful_http", tmp_path / "service" / "graceful_http",
                     ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(APPS_DIR / "footprint_app.py", tmp_path / "footprint_app.py")
-    return ServeProcess(ENGINES[engine], tmp_path, "footprint_app:app", "--app-dir", str(tmp_path), "--workers", str(workers),
-                        "--no-access-log", pid_file=True,
+    return ServeProcess(ENGINES[engine], tmp_path, "footprint_app:app", "--app-dir", str(tmp_path),
+                        "--workers", str(workers), "--no-access-log", pid_file=True,
                         environ={"PYTHONPATH": str(tmp_path / "service"), "FOOTPRINT_MB": "4"})
 
 
