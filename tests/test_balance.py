@@ -223,10 +223,14 @@ def _beside_a_sibling(held: int, looked_ns: int):
         return counts.slot
 
     sibling, sibling_go, sibling_report = _in_child(sibling_work)
+    counts = None
     try:
         sibling_slot = int(_report(sibling_report))
-        yield listener, sibling_slot, SharedCounts.attach(main, workers=2, index=1)
+        counts = SharedCounts.attach(main, workers=2, index=1)
+        yield listener, sibling_slot, counts
     finally:
+        if counts is not None:
+            counts.close()  # its map of the table: a memfd this process would map for good
         os.write(sibling_go, b"x")
         os.waitpid(sibling, 0)
         listener.close()
