@@ -262,8 +262,7 @@ class BalancedAcceptor:
             return
         self._watch()  # unless it holds back, which unwatches again
         counts, gate = self.counts, self.gate
-        counts.publish(self.own())
-        counts.looked(self._woke_ns)
+        counts.looked(self._woke_ns)  # its count is current: every change to it is published as it happens
         if self._burst_began is None:
             self._burst_began, self._burst_taken = self._woke_ns, 0
             waiting = waiting_connections(sock)
