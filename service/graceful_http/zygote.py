@@ -103,8 +103,7 @@ CODE_LOADED_SINCE_NS = _process_start_ns()
 
 
 def same_code_as_on_disk() -> bool:
-    ahead = _listed_ahead[1] if _listed_ahead is not None and _listed_ahead[0] == len(sys.modules) else None
-    files = loaded_files(None if ahead is None else ahead.split("\0"))
+    files = loaded_files(_listed_ahead[1].split("\0") if _listed_ahead_still_whole() else None)
     return files is not None and unchanged_since(files, CODE_LOADED_SINCE_NS, _change_time)
 
 
@@ -115,8 +114,13 @@ def list_module_files_ahead() -> None:
     (measured) in every new generation's start; now in an exec'd one's only. (One string, not a tuple of them,
     for the same reason; a module imported since: they are listed again. The mapped files are read anew.)"""
     global _listed_ahead
-    if _listed_ahead is None or _listed_ahead[0] != len(sys.modules):
+    if not _listed_ahead_still_whole():
         _listed_ahead = (len(sys.modules), "\0".join(_module_files()))
+
+
+def _listed_ahead_still_whole() -> bool:
+    """Were the module files listed ahead, with no module loaded since?"""
+    return _listed_ahead is not None and _listed_ahead[0] == len(sys.modules)
 
 
 _listed_ahead: tuple[int, str] | None = None  # (how many modules were loaded, their files) if listed ahead
