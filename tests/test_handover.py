@@ -204,3 +204,14 @@ def test_idle_connections_move_as_the_drain_begins(engine):
     seen = run_scenario("first_batch", engine)
     assert seen["moved_before_the_tick"] and seen["drain_ended_after_the_tick"]
     assert seen["second"] == ["B:/two:0"] * 3
+
+
+@pytest.mark.parametrize("engine", list(ENGINES))
+def test_a_connection_held_while_a_batch_is_in_flight_moves_at_once(engine):
+    """Under load most connections complete a response while a batch makes its round trip to the new
+    generation: each is held then, and the drain sends it right after that batch. (It used to wait for the
+    drain's tick: 50 ms in which most of the load's connections waited, at most reloads.)"""
+    seen = run_scenario("during_batch", engine)
+    assert seen["first"] == ["A:/slow:0"] and seen["second"] == ["B:/two:0"], seen
+    assert seen["sent"] == [1, 1] and seen["moved_before_the_tick"], seen
+    assert (seen["handed_over"], seen["fell_back"]) == (2, 0), seen

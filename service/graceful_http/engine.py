@@ -838,6 +838,11 @@ class Engine:
         settles_at = time.monotonic() + DRAIN_TICK
         try:
             while time.monotonic() < deadline:
+                # Cleared before looking, not before waiting: a response that completes while a batch is in
+                # flight (the round trip to the new generation) holds its connection and wakes us; cleared
+                # after the batch, that wake-up was lost and the held connections waited for the tick
+                # (up to 50 ms for most of the load's connections, at most reloads).
+                wakeup.clear()
                 settled = time.monotonic() >= settles_at
                 if settled:
                     self._close_listeners()
@@ -869,7 +874,6 @@ class Engine:
                     break
                 if more:  # idle connections left behind by a full batch: the next batch at once
                     continue
-                wakeup.clear()
                 try:
                     await asyncio.wait_for(wakeup.wait(), DRAIN_TICK if settled else max(0.0, settles_at - time.monotonic()))
                 except asyncio.TimeoutError:

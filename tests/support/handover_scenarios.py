@@ -20,6 +20,8 @@ httptools, `loop` asyncio or uvloop.
   as fallen back. A drains in no time once nothing is left.
 - `first_batch`: idle connections move as the drain begins; the listeners' close and the drain's end wait
   for the tick.
+- `during_batch`: a connection whose response completes while a batch is in flight moves with the next
+  batch at once, not at the tick.
 - `states`: the handover verdict of connections in every state that matters
   (idle, a partial head, pipelined, a response under way, an unread body,
   Connection: close, HTTP/1.0, upgraded to WebSocket).
@@ -542,6 +544,55 @@ async def held(http: str) -> dict:
             "fell_back": a.fell_back}
 
 
+async def during_batch(http: str) -> dict:
+    """A response that completes while a batch is on its way to the new generation (the round trip through
+    both loops) holds its connection and wakes the drain, which sends it with the next batch at once, not at
+    its tick (made 2 s here, so that the order cannot come from timing)."""
+    import graceful_http.engine
+
+    tick = graceful_http.engine.DRAIN_TICK = 2.0
+    loop = asyncio.get_running_loop()
+    a, a_app, a_sock = await start_engine("A", http)
+    b, _, _ = await start_engine("B", http)
+    point = AdoptionPoint(os.getpid(), 1, b.adopt)
+    point.open()
+    port = a_sock.getsockname()[1]
+    idle, busy = socket.create_connection((HOST, port)), socket.create_connection((HOST, port))
+    idle.sendall(b"GET /one HTTP/1.1\r\nHost: x\r\n\r\n")
+    await loop.run_in_executor(None, read_responses, idle, 1)
+    busy.sendall(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+    await wait_for(lambda: len(a.connections) == 2 and a.in_flight() == 1, "one idle connection, one busy")
+    a.stop_accepting(moving_to=os.getpid())
+    movers = await connect_all(os.getpid())
+    sent: list[int] = []
+    for mover in movers:
+        send = mover.send
+
+        async def answer_then_send(fds, send=send):
+            sent.append(len(fds))
+            if len(sent) == 1:  # the slow response completes while the first batch is under way
+                a_app.release.set()
+                await wait_for(lambda: a.in_flight() == 0, "the slow response to complete")
+            return await send(fds)
+
+        mover.send = answer_then_send
+    began = time.monotonic()
+    draining = asyncio.ensure_future(a.drain(began + DEADLINE, movers=movers))
+    first = await loop.run_in_executor(None, read_responses, busy, 1)
+    await wait_for(lambda: a.handed_over == 2 or time.monotonic() - began > tick, "both connections to move")
+    moved_after = time.monotonic() - began
+    busy.sendall(b"GET /two HTTP/1.1\r\nHost: x\r\n\r\n")
+    second = await loop.run_in_executor(None, read_responses, busy, 1)
+    await draining
+    for mover in movers:
+        await mover.finish()
+    point.close()
+    for client in (idle, busy):
+        client.close()
+    return {"sent": sent, "moved_before_the_tick": moved_after < tick, "first": first, "second": second,
+            "handed_over": a.handed_over, "fell_back": a.fell_back}
+
+
 def main() -> None:
     scenario, http, loop = sys.argv[1:4]
     if loop == "uvloop":
@@ -549,7 +600,7 @@ def main() -> None:
 
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     scenarios = {"journey": journey, "channel": channel, "drain": drain, "states": states, "batches": batches,
-                 "first_batch": first_batch, "held": held}
+                 "first_batch": first_batch, "held": held, "during_batch": during_batch}
     result = asyncio.run(asyncio.wait_for(scenarios[scenario](http), 60))
     print(json.dumps(result))
 
