@@ -50,6 +50,15 @@ def test_mapped_files_are_read_from_maps_and_a_replaced_one_is_noticed():
     assert replaced
 
 
+def test_shared_memory_and_devices_mapped_are_not_code():
+    """Shared memory mapped (a memfd, multiprocessing's) reads "(deleted)" in maps but is no replaced library."""
+    maps = "".join(f"7f0000{n:02d}0000-7f0000{n:02d}1000 rw-s 00000000 00:01 {n} {name}\n" for n, name in enumerate((
+        "/memfd:graceful-http-balance (deleted)", "/SYSV00000000 (deleted)", "/dev/zero (deleted)",
+        "/dev/shm/psm_3f2a (deleted)", "/dev/shm/wnsm_1", "/anon_hugepage (deleted)", "/[aio] (deleted)")))
+    maps += "7f0000990000-7f0000991000 r-xp 00000000 08:01 99 /usr/lib/x86_64-linux-gnu/libssl.so.3\n"
+    assert mapped_files(maps) == ({"/usr/lib/x86_64-linux-gnu/libssl.so.3"}, False)
+
+
 def test_the_module_files_listed_before_the_standby_forked_are_the_ones_examined_while_no_module_came_since(
         monkeypatch, tmp_path):
     old = tmp_path / "old.py"
@@ -127,3 +136,4 @@ def test_an_unchanged_install_reloads_by_fork_and_an_edited_one_by_exec(engine, 
         log = server.log()
         assert "gen 4: " + FORKED not in log, server.log_tail()
         assert log.count("zygote.py as edited") == 1, server.log_tail()  # imported anew, by the exec'd main only
+

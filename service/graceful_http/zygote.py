@@ -44,13 +44,20 @@ def unchanged_since(paths: Iterable[str], since_ns: int, change_time: Callable[[
     return True
 
 
+# Mappings named like files that hold no code: shared memory (a memfd, SysV, POSIX's /dev/shm, a shared anonymous
+# mapping shown as /dev/zero), devices, hugepages, AIO rings. The kernel names most of them "… (deleted)", which
+# would read as a replaced library: a forking process that maps one (a library's, or a balance table a test
+# left mapped, as in CI once) would be exec'd at every reload. (An app's never are: apps load after the fork.)
+NOT_CODE = ("/memfd:", "/SYSV", "/dev/", "/anon_hugepage", "/[")
+
+
 def mapped_files(maps_text: str) -> tuple[set[str], bool]:
     """(the files mapped in a /proc/<pid>/maps text, whether any of them was deleted or replaced)."""
     files: set[str] = set()
     replaced = False
     for line in maps_text.splitlines():
         fields = line.split(maxsplit=5)
-        if len(fields) < 6 or not fields[5].startswith("/"):
+        if len(fields) < 6 or not fields[5].startswith("/") or fields[5].startswith(NOT_CODE):
             continue
         path = fields[5]
         if path.endswith(" (deleted)"):
