@@ -501,6 +501,27 @@ def systemd_handoff(plan: Plan, graceful) -> dict:
     return {key: analyze.spread(values) for key, values in samples.items()}
 
 
+def systemd_noop_reloads(plan: Plan, graceful, raw: Path) -> dict:
+    """The load tool through `systemctl reload`s of the same unit that reload nothing (`ExecReload=+/bin/true`):
+    what systemd's own part (systemctl, D-Bus, PID 1, starting the ExecReload= process) costs the second after a
+    reload, which no service avoids. Our rows under systemd are read against it."""
+    workers = graceful.workers
+    say(f"reloads: systemctl reload doing nothing (ExecReload=+/bin/true), workers={workers}, load tool")
+    graceful.set_exec_reload("+/bin/true")  # outside the sandbox, as the shipped ExecReload=
+    try:
+        out = raw / f"reloads-systemd-noop-w{workers}.json"
+        process = probe(graceful.port, plan.reload_duration, out)
+        began = time.monotonic()
+        reloads = drive_reloads(graceful, began + plan.reload_warmup, began + plan.reload_duration - plan.reload_tail,
+                                plan.reload_interval)
+        data = finish_probe(process, out, plan.reload_duration + 120)
+    finally:
+        graceful.set_exec_reload(None)
+    return {"label": f"systemctl reload doing nothing (ExecReload=+/bin/true, workers={workers})", "workers": workers,
+            "probe": analyze.summarize_probe(data, reloads),
+            "reload_done_ms": analyze.spread([r["done"] - r["requested"] for r in reloads if r["done"]])}
+
+
 def systemd_sections(plan: Plan, raw: Path, keep: dict, results: dict) -> None:
     from bench.systemd import Containers
 
@@ -522,6 +543,7 @@ def systemd_sections(plan: Plan, raw: Path, keep: dict, results: dict) -> None:
                     result, kept = under_reloads(graceful, plan, raw, f"reloads-systemd-graceful-w{workers}")
                     results["reloads"].append(result)
                     keep[graceful.label] = kept
+                    results.setdefault("reload_noop", []).append(systemd_noop_reloads(plan, graceful, raw))
                 if graceful.workers != plan.reload_workers:
                     graceful.set_workers(plan.reload_workers)
             if "soak" in plan.sections and plan.soak_reloads:
@@ -638,6 +660,17 @@ def targets(results: dict) -> list[dict]:
         if after is not None and steady_p99:
             add(f"{row['label']}: p99 ≤1 s after a reload ≤ 1.3× steady p99",
                 f"{after:.1f} ms vs {steady_p99:.1f} ms ({after / steady_p99:.2f}×)", after <= 1.3 * steady_p99)
+        # Not the issue's wording: under systemd, what a `systemctl reload` that reloads nothing costs the same
+        # second (systemd's share, measured in the same container) comes first; ours is read on top of it.
+        noop = next((n for n in results.get("reload_noop") or () if n["workers"] == row["workers"]
+                     and row["reload"] == "systemctl reload"), None)
+        if noop and after is not None and steady_p99:
+            n_after, n_steady = noop["probe"]["after_reload"]["p99_ms"], noop["probe"]["steady"]["p99_ms"]
+            if n_after is not None and n_steady:
+                ours, floor = after / steady_p99, n_after / n_steady
+                add(f"(for reference, not the issue's target) {row['label']}: p99 after ÷ steady ≤ 1.3× on top of"
+                    " what a `systemctl reload` doing nothing costs (ExecReload=+/bin/true)",
+                    f"{ours:.2f}× vs {floor:.2f}× for nothing: +{ours - floor:.2f}", ours - floor <= 0.3)
     soak = results.get("soak")
     if soak:
         errors = soak["wrk"]["non_2xx_3xx"] + soak["wrk"]["socket_errors"]
@@ -769,7 +802,7 @@ def markdown(results: dict) -> str:
         parts += ["", f"The load tool (bench/load.py, {CONNECTIONS} keep-alive connections, every request recorded; "
                       "\"after\" = in flight within 1 s after a reload was requested):", ""]
         rows = []
-        for r in results["reloads"]:
+        for r in results["reloads"] + results.get("reload_noop", []):
             p = r["probe"]
             rows.append([r["label"], p["reloads"], p["requests"], p["errors"]["non_2xx"], p["errors"]["socket"],
                          p["p99_ms"], p["steady"]["p99_ms"], p["after_reload"]["p99_ms"], p["after_reload"]["max_ms"],

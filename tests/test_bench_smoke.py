@@ -57,6 +57,10 @@ def test_results_json_is_complete(smoke):
     reloads = {(row["server"], row["reload"]): row for row in data["reloads"]}
     assert {("graceful-http", "SIGHUP"), ("graceful-http under systemd", "systemctl reload"),
             ("gunicorn", "HUP")} <= set(reloads)
+    systemd_workers = {row["workers"] for row in data["reloads"] if row["reload"] == "systemctl reload"}
+    assert {row["workers"] for row in data["reload_noop"]} == systemd_workers  # systemd's share, per row
+    for row in data["reload_noop"]:
+        assert row["probe"]["reloads"] >= 1 and row["probe"]["requests"] > 0, row["label"]
     for label, row in reloads.items():
         assert row["wrk"]["reloads"] >= 1 and row["wrk"]["requests"] > 0, label
         probe = row["probe"]
