@@ -134,6 +134,23 @@ async def wait_for(predicate, what: str):
         await asyncio.sleep(0.001)
 
 
+def count_batches(movers: list[Handover], before_send=None) -> list[int]:
+    """Note the size of every batch the movers send (the list returned), awaiting `before_send(n)` before the
+    n-th goes, if given."""
+    sent: list[int] = []
+    for mover in movers:
+        send = mover.send
+
+        async def counted(fds, send=send):
+            sent.append(len(fds))
+            if before_send is not None:
+                await before_send(len(sent))
+            return await send(fds)
+
+        mover.send = counted
+    return sent
+
+
 def only_connection(engine: Engine):
     return next(iter(engine.connections))
 
@@ -144,6 +161,16 @@ async def start_engine(name: str, http: str) -> tuple[Engine, object, socket.soc
     engine = Engine(app, [sock], lifespan=False, protocol=http)
     await engine.start()
     return engine, app, sock
+
+
+async def draining_into_an_adopter(http: str):
+    """Engine A (to drain), engine B adopting through its point as the new generation's only process:
+    (a, a's app, a's listener, b, b's adoption point)."""
+    a, a_app, a_sock = await start_engine("A", http)
+    b, _, _ = await start_engine("B", http)
+    point = AdoptionPoint(os.getpid(), 1, b.adopt)
+    point.open()
+    return a, a_app, a_sock, b, point
 
 
 async def move(source: Engine, target: Engine, while_in_flight) -> None:
@@ -439,10 +466,7 @@ async def batches(http: str) -> dict:
 
     count = 2 * HANDOVER_BATCH + 5
     loop = asyncio.get_running_loop()
-    a, _, a_sock = await start_engine("A", http)
-    b, _, _ = await start_engine("B", http)
-    point = AdoptionPoint(os.getpid(), 1, b.adopt)
-    point.open()
+    a, _, a_sock, b, point = await draining_into_an_adopter(http)
     port = a_sock.getsockname()[1]
     clients = [socket.create_connection((HOST, port)) for _ in range(count)]
     for client in clients:
@@ -451,15 +475,7 @@ async def batches(http: str) -> dict:
     await wait_for(lambda: len(a.connections) == count and a.in_flight() == 0, f"{count} idle connections")
     a.stop_accepting(moving_to=os.getpid())
     movers = await connect_all(os.getpid())
-    sent: list[int] = []
-    for mover in movers:
-        send = mover.send
-
-        async def counted(fds, send=send):
-            sent.append(len(fds))
-            return await send(fds)
-
-        mover.send = counted
+    sent = count_batches(movers)
     served, cut = await a.drain(time.monotonic() + DEADLINE, movers=movers)
     for client in clients:
         client.sendall(b"GET /two HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -480,10 +496,7 @@ async def first_batch(http: str) -> dict:
 
     tick = graceful_http.engine.DRAIN_TICK = 2.0
     loop = asyncio.get_running_loop()
-    a, _, a_sock = await start_engine("A", http)
-    b, _, _ = await start_engine("B", http)
-    point = AdoptionPoint(os.getpid(), 1, b.adopt)
-    point.open()
+    a, _, a_sock, b, point = await draining_into_an_adopter(http)
     clients = [socket.create_connection((HOST, a_sock.getsockname()[1])) for _ in range(3)]
     for client in clients:
         client.sendall(b"GET /one HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -518,10 +531,7 @@ async def held(http: str) -> dict:
 
     graceful_http.engine.DRAIN_TICK = 1.0
     loop = asyncio.get_running_loop()
-    a, a_app, a_sock = await start_engine("A", http)
-    b, _, _ = await start_engine("B", http)
-    point = AdoptionPoint(os.getpid(), 1, b.adopt)
-    point.open()
+    a, a_app, a_sock, b, point = await draining_into_an_adopter(http)
     client = socket.create_connection((HOST, a_sock.getsockname()[1]))
     client.sendall(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
     await wait_for(lambda: a.in_flight() == 1, "the slow request under way")
@@ -552,10 +562,7 @@ async def during_batch(http: str) -> dict:
 
     tick = graceful_http.engine.DRAIN_TICK = 2.0
     loop = asyncio.get_running_loop()
-    a, a_app, a_sock = await start_engine("A", http)
-    b, _, _ = await start_engine("B", http)
-    point = AdoptionPoint(os.getpid(), 1, b.adopt)
-    point.open()
+    a, a_app, a_sock, b, point = await draining_into_an_adopter(http)
     port = a_sock.getsockname()[1]
     idle, busy = socket.create_connection((HOST, port)), socket.create_connection((HOST, port))
     idle.sendall(b"GET /one HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -564,18 +571,13 @@ async def during_batch(http: str) -> dict:
     await wait_for(lambda: len(a.connections) == 2 and a.in_flight() == 1, "one idle connection, one busy")
     a.stop_accepting(moving_to=os.getpid())
     movers = await connect_all(os.getpid())
-    sent: list[int] = []
-    for mover in movers:
-        send = mover.send
 
-        async def answer_then_send(fds, send=send):
-            sent.append(len(fds))
-            if len(sent) == 1:  # the slow response completes while the first batch is under way
-                a_app.release.set()
-                await wait_for(lambda: a.in_flight() == 0, "the slow response to complete")
-            return await send(fds)
+    async def answer(batch: int) -> None:
+        if batch == 1:  # the slow response completes while the first batch is under way
+            a_app.release.set()
+            await wait_for(lambda: a.in_flight() == 0, "the slow response to complete")
 
-        mover.send = answer_then_send
+    sent = count_batches(movers, before_send=answer)
     began = time.monotonic()
     draining = asyncio.ensure_future(a.drain(began + DEADLINE, movers=movers))
     first = await loop.run_in_executor(None, read_responses, busy, 1)
