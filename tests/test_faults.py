@@ -452,10 +452,13 @@ def test_reload_storm_starts_exactly_one_new_generation(engine):
         signal_won = "reload requested by SIGHUP: starting generation 2" in journal
         assert posts.count("202") + clis.count("0") == (0 if signal_won else 1), out
         # Never two new generations: at every sample, at most the old main and one new generation were
-        # children of PID 1 in the unit's cgroup.
+        # children of PID 1 in the unit's cgroup. The old main's own children (its standby) are no generation:
+        # when the old main exits, its standby is PID 1's for the moment it takes to die with it (seen in CI).
         samples = [s for s in samples if s]
         assert len(samples) >= 10, samples
-        assert max(sum(1 for parent in s.values() if parent == 1) for s in samples) <= 2, samples
+        the_old_mains = {pid for s in samples for pid, parent in s.items() if parent == main}
+        assert max(sum(1 for pid, parent in s.items() if parent == 1 and pid not in the_old_mains)
+                   for s in samples) <= 2, samples
         assert max(len(s) for s in samples) >= 2, "the new generation should have been seen starting"
         assert_journal_truthful(service)
 
