@@ -173,6 +173,14 @@ async def draining_into_an_adopter(http: str):
     return a, a_app, a_sock, b, point
 
 
+async def end_handover(movers: list[Handover], points: list[AdoptionPoint]) -> None:
+    """The senders say they are done, and the adoption points close."""
+    for mover in movers:
+        await mover.finish()
+    for point in points:
+        point.close()
+
+
 async def move(source: Engine, target: Engine, while_in_flight) -> None:
     """Detach the (only) connection from `source`, let the client send meanwhile, adopt it in `target`."""
     await wait_for(lambda: len(source.connections) == 1 and source.movable(only_connection(source))[0] is Verdict.MOVE,
@@ -444,10 +452,7 @@ async def drain(http: str) -> dict:
     await loop.run_in_executor(None, get, "busy", busy, "/two")
     partial.sendall(b"GET /two HTTP/1.1\r\nHost: x\r\n\r\n")
     answers["partial"] += await loop.run_in_executor(None, read_responses, partial, 1)
-    for movers_channel in movers:
-        await movers_channel.finish()
-    for point in points:
-        point.close()
+    await end_handover(movers, points)
     closing.close()
     partial.close()
     for client in [*naive, busy, *b1_own]:
@@ -480,9 +485,7 @@ async def batches(http: str) -> dict:
     for client in clients:
         client.sendall(b"GET /two HTTP/1.1\r\nHost: x\r\n\r\n")
     second = [await loop.run_in_executor(None, read_responses, client, 1) for client in clients]
-    for mover in movers:
-        await mover.finish()
-    point.close()
+    await end_handover(movers, [point])
     for client in clients:
         client.close()
     return {"batch": HANDOVER_BATCH, "count": count, "sent": sent, "first": first, "second": second,
@@ -514,9 +517,7 @@ async def first_batch(http: str) -> dict:
     for client in clients:
         client.sendall(b"GET /two HTTP/1.1\r\nHost: x\r\n\r\n")
         second += await loop.run_in_executor(None, read_responses, client, 1)
-    for mover in movers:
-        await mover.finish()
-    point.close()
+    await end_handover(movers, [point])
     for client in clients:
         client.close()
     return {"moved_before_the_tick": moved_after < tick, "drain_ended_after_the_tick": drained_after >= tick,
@@ -546,9 +547,7 @@ async def held(http: str) -> dict:
     client.sendall(b"GET /two HTTP/1.1\r\nHost: x\r\n\r\n")
     second = await loop.run_in_executor(None, read_responses, client, 1)
     await draining
-    for mover in movers:
-        await mover.finish()
-    point.close()
+    await end_handover(movers, [point])
     client.close()
     return {"first": first, "second": second, "served_by_a": a.total_requests, "handed_over": a.handed_over,
             "fell_back": a.fell_back}
@@ -586,9 +585,7 @@ async def during_batch(http: str) -> dict:
     busy.sendall(b"GET /two HTTP/1.1\r\nHost: x\r\n\r\n")
     second = await loop.run_in_executor(None, read_responses, busy, 1)
     await draining
-    for mover in movers:
-        await mover.finish()
-    point.close()
+    await end_handover(movers, [point])
     for client in (idle, busy):
         client.close()
     return {"sent": sent, "moved_before_the_tick": moved_after < tick, "first": first, "second": second,
