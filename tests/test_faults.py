@@ -456,8 +456,8 @@ def test_reload_storm_starts_exactly_one_new_generation(engine):
         # when the old main exits, its standby is PID 1's for the moment it takes to die with it (seen in CI).
         samples = [s for s in samples if s]
         assert len(samples) >= 10, samples
-        the_old_mains = {pid for s in samples for pid, parent in s.items() if parent == main}
-        assert max(sum(1 for pid, parent in s.items() if parent == 1 and pid not in the_old_mains)
+        children_of_the_old_main = {pid for s in samples for pid, parent in s.items() if parent == main}
+        assert max(sum(1 for pid, parent in s.items() if parent == 1 and pid not in children_of_the_old_main)
                    for s in samples) <= 2, samples
         assert max(len(s) for s in samples) >= 2, "the new generation should have been seen starting"
         assert_journal_truthful(service)

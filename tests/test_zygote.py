@@ -64,7 +64,7 @@ def test_the_module_files_listed_before_the_standby_forked_are_the_ones_examined
     old = tmp_path / "old.py"
     old.touch()
     monkeypatch.setattr(zygote, "CODE_LOADED_SINCE_NS", old.stat().st_ctime_ns + 1)  # loaded after it was written
-    monkeypatch.setattr(zygote, "mapped_files", lambda maps: (set(), False))  # not this test's (a memfd another left)
+    monkeypatch.setattr(zygote, "mapped_files", lambda maps: (set(), False))  # not this test's: what its process maps
     monkeypatch.setattr(zygote, "_listed_ahead", None)
     zygote.list_module_files_ahead()
     assert zygote.os.__file__ in zygote._listed_ahead[1].split("\0")
@@ -136,4 +136,3 @@ def test_an_unchanged_install_reloads_by_fork_and_an_edited_one_by_exec(engine, 
         log = server.log()
         assert "gen 4: " + FORKED not in log, server.log_tail()
         assert log.count("zygote.py as edited") == 1, server.log_tail()  # imported anew, by the exec'd main only
-
