@@ -156,6 +156,15 @@ def finish_probe(process: subprocess.Popen, out: Path, timeout: float) -> dict:
     return json.loads(out.read_text())
 
 
+def load_tool_through_reloads(server, plan: Plan, out: Path) -> tuple[dict, list[dict]]:
+    """The load tool for reload_duration, reloading `server` on the plan's schedule: (its records, the reloads)."""
+    process = probe(server.port, plan.reload_duration, out)
+    began = time.monotonic()
+    reloads = drive_reloads(server, began + plan.reload_warmup, began + plan.reload_duration - plan.reload_tail,
+                            plan.reload_interval)
+    return finish_probe(process, out, plan.reload_duration + 120), reloads
+
+
 def under_reloads(server, plan: Plan, raw: Path, tag: str) -> tuple[dict, tuple[dict, list[dict]]]:
     """wrk for totals, then the load tool for every request, each for reload_duration with reloads."""
     duration = plan.reload_duration
@@ -167,12 +176,7 @@ def under_reloads(server, plan: Plan, raw: Path, tag: str) -> tuple[dict, tuple[
     wrk_result = wrk.finish(process, timeout=duration + 120)
 
     say(f"reloads: {server.label}, load tool -c{CONNECTIONS} {duration}s")
-    out = raw / f"{tag}.json"
-    process = probe(server.port, duration, out)
-    began = time.monotonic()
-    probe_reloads = drive_reloads(server, began + plan.reload_warmup, began + duration - plan.reload_tail,
-                                  plan.reload_interval)
-    data = finish_probe(process, out, duration + 120)
+    data, probe_reloads = load_tool_through_reloads(server, plan, raw / f"{tag}.json")
     summary = analyze.summarize_probe(data, probe_reloads)
     result = {
         "server": server.name, "reload": server.reload_how, "label": server.label, "workers": server.workers,
@@ -509,12 +513,7 @@ def systemd_noop_reloads(plan: Plan, graceful, raw: Path) -> dict:
     say(f"reloads: systemctl reload doing nothing (ExecReload=+/bin/true), workers={workers}, load tool")
     graceful.set_exec_reload("+/bin/true")  # outside the sandbox, as the shipped ExecReload=
     try:
-        out = raw / f"reloads-systemd-noop-w{workers}.json"
-        process = probe(graceful.port, plan.reload_duration, out)
-        began = time.monotonic()
-        reloads = drive_reloads(graceful, began + plan.reload_warmup, began + plan.reload_duration - plan.reload_tail,
-                                plan.reload_interval)
-        data = finish_probe(process, out, plan.reload_duration + 120)
+        data, reloads = load_tool_through_reloads(graceful, plan, raw / f"reloads-systemd-noop-w{workers}.json")
     finally:
         graceful.set_exec_reload(None)
     return {"label": f"systemctl reload doing nothing (ExecReload=+/bin/true, workers={workers})", "workers": workers,
