@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import select
 import socket
 import tempfile
-import threading
 
 import pytest
 from hypothesis import given
@@ -50,7 +51,7 @@ def test_notifier_is_silent_without_notify_socket():
     notifier = sdnotify.Notifier(environ={})
     assert not notifier.enabled
     assert notifier.send(READY=1) is False
-    assert notifier.barrier(timeout=0.1) is False
+    assert asyncio.run(notifier.barrier(timeout=0.1)) is False
 
 
 @pytest.fixture
@@ -80,29 +81,37 @@ def test_notifier_sends_exact_datagrams(notify_socket):
     assert sock.recv(4096) == b"RELOADING=1\nSTATUS=reloading"
 
 
-def test_barrier_returns_once_the_manager_closes_the_passed_fd(notify_socket):
+def test_barrier_returns_once_the_manager_closes_the_passed_fd_and_the_loop_runs_meanwhile(notify_socket):
     path, sock = notify_socket
     notifier = sdnotify.Notifier(environ={"NOTIFY_SOCKET": path})
-    result = {}
-    thread = threading.Thread(target=lambda: result.setdefault("ok", notifier.barrier(timeout=10)))
-    thread.start()
-    try:
-        message, fds, _flags, _address = socket.recv_fds(sock, 4096, 4)
+    sock.setblocking(False)
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        waiting = asyncio.ensure_future(notifier.barrier(timeout=10))
+        # The manager's side, run by the same loop the barrier waits in: were the wait blocking, this
+        # could not receive the message, and the barrier would time out instead.
+        message, fds, _flags, _address = await loop.run_in_executor(None, lambda: _receive_when_ready(sock))
         assert message == b"BARRIER=1"
         assert len(fds) == 1
-        assert thread.is_alive()  # still waiting: we hold its pipe end
-    finally:
-        for fd in fds if "fds" in locals() else ():
+        await asyncio.sleep(0)
+        assert not waiting.done()  # still waiting: we hold its pipe end
+        for fd in fds:
             os.close(fd)  # what systemd does on reaching the barrier
-        thread.join(timeout=10)
-    assert not thread.is_alive(), "barrier() did not return after the fd was closed"
-    assert result == {"ok": True}
+        return await asyncio.wait_for(waiting, 10)
+
+    assert asyncio.run(scenario()) is True
+
+
+def _receive_when_ready(sock):
+    select.select([sock], [], [], 10)
+    return socket.recv_fds(sock, 4096, 4)
 
 
 def test_barrier_times_out_when_nobody_reads(notify_socket):
     path, sock = notify_socket
     notifier = sdnotify.Notifier(environ={"NOTIFY_SOCKET": path})
-    assert notifier.barrier(timeout=0.2) is False
+    assert asyncio.run(notifier.barrier(timeout=0.2)) is False
     message, fds, _flags, _address = socket.recv_fds(sock, 4096, 4)  # drain it, and close what it carried
     for fd in fds:
         os.close(fd)

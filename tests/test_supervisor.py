@@ -28,7 +28,7 @@ class FakeNotifier:
         self.sent.append(fields)
         return True
 
-    def barrier(self, timeout: float = 5.0) -> bool:
+    async def barrier(self, timeout: float = 5.0) -> bool:
         return True
 
 

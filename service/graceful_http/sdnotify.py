@@ -6,8 +6,8 @@ supervisor decides *whether* to send; this module only decides *how*.
 
 from __future__ import annotations
 
+import asyncio
 import os
-import select
 from collections.abc import Mapping
 
 # systemd processes MAINPID= before READY=/RELOADING= in one datagram; we keep
@@ -52,11 +52,13 @@ class Notifier:
 
         return daemon.notify(format_message(fields))
 
-    def barrier(self, timeout: float = 5.0) -> bool:
-        """Wait until systemd has processed everything sent before (BARRIER=1).
+    async def barrier(self, timeout: float = 5.0) -> bool:
+        """Wait until systemd has processed everything sent before (BARRIER=1), without holding up the event
+        loop: PID 1 answers when the CPUs let it, and the old main serves meanwhile (a blocking wait here
+        stalled every connection of a reload's handover under load).
 
         systemd closes its copy of the attached pipe end once it reaches the
-        barrier; we see POLLHUP on ours. True if that happened within `timeout`.
+        barrier; our end then reads as closed. True if that happened within `timeout`.
         """
         if not self.enabled:
             return False
@@ -65,18 +67,22 @@ class Notifier:
         read_end, write_end = os.pipe()
         try:
             sent = daemon.notify("BARRIER=1", fds=[write_end])
+        finally:
             os.close(write_end)
-            write_end = -1
+        loop = asyncio.get_running_loop()
+        closed = loop.create_future()
+        try:
             if not sent:
                 return False
-            poller = select.poll()
-            poller.register(read_end, select.POLLHUP)
-            return bool(poller.poll(timeout * 1000))
+            loop.add_reader(read_end, lambda: closed.done() or closed.set_result(True))
+            try:
+                return await asyncio.wait_for(closed, timeout)
+            except asyncio.TimeoutError:
+                return False
+            finally:
+                loop.remove_reader(read_end)
         finally:
             os.close(read_end)
-            if write_end >= 0:
-                os.close(write_end)
-
 
 def watchdog_interval(environ: Mapping[str, str], pid: int) -> float | None:
     """Seconds between WATCHDOG=1 pings (half of WATCHDOG_USEC), or None when no watchdog is set for us."""

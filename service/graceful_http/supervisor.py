@@ -166,13 +166,22 @@ class Supervisor:
         identity = {"MAINPIDFDID": pidfd_id} if (pidfd_id := inode_id(action.pid)) is not None else {}
         notifier.send(MAINPID=action.pid, **identity, READY=1,  # with an id, PID reuse cannot mislead systemd
                       STATUS=f"gen {action.generation} · pid {action.pid} · serving")
-        if notifier.enabled and not notifier.barrier():
+        self._run("successor", self._tell_main_once_systemd_knows(action))
+
+    async def _tell_main_once_systemd_knows(self, action: g.HandOver) -> None:
+        """The successor may speak to systemd (NotifyAccess=main) once systemd has taken MAINPID=<it>: we await
+        the barrier (serving meanwhile), then tell it it is main."""
+        notifier = self.ports.notifier
+        if notifier.enabled and not await notifier.barrier():
             log.warning("systemd did not confirm the handover within 5s")
+        if self.machine.phase is not g.Phase.HANDING_OVER:  # stopped meanwhile: the machine killed it
+            return
         if self.successor is None or not self.successor.alive():
             self._hand_over_failed(action)
             return
-        self.successor.tell_main(rollout=self._rolls(self.successor))
-        self._run("successor", self._until_serving(self.successor, action))
+        successor = self.successor
+        successor.tell_main(rollout=self._rolls(successor))
+        await self._until_serving(successor, action)
 
     def _do_StartDraining(self, action: g.StartDraining) -> None:
         self.control_server.close()
