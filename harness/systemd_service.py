@@ -134,6 +134,17 @@ class InstalledService:
         out = self.container.run(f"cat /proc/{pid}/cmdline", check=False).stdout
         return out.split("\0")[:-1]
 
+    def policies(self, pid: int) -> set[int]:
+        """The scheduling policy of every thread of `pid` (field 41 of /proc/<pid>/task/<tid>/stat: 0 is
+        SCHED_OTHER, 5 SCHED_IDLE)."""
+        out = self.container.run(f"cat /proc/{pid}/task/*/stat", check=False).stdout
+        return {int(line.rpartition(")")[2].split()[38]) for line in out.splitlines() if line}
+
+    def nice_limit(self, pid: int) -> int:
+        """RLIMIT_NICE (soft) of `pid`: 20 lets it take nice 0 back (see `startpriority`)."""
+        out = self.container.run(f"cat /proc/{pid}/limits", check=False).stdout
+        return int(next(line.split()[3] for line in out.splitlines() if line.startswith("Max nice priority")))
+
     def journal(self) -> str:
         return self.container.journal(SERVICE)
 

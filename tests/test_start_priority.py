@@ -5,6 +5,7 @@ ready: the kernel's rule for raising a priority again, the gate where it may not
 from __future__ import annotations
 
 import os
+import re
 import resource
 import signal
 import subprocess
@@ -19,6 +20,7 @@ NICE = 19  # what the tests ask for with --start-nice (the default, 0, is off)
 # Records the nice value its process had when it imported the app (the start), and answers with its pid.
 RECORDING_APP = """\
 import os
+import re
 
 with open({log!r}, "a") as log:
     log.write(f"{{os.getpid()}} {{os.getpriority(os.PRIO_PROCESS, 0)}}\\n")
@@ -48,6 +50,7 @@ def test_raising_a_priority_again_needs_cap_sys_nice_or_a_high_enough_rlimit_nic
 # Prints what start_nice() says, then whether the kernel lets this process go from nice 19 back to where it was.
 GATE = """\
 import os
+import re
 from graceful_http.startpriority import start_nice
 print(start_nice(19))
 before = os.getpriority(os.PRIO_PROCESS, 0)
@@ -147,3 +150,141 @@ def test_a_new_generation_imports_its_app_at_nice_19_and_serves_at_the_old_prior
         for pid in generation:  # serving at our priority, every thread of every process
             assert nice_of_threads(pid) == {ours}, f"pid {pid} (new main {new}) after the reload"
         assert server.get_pid() in generation
+
+
+# -- The idle start (on by default where the new generation can leave SCHED_IDLE again)
+
+# Prints what idle_start_allowed() says, then whether the kernel lets this process go SCHED_IDLE and back.
+IDLE_GATE = """\
+import os
+import re
+from graceful_http.startpriority import idle_start_allowed
+print(idle_start_allowed())
+os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+try:
+    os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+    print("left idle")
+except OSError as exc:
+    print(exc.strerror)
+"""
+
+
+@pytest.mark.parametrize("setpriv, expected", [
+    ([], ["True", "left idle"]),
+    (["setpriv", "--bounding-set=-sys_nice", "--inh-caps=-sys_nice"], ["False", "Operation not permitted"]),
+    (["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"], ["False", "Operation not permitted"]),
+    (["chrt", "--batch", "0"], ["False", "left idle"]),  # a policy chosen by the admin is left alone
+], ids=["root", "root-without-cap-sys-nice", "nobody", "sched-batch"])
+def test_the_idle_start_gate_agrees_with_the_kernel(setpriv, expected):
+    """Leaving SCHED_IDLE counts as raising nice to 0: CAP_SYS_NICE, or RLIMIT_NICE 20 (systemd's LimitNICE=+0,
+    which the shipped unit sets; this machine's root cannot raise the limit to try that case)."""
+    assert resource.getrlimit(resource.RLIMIT_NICE)[0] == 0, "run this test with the default RLIMIT_NICE"
+    result = subprocess.run([*setpriv, ENGINES["pypi"], "-c", IDLE_GATE], capture_output=True, text=True,
+                            env=clean_environ(PYTHONPATH=str(SERVICE_DIR)), timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == expected
+
+
+# Records its scheduling policy at import (the start), starts a thread there (which inherits that policy), and
+# answers with its pid and that policy.
+POLICY_APP = """\
+import os
+import re
+import threading
+
+POLICY = os.sched_getscheduler(0)
+with open({log!r}, "a") as log:
+    log.write(f"{{os.getpid()}} {{POLICY}}\\n")
+threading.Thread(target=threading.Event().wait, daemon=True).start()  # an app's background thread
+
+
+async def app(scope, receive, send):
+    if scope["type"] == "lifespan":
+        while (message := await receive())["type"] != "lifespan.shutdown":
+            await send({{"type": "lifespan.startup.complete"}})
+        await send({{"type": "lifespan.shutdown.complete"}})
+        return
+    body = b"pid:%d policy-at-import:%d" % (os.getpid(), POLICY)
+    await send({{"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"%d" % len(body))]}})
+    await send({{"type": "http.response.body", "body": body}})
+"""
+
+
+def policies_of_threads(pid: int) -> set[int]:
+    """The scheduling policy of every thread of `pid` (field 41 of /proc/<pid>/task/<tid>/stat)."""
+    values = set()
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/stat") as stat:
+            values.add(int(stat.read().rpartition(")")[2].split()[38]))
+    return values
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_new_generation_imports_its_app_at_sched_idle_and_serves_at_sched_other(engine, workers, tmp_path):
+    """The default: the standby (one process) or the old main's fork (workers) starts the new generation at
+    SCHED_IDLE; every process of it takes SCHED_OTHER back, every thread, as it becomes ready."""
+    log = tmp_path / "policy.log"
+    (tmp_path / "policy.py").write_text(POLICY_APP.format(log=str(log)))
+    with ServeProcess(ENGINES[engine], tmp_path, "--app-dir", str(tmp_path), "--workers", str(workers),
+                      "policy:app", pid_file=True) as server:
+        server.wait_serving()
+        old = server.main_pid()
+        first = dict(line.split() for line in log.read_text().splitlines())
+        assert set(first.values()) == {str(os.SCHED_OTHER)}, "the first generation starts as we run"
+        os.kill(old, signal.SIGHUP)
+        new = server.wait_new_main(old)
+        size = workers + 1  # the new main and its workers, or its standby
+        generation = wait_until(lambda: len(found := server.processes()) == size and found, 20,
+                                f"only the new generation's {size} processes to be left", server.log_tail)
+        assert new in generation
+
+        started = [int(policy) for pid, policy in (line.split() for line in log.read_text().splitlines())
+                   if pid not in first]
+        # One process: the new main imports the app. Workers: the first worker does, forked by the new main
+        # before it is ready; the others after it is (at SCHED_OTHER).
+        assert sorted(started) == ([os.SCHED_IDLE] if workers == 1 else [os.SCHED_OTHER, os.SCHED_IDLE])
+        serving = {new} if workers == 1 else generation
+        for pid in generation:
+            expected = os.SCHED_OTHER if pid in serving else os.SCHED_IDLE  # the standby stays idle
+            assert policies_of_threads(pid) == {expected}, f"pid {pid} (new main {new}) after the reload"
+        assert server.get_pid() in serving
+
+
+@pytest.mark.systemd
+@pytest.mark.parametrize("workers", [1, 2])
+def test_under_systemd_a_new_generation_starts_idle_and_serves_at_sched_other(workers):
+    """The same under systemd, in the shipped unit's sandbox (its system-call filter allows sched_setscheduler;
+    RestrictRealtime= filters its policies). The shipped LimitNICE=+0 is what lets the new generation leave
+    SCHED_IDLE on a host; this machine's root cannot raise that limit (no CAP_SYS_RESOURCE), so the drop-in
+    grants CAP_SYS_NICE instead, the other way the kernel allows it."""
+    from harness.systemd_service import SOCKET, InstalledService
+    from support.load import get
+
+    grant = "CapabilityBoundingSet=CAP_SYS_NICE\nAmbientCapabilities=CAP_SYS_NICE\nPrivateUsers=no\n"
+    with InstalledService(f"gh-idle-start-{workers}-{os.getpid()}", "pypi",
+                          serve_args=f"--workers {workers} policy:app", service_extra=grant) as service:
+        service.write_app("policy", POLICY_APP.format(log="/dev/null"))
+        service.container.systemctl("start", SOCKET)
+        status, body, _ = get("127.0.0.1", service.port)
+        assert status == 200 and body.endswith(b"policy-at-import:%d" % os.SCHED_OTHER), body
+        first = service.main_pid()
+        assert service.reload().returncode == 0
+        new = service.main_pid()
+        assert new != first
+        wait_until(lambda: set(service.cgroup_pids()) == service.generation(new)
+                   and len(service.generation(new)) == workers + 1, 30, "only the new generation to be left")
+        serving = {new} if workers == 1 else set(service.children(new))
+        answers = set()
+        deadline = 200
+        while len({pid for pid, _ in answers}) < len(serving) and deadline:
+            status, body, _ = get("127.0.0.1", service.port)
+            assert status == 200, body
+            pid, policy = re.match(rb"pid:(\d+) policy-at-import:(\d+)", body).groups()
+            answers.add((int(pid), int(policy)))
+            deadline -= 1
+        assert {pid for pid, _ in answers} == serving
+        policies = sorted(policy for _, policy in answers)
+        assert policies == ([os.SCHED_IDLE] if workers == 1 else [os.SCHED_OTHER, os.SCHED_IDLE]), answers
+        for pid in service.generation(new):
+            standby = workers == 1 and pid != new
+            assert service.policies(pid) == {os.SCHED_IDLE if standby else os.SCHED_OTHER}, (pid, new)

@@ -106,6 +106,14 @@ def test_reloads_under_load_follow_main_pid(engine, workers):
         # `ps` shows the same command line after any number of reloads (workers too).
         for pid in current:
             assert service.cmdline(pid) == expected_cmdline
+        # The shipped unit lets a new generation start at idle CPU priority and take the normal one back where
+        # systemd could apply its LimitNICE=+0 (not in a sandbox without CAP_SYS_RESOURCE, as CI's: then nothing
+        # starts idle). Either way it serves at SCHED_OTHER, every thread of every process; a standby, which
+        # forks the next generation, stays idle where the start is.
+        idle_start = service.nice_limit(pids[-1]) >= 20
+        for pid in current:
+            idle = idle_start and workers == 1 and pid != pids[-1]
+            assert service.policies(pid) == {os.SCHED_IDLE if idle else os.SCHED_OTHER}, (pid, pids[-1])
 
         journal = service.journal()
         for pid in pids[:-1]:

@@ -18,6 +18,7 @@ import os
 import socket
 
 from graceful_http.inherited import Inherited
+from graceful_http.startpriority import leave_idle_start
 from graceful_http.wire import ADOPTS, CANARY, COUNTS, FAILED, MAIN, READY, REJECTED, ROLLOUT, SERVING, decode, encode
 
 CONFIRM_TIMEOUT = 5.0
@@ -56,6 +57,7 @@ class PredecessorLink:
         words = " ".join(word for word, wanted in ((ADOPTS, adopts), (ROLLOUT, rollout)) if wanted)
         reporting = None
         try:
+            leave_idle_start()  # we serve from now on (see `startpriority`)
             await loop.sock_sendall(self.sock, encode(READY, words))
             data = b""
             while True:

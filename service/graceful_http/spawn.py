@@ -30,7 +30,7 @@ from typing import NoReturn
 from graceful_http.inherited import Inherited
 from graceful_http.listenfds import LISTEN_FDS_START, successor_environ
 from graceful_http.pidfd import inode_id
-from graceful_http.startpriority import lower
+from graceful_http.startpriority import leave_idle_start, lower, start_idle
 
 _PR_SET_PDEATHSIG = 1
 
@@ -48,10 +48,12 @@ def fork_successor(
     environ: Mapping[str, str],
     command: Sequence[str] | None = None,
     nice: int | None = None,
+    idle: bool = False,
     instead_of_exec: Callable[[list[str], dict[str, str]], None] | None = None,
 ) -> tuple[int, int]:
-    """Fork twice and exec the new generation (at CPU priority `nice`, if given); return the intermediate
-    process's pid and the pipe its pid comes on (`new_generation_pid` reads it).
+    """Fork twice and exec the new generation (at CPU priority `nice`, if given; `idle`: both forks run
+    SCHED_IDLE, see `startpriority`); return the intermediate process's pid and the pipe its pid comes on
+    (`new_generation_pid` reads it).
 
     The intermediate process exits at once, so the new generation is adopted
     by PID 1 (the service manager). It leads a new session, so it and
@@ -70,6 +72,8 @@ def fork_successor(
         raise
     if intermediate == 0:  # pragma: no cover - runs in the forked child
         try:
+            if idle:
+                start_idle()
             os.close(pid_read)
             grandchild = os.fork()
             if grandchild == 0:
@@ -278,6 +282,7 @@ def _exec_with_sockets(listen_fds, names, channel_fd, inherited, environ, comman
             for fd in temporaries:  # as exec would: they are close-on-exec
                 os.close(fd)
             instead_of_exec(command, env)
+        leave_idle_start()  # what is exec'd may be other code, which would not
         os.execve(command[0], command, env)
     except BaseException as exc:
         os.write(2, f"graceful-http: cannot start a new process: {exc}\n".encode())

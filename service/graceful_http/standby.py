@@ -133,11 +133,14 @@ class Standby:
 def _stand_by(channel: socket.socket, closing: list[int], parent: int) -> None:  # pragma: no cover - standby
     """The standby's life: drop what is not its own, then fork a new generation at each request."""
     from graceful_http.spawn import die_with_parent, reset_signals_after_fork
+    from graceful_http.startpriority import idle_start_allowed, start_idle
 
     reset_signals_after_fork()
     die_with_parent()
     if os.getppid() != parent:  # the main died before the line above took effect
         return
+    if idle_start_allowed():  # what it forks starts at idle priority (see `startpriority`)
+        start_idle()
     for fd in closing:
         try:
             os.close(fd)

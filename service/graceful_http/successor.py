@@ -16,7 +16,7 @@ from graceful_http.handoff import CONFIRM_TIMEOUT, SuccessorLink
 from graceful_http.inherited import Inherited
 from graceful_http.spawn import fork_successor, kill_group, new_generation_pid, wait_exit
 from graceful_http.standby import Standby, StandbyUnavailable
-from graceful_http.startpriority import RESTORE_AFTER, START_NICE, restore, start_nice
+from graceful_http.startpriority import RESTORE_AFTER, START_NICE, idle_start_allowed, restore, start_nice
 from graceful_http.wire import ADOPTS, FAILED, READY, ROLLOUT
 
 log = logging.getLogger("graceful_http")
@@ -47,7 +47,8 @@ class Successor:
         link = SuccessorLink()
         nice, restore_nice = start_nice(wanted_nice) or (None, None)
         listen_fds, names = [item.sock.fileno() for item in listeners], [item.name for item in listeners]
-        fork = functools.partial(fork_successor, listen_fds, names, link.theirs.fileno(), inherited, environ, nice=nice)
+        fork = functools.partial(fork_successor, listen_fds, names, link.theirs.fileno(), inherited, environ, nice=nice,
+                                 idle=idle_start_allowed())
         try:
             pid = None
             if standby is not None and standby.usable:

@@ -27,6 +27,7 @@ from graceful_http.serving import (
     stop_accepting,
 )
 from graceful_http.settings import ServeSettings
+from graceful_http.startpriority import leave_idle_start
 from graceful_http.websocket_drain import GOING_AWAY, SERVICE_RESTART
 from graceful_http.wire import DRAINED, READY, STATS
 from graceful_http.worker_upkeep import spare_adoption_indexes
@@ -81,6 +82,7 @@ async def run_worker(settings: ServeSettings, link: MainLink, inherited: Inherit
 
     link.on_drain = handing_over
     await link.connect()
+    leave_idle_start()  # a new generation's worker serves from now on (see `startpriority`)
     link.send(READY)
     stats = asyncio.create_task(link.report_stats(engines[0]))
     await stopping.wait()
