@@ -250,9 +250,17 @@ def test_a_new_generation_imports_its_app_at_sched_idle_and_serves_at_sched_othe
         assert server.get_pid() in serving
 
 
+GRANT_CAP_SYS_NICE = "CapabilityBoundingSet=CAP_SYS_NICE\nAmbientCapabilities=CAP_SYS_NICE\nPrivateUsers=no\n"
+# ...and a filter that kills on sched_setscheduler (SIGSYS: no SystemCallErrorNumber=): the gate must find
+# out in a child of its own, and the service start at SCHED_OTHER, as it would without the right.
+FILTER_WITH_SIGSYS = GRANT_CAP_SYS_NICE + "SystemCallFilter=~sched_setscheduler\nSystemCallErrorNumber=\n"
+
+
 @pytest.mark.systemd
-@pytest.mark.parametrize("workers", [1, 2])
-def test_under_systemd_a_new_generation_starts_idle_and_serves_at_sched_other(workers):
+@pytest.mark.parametrize("workers, extra, idle", [(1, GRANT_CAP_SYS_NICE, True), (2, GRANT_CAP_SYS_NICE, True),
+                                                  (1, FILTER_WITH_SIGSYS, False)],
+                         ids=["cap-sys-nice-1", "cap-sys-nice-2", "filtered-with-sigsys-1"])
+def test_under_systemd_a_new_generation_starts_idle_where_it_may_and_serves_at_sched_other(workers, extra, idle):
     """The same under systemd, in the shipped unit's sandbox (its system-call filter allows sched_setscheduler;
     RestrictRealtime= filters its policies). The shipped LimitNICE=+0 is what lets the new generation leave
     SCHED_IDLE on a host; this machine's root cannot raise that limit (no CAP_SYS_RESOURCE), so the drop-in
@@ -260,9 +268,8 @@ def test_under_systemd_a_new_generation_starts_idle_and_serves_at_sched_other(wo
     from harness.systemd_service import SOCKET, InstalledService
     from support.load import get
 
-    grant = "CapabilityBoundingSet=CAP_SYS_NICE\nAmbientCapabilities=CAP_SYS_NICE\nPrivateUsers=no\n"
-    with InstalledService(f"gh-idle-start-{workers}-{os.getpid()}", "pypi",
-                          serve_args=f"--workers {workers} policy:app", service_extra=grant) as service:
+    with InstalledService(f"gh-idle-start-{workers}{idle:d}-{os.getpid()}", "pypi",
+                          serve_args=f"--workers {workers} policy:app", service_extra=extra) as service:
         service.write_app("policy", POLICY_APP.format(log="/dev/null"))
         service.container.systemctl("start", SOCKET)
         status, body, _ = get("127.0.0.1", service.port)
@@ -284,7 +291,12 @@ def test_under_systemd_a_new_generation_starts_idle_and_serves_at_sched_other(wo
             deadline -= 1
         assert {pid for pid, _ in answers} == serving
         policies = sorted(policy for _, policy in answers)
-        assert policies == ([os.SCHED_IDLE] if workers == 1 else [os.SCHED_OTHER, os.SCHED_IDLE]), answers
+        if not idle:
+            assert policies == [os.SCHED_OTHER], answers
+        else:
+            assert policies == ([os.SCHED_IDLE] if workers == 1 else [os.SCHED_OTHER, os.SCHED_IDLE]), answers
         for pid in service.generation(new):
-            standby = workers == 1 and pid != new
+            standby = idle and workers == 1 and pid != new
             assert service.policies(pid) == {os.SCHED_IDLE if standby else os.SCHED_OTHER}, (pid, new)
+        assert service.state()["NRestarts"] == "0"
+        assert "SIGSYS" not in service.journal() and "core-dump" not in service.journal()

@@ -35,6 +35,7 @@ from graceful_http.serving import (
 from graceful_http.settings import ServeSettings
 from graceful_http.standby import Standby
 from graceful_http.standby import wanted as standby_wanted
+from graceful_http.startpriority import idle_start_allowed
 from graceful_http.successor import Successor, wait_until_reaped
 from graceful_http.supervisor import Ports, Supervisor
 from graceful_http.worker_upkeep import start_worker_upkeep, warn_about_single_process_recycling
@@ -48,6 +49,7 @@ def run_main(settings: ServeSettings, inherited: Inherited) -> int:
     generation = inherited.generation
     logs.setup(generation, settings.log_level)
     raise_soft_limit()
+    idle_start_allowed()  # asked here, before anything is forked: what we fork inherits the answer
     try:
         listeners = acquire(settings.binds, backlog=settings.backlog)
     except (ListenerError, ListenFdsError) as exc:

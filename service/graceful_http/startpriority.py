@@ -19,6 +19,7 @@ starts at the same priority as before.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import resource
@@ -94,37 +95,60 @@ def _effective_caps() -> int:
 # just before they say they are ready, and anything exec'd (other code) gets it back before exec.
 
 
+_started_idle = False  # set where start_idle took effect; inherited by what this process forks
+
+
+@functools.cache
 def idle_start_allowed() -> bool:
     """May a new generation start at SCHED_IDLE here? Only where it can take SCHED_OTHER back once ready: the
     kernel treats that as raising nice to ours (CAP_SYS_NICE, or an RLIMIT_NICE that allows it: systemd's
-    `LimitNICE=`), no system-call filter forbids sched_setscheduler, and we run SCHED_OTHER (a policy the admin
-    chose, such as SCHED_BATCH, is left alone)."""
+    `LimitNICE=`), a system-call filter lets sched_setscheduler through, and we run SCHED_OTHER (a policy the
+    admin chose, such as SCHED_BATCH, is left alone). Asked once per process, before the standby is forked."""
     if not hasattr(os, "SCHED_IDLE"):
         return False
+    if not may_raise_to(os.getpriority(os.PRIO_PROCESS, 0), _effective_caps(),
+                        resource.getrlimit(resource.RLIMIT_NICE)[0]):
+        return False
+    return _policy_calls_pass()
+
+
+def _policy_calls_pass() -> bool:
+    """Do sched_getscheduler and sched_setscheduler pass, and do we run SCHED_OTHER? Tried in a child: a unit
+    that filters them without `SystemCallErrorNumber=` answers with SIGSYS, which must not be ours."""
     try:
-        if os.sched_getscheduler(0) != os.SCHED_OTHER:
-            return False
-        os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))  # changes nothing; a filter refuses it
+        pid = os.fork()
     except OSError:
         return False
-    return may_raise_to(os.getpriority(os.PRIO_PROCESS, 0), _effective_caps(),
-                        resource.getrlimit(resource.RLIMIT_NICE)[0])
+    if pid == 0:  # pragma: no cover - the probe
+        code = 1
+        try:
+            if os.sched_getscheduler(0) == os.SCHED_OTHER:
+                os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))  # changes nothing
+                code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status) == 0
 
 
 def start_idle() -> None:  # pragma: no cover - runs in a forked child (the standby, a generation's first fork)
-    """Run SCHED_IDLE from now on, as will everything this process forks."""
+    """Run SCHED_IDLE from now on, as will everything this process forks (where idle_start_allowed())."""
+    global _started_idle
     try:
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     except OSError:
-        pass  # it starts at our priority, as before
+        return  # it starts at our priority, as before
+    _started_idle = True
 
 
 def leave_idle_start() -> bool:
     """Take SCHED_OTHER back for every thread of this process that runs SCHED_IDLE (a thread's policy is its
-    own, and threads started meanwhile inherited it). True if any did. Called where a process of a new
-    generation is about to serve; a no-op in any other."""
-    if not hasattr(os, "SCHED_IDLE") or os.sched_getscheduler(0) != os.SCHED_IDLE:
+    own, and threads started meanwhile inherited it); True if this process started idle. Called where a
+    process of a new generation is about to serve; in any other, no system call at all."""
+    global _started_idle
+    if not _started_idle:
         return False
+    _started_idle = False  # what this process forks from now on starts at SCHED_OTHER
     try:
         threads = [int(tid) for tid in os.listdir("/proc/self/task")]
     except OSError:
