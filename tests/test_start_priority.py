@@ -243,11 +243,64 @@ def test_a_new_generation_imports_its_app_at_sched_idle_and_serves_at_sched_othe
         # One process: the new main imports the app. Workers: the first worker does, forked by the new main
         # before it is ready; the others after it is (at SCHED_OTHER).
         assert sorted(started) == ([os.SCHED_IDLE] if workers == 1 else [os.SCHED_OTHER, os.SCHED_IDLE])
-        serving = {new} if workers == 1 else generation
-        for pid in generation:
-            expected = os.SCHED_OTHER if pid in serving else os.SCHED_IDLE  # the standby stays idle
-            assert policies_of_threads(pid) == {expected}, f"pid {pid} (new main {new}) after the reload"
-        assert server.get_pid() in serving
+        for pid in generation:  # serving at SCHED_OTHER, every thread; its standby (one process) stays idle
+            standby = workers == 1 and pid != new
+            assert policies_of_threads(pid) == {os.SCHED_IDLE if standby else os.SCHED_OTHER}, \
+                f"pid {pid} (new main {new}) after the reload"
+        assert server.get_pid() in ({new} if workers == 1 else generation)
+
+
+# An app whose import takes about 0.2 s of CPU (a large app's), at its own pace whatever the clock does.
+HEAVY_APP = """\
+import os
+import time
+
+deadline = time.process_time() + 0.2
+while time.process_time() < deadline:
+    pass
+
+
+async def app(scope, receive, send):
+    if scope["type"] == "lifespan":
+        while (message := await receive())["type"] != "lifespan.shutdown":
+            await send({"type": "lifespan.startup.complete"})
+        await send({"type": "lifespan.shutdown.complete"})
+        return
+    body = b"pid:%d" % os.getpid()
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"%d" % len(body))]})
+    await send({"type": "http.response.body", "body": body})
+"""
+
+
+def test_an_idle_start_that_busy_cpus_starve_is_taken_out_of_sched_idle_and_the_reload_succeeds(tmp_path):
+    """In a CPU cgroup of their own (as in a container, or a unit with CPUWeight=: autogroups do not apply there),
+    pinned to one CPU beside a process that keeps it busy, an idle start gets next to nothing (0.2 s of CPU would
+    take about a minute): after RESTORE_AFTER the old main takes it out of SCHED_IDLE, and the reload is done
+    well within --ready-timeout, instead of failing on it."""
+    from graceful_http.startpriority import RESTORE_AFTER
+
+    group = f"/sys/fs/cgroup/cpu/gh-test-idle-start-{os.getpid()}"  # cgroup v1's cpu hierarchy, as here and in CI
+    os.mkdir(group)
+    join = ("sh", "-c", f'echo $$ > {group}/cgroup.procs && exec taskset -c 0 "$@"', "sh")
+    (tmp_path / "heavy.py").write_text(HEAVY_APP)
+    spinner = subprocess.Popen([*join, ENGINES["pypi"], "-c", "while True: pass"])
+    try:
+        with ServeProcess(ENGINES["pypi"], tmp_path, "--app-dir", str(tmp_path), "--ready-timeout", "25",
+                          "heavy:app", pid_file=True, prefix=join) as server:
+            server.wait_serving(timeout=30)
+            old = server.main_pid()
+            result = server.reload_cli()
+            assert result.returncode == 0, result.stdout + result.stderr + server.log_tail()
+            new = server.main_pid()
+            assert new != old
+            server.wait_for_log(f"was still starting after {RESTORE_AFTER:g}s at idle CPU priority")
+            assert policies_of_threads(new) == {os.SCHED_OTHER}
+            assert server.get_pid() == new
+    finally:
+        spinner.kill()
+        spinner.wait()
+        wait_until(lambda: not open(f"{group}/cgroup.procs").read(), 20, "the test's cgroup to empty")
+        os.rmdir(group)
 
 
 GRANT_CAP_SYS_NICE = "CapabilityBoundingSet=CAP_SYS_NICE\nAmbientCapabilities=CAP_SYS_NICE\nPrivateUsers=no\n"
@@ -295,7 +348,7 @@ def test_under_systemd_a_new_generation_starts_idle_where_it_may_and_serves_at_s
             assert policies == [os.SCHED_OTHER], answers
         else:
             assert policies == ([os.SCHED_IDLE] if workers == 1 else [os.SCHED_OTHER, os.SCHED_IDLE]), answers
-        for pid in service.generation(new):
+        for pid in service.generation(new):  # its main and workers, or its main and standby (idle where allowed)
             standby = idle and workers == 1 and pid != new
             assert service.policies(pid) == {os.SCHED_IDLE if standby else os.SCHED_OTHER}, (pid, new)
         assert service.state()["NRestarts"] == "0"

@@ -106,10 +106,9 @@ def test_reloads_under_load_follow_main_pid(engine, workers):
         # `ps` shows the same command line after any number of reloads (workers too).
         for pid in current:
             assert service.cmdline(pid) == expected_cmdline
-        # The shipped unit lets a new generation start at idle CPU priority and take the normal one back where
-        # systemd could apply its LimitNICE=+0 (not in a sandbox without CAP_SYS_RESOURCE, as CI's: then nothing
-        # starts idle). Either way it serves at SCHED_OTHER, every thread of every process; a standby, which
-        # forks the next generation, stays idle where the start is.
+        # It serves at SCHED_OTHER, every thread of every process, whether it started idle (where systemd could
+        # apply the unit's LimitNICE=+0) or not (CI's sandbox: see test_start_priority); its standby, which
+        # forks the next generation, is idle where the start is.
         idle_start = service.nice_limit(pids[-1]) >= 20
         for pid in current:
             idle = idle_start and workers == 1 and pid != pids[-1]

@@ -84,7 +84,9 @@ def test_systemctl_reload_rolls_out_worker_by_worker_under_load(service):
         load.wait_for_requests(50)
     samples = stop_sampler(service)
     assert not load.result.failures, load.result.summary()
-    assert len(samples) > 20, samples
+    # The sampler ran from before the reload (the old generation alone) through the rollout (its peak below).
+    # Not a count of samples: a quicker machine takes fewer (18-19 here, on the code before too).
+    assert samples[0][:2] == (WORKERS, WORKERS + 1), samples[:3]
     assert max(s[0] for s in samples) == WORKERS + 1, samples[::10]
     # Two mains, N+1 workers, and the `graceful-http reload` ExecReload= runs.
     assert max(s[1] for s in samples) <= WORKERS + 1 + 2 + 1, samples[::10]

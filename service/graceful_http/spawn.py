@@ -51,9 +51,9 @@ def fork_successor(
     idle: bool = False,
     instead_of_exec: Callable[[list[str], dict[str, str]], None] | None = None,
 ) -> tuple[int, int]:
-    """Fork twice and exec the new generation (at CPU priority `nice`, if given; `idle`: both forks run
-    SCHED_IDLE, see `startpriority`); return the intermediate process's pid and the pipe its pid comes on
-    (`new_generation_pid` reads it).
+    """Fork twice and exec the new generation (at CPU priority `nice`, if given; `idle`: both forks and the
+    start at SCHED_IDLE, see `startpriority`); return the intermediate process's pid and the pipe its pid comes
+    on (`new_generation_pid` reads it).
 
     The intermediate process exits at once, so the new generation is adopted
     by PID 1 (the service manager). It leads a new session, so it and
@@ -73,7 +73,7 @@ def fork_successor(
     if intermediate == 0:  # pragma: no cover - runs in the forked child
         try:
             if idle:
-                start_idle()
+                start_idle()  # its fork and exit, and the new generation's start
             os.close(pid_read)
             grandchild = os.fork()
             if grandchild == 0:

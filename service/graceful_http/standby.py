@@ -14,7 +14,7 @@ What it costs: one idle process beside each one-process main, sharing most of it
 (copy-on-write). It holds none of the service's sockets (a stopping main closes its listeners and new
 connections are refused), and it ends with its main: its channel closes, and PR_SET_PDEATHSIG.
 
-The request (main → standby, one SOCK_SEQPACKET message): JSON {names, environ, inherited, nice}, with the
+The request (main → standby, one SOCK_SEQPACKET message): JSON {names, environ, inherited, nice, idle}, with the
 listening sockets and the handoff channel's end as SCM_RIGHTS descriptors. The answer: {"pid": n}, or
 {"error": why} (then the main starts the new generation itself, as before).
 """
@@ -96,11 +96,11 @@ class Standby:
         return self.channel.fileno() != -1
 
     async def start(self, listen_fds: Sequence[int], names: Sequence[str], handoff_fd: int, inherited: Inherited,
-                    environ: Mapping[str, str], nice: int | None) -> int:
+                    environ: Mapping[str, str], nice: int | None, idle: bool = False) -> int:
         """Have the standby fork the new generation; its pid. StandbyUnavailable if it forked nothing (then
         the caller forks); another OSError if it may have forked but did not say so in time (it is killed
         and never asked again, and this start fails: a second generation on the same channel is worse)."""
-        request = json.dumps({"names": list(names), "environ": dict(environ), "nice": nice,
+        request = json.dumps({"names": list(names), "environ": dict(environ), "nice": nice, "idle": idle,
                               "inherited": inherited.to_environ({})}).encode()
         try:
             socket.send_fds(self.channel, [request], [*listen_fds, handoff_fd])
@@ -139,7 +139,7 @@ def _stand_by(channel: socket.socket, closing: list[int], parent: int) -> None: 
     die_with_parent()
     if os.getppid() != parent:  # the main died before the line above took effect
         return
-    if idle_start_allowed():  # what it forks starts at idle priority (see `startpriority`)
+    if idle_start_allowed():  # its forks, and the new generation's start, run idle (see `startpriority`)
         start_idle()
     for fd in closing:
         try:
@@ -180,5 +180,6 @@ def _fork_generation(request: dict, fds: list[int]) -> int:  # pragma: no cover 
         raise ValueError(f"{len(fds)} descriptors for {len(request['names'])} sockets and a channel")
     inherited = Inherited.from_environ(dict(request["inherited"]))
     return new_generation_pid_blocking(*fork_to_go_on_here(functools.partial(
-        fork_successor, fds[:-1], request["names"], fds[-1], inherited, request["environ"], nice=request["nice"]),
+        fork_successor, fds[:-1], request["names"], fds[-1], inherited, request["environ"], nice=request["nice"],
+        idle=request.get("idle", False)),
         KEPT_BY_A_STANDBY_FORK))

@@ -73,13 +73,22 @@ def restore(group: int, nice: int) -> None:
 
 def _effective_caps() -> int:
     try:
+        return int(_status_field("CapEff") or "0", 16)
+    except ValueError:
+        return 0
+
+
+def _status_field(name: str) -> str | None:
+    """A field of /proc/self/status ("CapEff", "Seccomp"), None if it cannot be read."""
+    try:
         with open("/proc/self/status") as status:
             for line in status:
-                if line.startswith("CapEff:"):
-                    return int(line.split()[1], 16)
-    except (OSError, ValueError):
+                key, _, value = line.partition(":")
+                if key == name:
+                    return value.strip()
+    except OSError:
         pass
-    return 0
+    return None
 
 
 # -- An idle start: SCHED_IDLE until ready (on by default, where the new generation can leave it again)
@@ -90,9 +99,13 @@ def _effective_caps() -> int:
 # and the two then preempt each other every few microseconds until the start is over (a scheduler trace of a
 # reload under load showed the serving main run in 10 µs slices for 30 ms). A nice value does not change that
 # (and weighs nothing between sessions, each its own autogroup); SCHED_IDLE does: a CPU running only idle-class
-# work counts as free for wake-ups, and any other task preempts it at once. So the standby, and the forks that
-# start a generation, run SCHED_IDLE; the new generation's processes each take SCHED_OTHER back (every thread)
-# just before they say they are ready, and anything exec'd (other code) gets it back before exec.
+# work counts as free for wake-ups, and any other task preempts it at once. So the standby, the forks that
+# start a generation (their page-table copies and the intermediate process's exit: about 3 ms of CPU each, which
+# matter: an idle new generation alone did not help) and the new generation's start run SCHED_IDLE; its
+# processes each take SCHED_OTHER back (every thread) just before they say they are ready, and anything exec'd
+# instead (other code) gets it back before exec. Between sessions (autogroups) an idle task still gets its
+# group's share; within one CPU cgroup (a container, a unit with CPUWeight=) busy CPUs leave it next to
+# nothing: after RESTORE_AFTER the old main takes the whole start out of SCHED_IDLE (slower, never failed).
 
 
 _started_idle = False  # set where start_idle took effect; inherited by what this process forks
@@ -113,8 +126,11 @@ def idle_start_allowed() -> bool:
 
 
 def _policy_calls_pass() -> bool:
-    """Do sched_getscheduler and sched_setscheduler pass, and do we run SCHED_OTHER? Tried in a child: a unit
-    that filters them without `SystemCallErrorNumber=` answers with SIGSYS, which must not be ours."""
+    """Do sched_getscheduler and sched_setscheduler pass, and do we run SCHED_OTHER? Under a system-call filter,
+    tried in a child: a unit that filters them without `SystemCallErrorNumber=` answers with SIGSYS, which
+    must not be ours."""
+    if _status_field("Seccomp") == "0":
+        return _policy_calls_pass_here()
     try:
         pid = os.fork()
     except OSError:
@@ -122,13 +138,21 @@ def _policy_calls_pass() -> bool:
     if pid == 0:  # pragma: no cover - the probe
         code = 1
         try:
-            if os.sched_getscheduler(0) == os.SCHED_OTHER:
-                os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))  # changes nothing
-                code = 0
+            code = 0 if _policy_calls_pass_here() else 1
         finally:
             os._exit(code)
     _, status = os.waitpid(pid, 0)
     return os.waitstatus_to_exitcode(status) == 0
+
+
+def _policy_calls_pass_here() -> bool:
+    try:
+        if os.sched_getscheduler(0) != os.SCHED_OTHER:
+            return False
+        os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))  # changes nothing
+    except OSError:
+        return False
+    return True
 
 
 def start_idle() -> None:  # pragma: no cover - runs in a forked child (the standby, a generation's first fork)
@@ -162,3 +186,44 @@ def leave_idle_start() -> bool:
         except OSError as exc:
             log.warning("serving at idle CPU priority: cannot leave SCHED_IDLE (thread %d): %s", tid, exc)
     return True
+
+
+def leave_idle_start_of(group: int | None, ancestor: int) -> None:
+    """The old main's side, for a new generation still starting after RESTORE_AFTER (busy CPUs leave SCHED_IDLE
+    next to nothing): SCHED_OTHER for every idle thread of every process of process group `group` (the new
+    generation leads one: its main, workers, standby) or descended from `ancestor` (us: the standby, the
+    intermediate process of the double fork, the new generation until its parent is gone). Allowed as for
+    the process itself: same user, and the kernel's nice rule."""
+    processes: dict[int, tuple[int, int]] = {}  # pid: (parent, process group)
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as stat:
+                    fields = stat.read().rpartition(")")[2].split()
+                processes[int(name)] = (int(fields[1]), int(fields[2]))
+            except (OSError, ValueError, IndexError):
+                continue  # gone meanwhile
+    chosen = {pid for pid, (_, pgrp) in processes.items() if pgrp == group}
+    parents = {ancestor}
+    while parents:
+        parents = {pid for pid, (parent, _) in processes.items() if parent in parents and pid not in chosen}
+        chosen |= parents
+    moved = 0
+    for pid in chosen:
+        try:
+            threads = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in threads:
+            try:
+                if os.sched_getscheduler(int(tid)) == os.SCHED_IDLE:
+                    os.sched_setscheduler(int(tid), os.SCHED_OTHER, os.sched_param(0))
+                    moved += 1
+            except ProcessLookupError:
+                pass
+            except OSError as exc:
+                log.warning("cannot take the new generation's start out of SCHED_IDLE (pid %d): %s", pid, exc)
+                return
+    if moved:
+        log.info("the new generation was still starting after %gs at idle CPU priority: it goes on at ours",
+                 RESTORE_AFTER)

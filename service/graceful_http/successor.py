@@ -16,7 +16,14 @@ from graceful_http.handoff import CONFIRM_TIMEOUT, SuccessorLink
 from graceful_http.inherited import Inherited
 from graceful_http.spawn import fork_successor, kill_group, new_generation_pid, wait_exit
 from graceful_http.standby import Standby, StandbyUnavailable
-from graceful_http.startpriority import RESTORE_AFTER, START_NICE, idle_start_allowed, restore, start_nice
+from graceful_http.startpriority import (
+    RESTORE_AFTER,
+    START_NICE,
+    idle_start_allowed,
+    leave_idle_start_of,
+    restore,
+    start_nice,
+)
 from graceful_http.wire import ADOPTS, FAILED, READY, ROLLOUT
 
 log = logging.getLogger("graceful_http")
@@ -25,11 +32,13 @@ log = logging.getLogger("graceful_http")
 class Successor:
     """The new generation being started: its pid, its handoff link and its exit."""
 
-    def __init__(self, attempt: int, pid: int, link: SuccessorLink, restore_nice: int | None = None):
+    def __init__(self, attempt: int, pid: int, link: SuccessorLink, restore_nice: int | None = None,
+                 idle: bool = False):
         self.attempt = attempt
         self.pid = pid
         self.link = link
         self.restore_nice = restore_nice  # it starts at a lower CPU priority: this one is given back when ready
+        self.idle = idle  # it starts at SCHED_IDLE and leaves it when ready (or we make it, if starved)
         self.pidfd = exit_watch(pid)
         self.adopts = False  # it said it takes over our keep-alive connections (`ready adopts`)
         self.rolls = False  # it started one worker and wants ours retired one by one (`ready adopts rollout`)
@@ -46,14 +55,20 @@ class Successor:
 
         link = SuccessorLink()
         nice, restore_nice = start_nice(wanted_nice) or (None, None)
+        idle = idle_start_allowed()
         listen_fds, names = [item.sock.fileno() for item in listeners], [item.name for item in listeners]
         fork = functools.partial(fork_successor, listen_fds, names, link.theirs.fileno(), inherited, environ, nice=nice,
-                                 idle=idle_start_allowed())
+                                 idle=idle)
+        # The standby, the forks and the new generation run idle until it answers, then its processes until
+        # ready (see `until_ready`); busy CPUs may leave them next to nothing: after a while, ours.
+        starved = asyncio.get_running_loop().call_later(RESTORE_AFTER, leave_idle_start_of, None,
+                                                        os.getpid()) if idle else None
         try:
             pid = None
             if standby is not None and standby.usable:
                 try:
-                    pid = await standby.start(listen_fds, names, link.theirs.fileno(), inherited, environ, nice)
+                    pid = await standby.start(listen_fds, names, link.theirs.fileno(), inherited, environ, nice,
+                                              idle)
                 except StandbyUnavailable as exc:
                     log.warning("the standby could not start the new generation (%s): forking it here", exc)
             if pid is None:
@@ -62,8 +77,11 @@ class Successor:
         except OSError:
             link.close()
             raise
+        finally:
+            if starved is not None:
+                starved.cancel()
         link.close_theirs()
-        return cls(attempt, pid, link, restore_nice)
+        return cls(attempt, pid, link, restore_nice, idle)
 
     async def until_ready(self) -> g.ChildReady | g.ChildFailed:
         """What became of it: ready, or failed (it said why, or it exited)."""
@@ -72,6 +90,10 @@ class Successor:
         starved = None
         if self.restore_nice is not None:
             starved = asyncio.get_running_loop().call_later(RESTORE_AFTER, restore, self.pid, self.restore_nice)
+        idle_starved = None
+        if self.idle:  # busy CPUs leave an idle start next to nothing: after a while it starts at ours
+            idle_starved = asyncio.get_running_loop().call_later(RESTORE_AFTER, leave_idle_start_of, self.pid,
+                                                                 os.getpid())
         try:
             done, _ = await asyncio.wait({message, exit_wait}, return_when=asyncio.FIRST_COMPLETED)
             gone = f"new generation (pid {self.pid}) exited before it was ready"
@@ -91,6 +113,8 @@ class Successor:
             if starved is not None:
                 starved.cancel()
                 restore(self.pid, self.restore_nice)  # ready (or failed: then it is killed anyway)
+            if idle_starved is not None:
+                idle_starved.cancel()  # ready: it left SCHED_IDLE itself (or failed: then it is killed anyway)
 
     def alive(self) -> bool:
         return not select.select([self.pidfd], [], [], 0)[0]
