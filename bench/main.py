@@ -543,6 +543,15 @@ def systemd_sections(plan: Plan, raw: Path, keep: dict, results: dict) -> None:
                     results["reloads"].append(result)
                     keep[graceful.label] = kept
                     results.setdefault("reload_noop", []).append(systemd_noop_reloads(plan, graceful, raw))
+                    results["systemd_idle_start"] = graceful.idle_start_in_effect()
+                    if not results["systemd_idle_start"]:  # what the shipped unit does on a host, beside it
+                        graceful.grant_idle_start(True)
+                        try:
+                            result, kept = under_reloads(graceful, plan, raw, f"reloads-systemd-idle-w{workers}")
+                            results["reloads"].append(result)
+                            keep[graceful.label] = kept
+                        finally:
+                            graceful.grant_idle_start(False)
                 if graceful.workers != plan.reload_workers:
                     graceful.set_workers(plan.reload_workers)
             if "soak" in plan.sections and plan.soak_reloads:

@@ -19,6 +19,8 @@ from bench.servers import REPO, UVICORN_ENGINE, BenchError, Reload, free_port, w
 from harness.systemd_service import APP_DIR, SERVICE, SOCKET, VENV_DIR, InstalledService
 
 APP_MODULE = "benchapp"
+# What bench.unit_ab's side B and the "idle start" rows add to the unit (see SystemdGraceful.grant_idle_start).
+IDLE_START_GRANT = "CapabilityBoundingSet=CAP_SYS_NICE\nAmbientCapabilities=CAP_SYS_NICE\nPrivateUsers=no\n"
 UVICORN_UNIT = "bench-uvicorn"
 
 
@@ -165,6 +167,25 @@ class SystemdGraceful(_InContainer):
             times["before"] = (requested - started) / 1e6
             times["service"] = (took_over - requested) / 1e6
         return times
+
+    def idle_start_in_effect(self) -> bool:
+        """Could systemd apply the shipped unit's LimitNICE=+0 here (then a new generation starts at SCHED_IDLE
+        and can leave it: see startpriority)?"""
+        return self.containers.service.nice_limit(self.main_pid()) >= 20
+
+    def grant_idle_start(self, granted: bool) -> None:
+        """What LimitNICE=+0 allows on a host, the other way the kernel allows it (CAP_SYS_NICE), for a machine
+        whose systemd cannot apply the limit (its root lacks CAP_SYS_RESOURCE, as here); restarts the unit."""
+        path = f"/etc/systemd/system/{SERVICE}.d/zz-bench-idle-start.conf"
+        if granted:
+            self.container.write_file(path, f"[Service]\n{IDLE_START_GRANT}")
+            self.name = f"{SystemdGraceful.name}, idle start (CAP_SYS_NICE granted)"
+        else:
+            self.container.run(f"rm -f {path}")
+            self.name = SystemdGraceful.name
+        self.container.systemctl("daemon-reload")
+        self.container.systemctl("restart", SERVICE)
+        wait_serving(self.port)
 
     def set_exec_reload(self, command: str | None) -> None:
         """Replace ExecReload= (None: back to graceful-http's), for the no-op reference."""
