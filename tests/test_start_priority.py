@@ -16,11 +16,13 @@ from graceful_http.startpriority import CAP_SYS_NICE, START_NICE, may_raise_to
 from support.serve_process import ENGINES, SERVICE_DIR, ServeProcess, clean_environ, wait_until
 
 NICE = 19  # what the tests ask for with --start-nice (the default, 0, is off)
+# How the gate tests run a script: as root without CAP_SYS_NICE, or as nobody.
+WITHOUT_CAP_SYS_NICE = ["setpriv", "--bounding-set=-sys_nice", "--inh-caps=-sys_nice"]
+AS_NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
 
 # Records the nice value its process had when it imported the app (the start), and answers with its pid.
 RECORDING_APP = """\
 import os
-import re
 
 with open({log!r}, "a") as log:
     log.write(f"{{os.getpid()}} {{os.getpriority(os.PRIO_PROCESS, 0)}}\\n")
@@ -50,7 +52,6 @@ def test_raising_a_priority_again_needs_cap_sys_nice_or_a_high_enough_rlimit_nic
 # Prints what start_nice() says, then whether the kernel lets this process go from nice 19 back to where it was.
 GATE = """\
 import os
-import re
 from graceful_http.startpriority import start_nice
 print(start_nice(19))
 before = os.getpriority(os.PRIO_PROCESS, 0)
@@ -65,17 +66,23 @@ except OSError as exc:
 
 @pytest.mark.parametrize("setpriv, expected", [
     ([], ["(19, 0)", "raised again"]),
-    (["setpriv", "--bounding-set=-sys_nice", "--inh-caps=-sys_nice"], ["None", "Permission denied"]),
-    (["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"], ["None", "Permission denied"]),
+    (WITHOUT_CAP_SYS_NICE, ["None", "Permission denied"]),
+    (AS_NOBODY, ["None", "Permission denied"]),
 ], ids=["root", "root-without-cap-sys-nice", "nobody"])
 def test_a_process_that_could_not_give_the_priority_back_does_not_lower_it(setpriv, expected):
     """With the default RLIMIT_NICE (0) only CAP_SYS_NICE lets a priority go back up: the gate agrees with the
     kernel."""
+    assert run_gate(setpriv, GATE) == expected
+
+
+def run_gate(prefix: list[str], script: str) -> list[str]:
+    """What `script` prints, run (as `prefix` makes it: another user, fewer capabilities) with the default
+    RLIMIT_NICE, which only CAP_SYS_NICE overrides."""
     assert resource.getrlimit(resource.RLIMIT_NICE)[0] == 0, "run this test with the default RLIMIT_NICE"
-    result = subprocess.run([*setpriv, ENGINES["pypi"], "-c", GATE], capture_output=True, text=True,
+    result = subprocess.run([*prefix, ENGINES["pypi"], "-c", script], capture_output=True, text=True,
                             env=clean_environ(PYTHONPATH=str(SERVICE_DIR)), timeout=30)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines() == expected
+    return result.stdout.splitlines()
 
 
 def nice_of_threads(pid: int) -> set[int]:
@@ -157,7 +164,6 @@ def test_a_new_generation_imports_its_app_at_nice_19_and_serves_at_the_old_prior
 # Prints what idle_start_allowed() says, then whether the kernel lets this process go SCHED_IDLE and back.
 IDLE_GATE = """\
 import os
-import re
 from graceful_http.startpriority import idle_start_allowed
 print(idle_start_allowed())
 os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
@@ -171,25 +177,20 @@ except OSError as exc:
 
 @pytest.mark.parametrize("setpriv, expected", [
     ([], ["True", "left idle"]),
-    (["setpriv", "--bounding-set=-sys_nice", "--inh-caps=-sys_nice"], ["False", "Operation not permitted"]),
-    (["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"], ["False", "Operation not permitted"]),
+    (WITHOUT_CAP_SYS_NICE, ["False", "Operation not permitted"]),
+    (AS_NOBODY, ["False", "Operation not permitted"]),
     (["chrt", "--batch", "0"], ["False", "left idle"]),  # a policy chosen by the admin is left alone
 ], ids=["root", "root-without-cap-sys-nice", "nobody", "sched-batch"])
 def test_the_idle_start_gate_agrees_with_the_kernel(setpriv, expected):
     """Leaving SCHED_IDLE counts as raising nice to 0: CAP_SYS_NICE, or RLIMIT_NICE 20 (systemd's LimitNICE=+0,
     which the shipped unit sets; this machine's root cannot raise the limit to try that case)."""
-    assert resource.getrlimit(resource.RLIMIT_NICE)[0] == 0, "run this test with the default RLIMIT_NICE"
-    result = subprocess.run([*setpriv, ENGINES["pypi"], "-c", IDLE_GATE], capture_output=True, text=True,
-                            env=clean_environ(PYTHONPATH=str(SERVICE_DIR)), timeout=30)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines() == expected
+    assert run_gate(setpriv, IDLE_GATE) == expected
 
 
 # Records its scheduling policy at import (the start), starts a thread there (which inherits that policy), and
 # answers with its pid and that policy.
 POLICY_APP = """\
 import os
-import re
 import threading
 
 POLICY = os.sched_getscheduler(0)
