@@ -156,7 +156,8 @@ def test_drain_hands_every_connection_over(engine):
     """A draining engine with two adoption points (a new generation's two workers, the first serving two
     connections already): six idle keep-alive clients move at once, the emptier worker filled first; a busy
     one finishes its request without `Connection: close` and moves; a half-sent request is answered, then
-    its connection moves; one that asked for `Connection: close` stays and counts as fallen back. Every
+    its connection moves; one that asked for `Connection: close` stays and counts as fallen back; one whose
+    client hung up as the drain began is gone, and counts as neither (it failed a recycle test). Every
     client's next request is answered by the new engines on the same connection, and the drain ends as soon
     as nothing is left."""
     seen = run_scenario("drain", engine)

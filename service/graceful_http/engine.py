@@ -888,7 +888,8 @@ class Engine:
             self.descriptors.stop()
         now = time.monotonic()
         for connection in list(self.connections):
-            if moving and not is_websocket(connection) and not getattr(connection, "lame_duck", False):
+            if (moving and not is_websocket(connection) and not getattr(connection, "lame_duck", False)
+                    and not connection.transport.is_closing()):
                 self.fell_back += 1  # neither moved nor drained here in time
             if _busy(connection) or is_websocket(connection):
                 log.warning("graceful timeout: cut %s", describe_cut(connection, now))
@@ -1037,6 +1038,8 @@ class Engine:
             return
         release_held(connection)
         connection.lame_duck = True
+        if connection.transport.is_closing():  # the client hung up (or we closed it): gone, not fallen back
+            return
         self.fell_back += 1
         log.debug("connection handover: %s stays and drains here: %s", _peer(getattr(connection, "client", None)), why)
         _close_after_response(connection)

@@ -433,11 +433,20 @@ async def drain(http: str) -> dict:
                    and all(c.handover_state().request_pending for c in a.connections if c.cycle is None),
                    "9 connections, 2 busy, the partial head read")
 
+    hung_up = socket.create_connection((HOST, port))  # a client that goes away as the drain begins
+    hung_up.sendall(b"GET /one HTTP/1.1\r\nHost: x\r\n\r\n")
+    await loop.run_in_executor(None, read_responses, hung_up, 1)
+    await wait_for(lambda: len(a.connections) == 10, "the one that will hang up")
+    gone = next(c for c in a.connections if c.client[1] == hung_up.getsockname()[1])
     a.stop_accepting(moving_to=os.getpid())
     movers = await connect_all(os.getpid())
     deadline = time.monotonic() + DEADLINE
     draining = asyncio.ensure_future(a.drain(deadline, movers=movers))
+    # Its transport closes before the drain's first look, its connection_lost only after it (the loop's order
+    # of callbacks): the drain sees it closing. It is gone, not fallen back.
+    gone.transport.close()
     await wait_for(lambda: a.handed_over == 6 and a.fell_back == 1, "the idle ones to move")
+    hung_up.close()
     counts = {"moved at once": a.handed_over, "fell back at once": a.fell_back}
     a_app.release.set()  # the busy ones answer
     await busy_answer
