@@ -324,7 +324,7 @@ def children_cpu_seconds() -> float:
 
 def _timed_reload(server: GracefulHttp, method: str) -> float:
     old = server.main_pid()
-    record = {"sighup": server.reload, "control": server.reload_by_control_socket,
+    record = {"sighup": lambda: server.reload(poll=0.001), "control": server.reload_by_control_socket,
               "command": server.reload_by_command}[method]()
     if not record.ok:
         raise BenchError(f"graceful-http reload ({method}) failed: {record.detail}\n{server.log_tail()}")

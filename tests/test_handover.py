@@ -216,3 +216,18 @@ def test_a_connection_held_while_a_batch_is_in_flight_moves_at_once(engine):
     assert seen["first"] == ["A:/slow:0"] and seen["second"] == ["B:/two:0"], seen
     assert seen["sent"] == [1, 1] and seen["moved_before_the_tick"], seen
     assert (seen["handed_over"], seen["fell_back"]) == (2, 0), seen
+
+
+@pytest.mark.parametrize("engine", list(ENGINES))
+def test_a_worker_drain_ends_once_nothing_is_left_and_waits_for_what_it_accepted(engine):
+    """A worker accepts through its own loop, which counts what it accepted and has not set up yet: its drain
+    ends as soon as nothing is left, not a tick later (an old worker of a rollout idled 50 ms there, twice per
+    reload with two workers, before the next new worker could start), and a connection still being set up as
+    the drain begins is waited for and moves too. The tick is made 30 s, beyond the drain's deadline: on the
+    code before, the drain ended only at its deadline and the late connection never moved."""
+    seen = run_scenario("worker_settle", engine)
+    assert seen["first"] == ["A:/one:0"]
+    assert seen["second"][0].startswith("B:/two") and seen["second"][1].startswith("B:/two"), seen["second"]
+    assert seen["waited_for_pending"]
+    assert seen["ended_before_deadline"]
+    assert (seen["handed_over"], seen["fell_back"]) == (2, 0)

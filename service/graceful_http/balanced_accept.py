@@ -181,6 +181,7 @@ class BalancedAcceptor:
         self._burst_taken = 0
         self._timer: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.on_set_up: Callable[[], None] | None = None  # told as each pending connection is set up (or fails)
 
     def own(self) -> int:
         return self.held() + self.pending
@@ -212,7 +213,12 @@ class BalancedAcceptor:
         if protocol in self._unmade:
             self._unmade.discard(protocol)
             self.pending -= 1
+            self._tell_set_up()
         self.publish()
+
+    def _tell_set_up(self) -> None:
+        if self.on_set_up is not None:
+            self.on_set_up()
 
     def publish(self, _protocol=None) -> None:
         """Say how many connections we hold: siblings see one gone at once, not at our next accept."""
@@ -312,6 +318,7 @@ class BalancedAcceptor:
                 self._unmade.discard(made[0] if made else None)
                 self.pending -= 1
                 self.publish()
+                self._tell_set_up()
             if not future.cancelled() and future.exception() is not None:
                 log.debug("an accepted connection could not be set up: %s", future.exception())
 

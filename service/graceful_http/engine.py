@@ -829,13 +829,22 @@ class Engine:
         state.wake_drain = wakeup.set
         state.hold_idle = bool(movers)  # each response's end holds its connection for the next batch
 
-        def done() -> bool:  # every connection gone, every handler finished (a WebSocket's may outlive it)
-            return not self.connections and not state.tasks and not (arriving and arriving())
+        acceptor = self.acceptor
 
-        # Connections the loop accepted just before we stopped are registered a few loop turns later: our copies
-        # of the listeners close, and the drain may end, only a tick from now. Idle connections move at once (the
-        # sooner they all have, the shorter both generations compete for the CPUs).
-        settles_at = time.monotonic() + DRAIN_TICK
+        def done() -> bool:  # every connection gone, every handler finished (a WebSocket's may outlive it)
+            return (not self.connections and not state.tasks and not (arriving and arriving())
+                    and not (acceptor is not None and acceptor.pending))
+
+        # Connections the event loop accepted just before we stopped are registered a few loop turns later: our
+        # copies of the listeners close, and the drain may end, only a tick from now. A worker's own accept loop
+        # (see balanced_accept) counts what it accepted and has not set up yet, and wakes us as each is: then
+        # nothing arrives unseen and the drain ends as soon as nothing is left (an old worker of a rollout
+        # waited the tick out, idle, before the next new worker could start: twice per reload with two
+        # workers). Idle connections move at once (the sooner they all have, the shorter both generations
+        # compete for the CPUs).
+        settles_at = time.monotonic() + (0.0 if acceptor is not None else DRAIN_TICK)
+        if acceptor is not None:
+            acceptor.on_set_up = wakeup.set
         try:
             while time.monotonic() < deadline:
                 # Cleared before looking, not before waiting: a response that completes while a batch is in
@@ -881,6 +890,8 @@ class Engine:
         finally:
             state.wake_drain = None
             state.hold_idle = False
+            if acceptor is not None:
+                acceptor.on_set_up = None
             self._close_listeners()  # a deadline shorter than the tick
         websockets.cancel()
         cut = self.in_flight()

@@ -601,6 +601,69 @@ async def during_batch(http: str) -> dict:
             "handed_over": a.handed_over, "fell_back": a.fell_back}
 
 
+async def worker_settle(http: str) -> dict:
+    """A worker's engine, accepting through its own loop (balanced_accept): its drain ends as soon as nothing is
+    left, not a tick later (the tick made 30 s here, beyond the drain's deadline), and a connection accepted but
+    still being set up as the drain begins is waited for, then moves."""
+    import graceful_http.engine
+    from graceful_http import balanced_accept
+
+    graceful_http.engine.DRAIN_TICK = 30.0
+    loop = asyncio.get_running_loop()
+    table = balanced_accept.create_table()
+    a_sock = listener()
+    a = Engine(named_app("A"), [a_sock], lifespan=False, protocol=http)
+    acceptor = balanced_accept.for_worker(a, os.getpid(), workers=2, index=1)
+    set_up = asyncio.Event()
+    held_back = []
+    serve = a.serve_accepted
+
+    def serving(sock, created):  # once held_back is set, a connection's set-up waits for set_up
+        if not held_back:
+            return serve(sock, created)
+
+        async def later():
+            await set_up.wait()
+            return await serve(sock, created)
+        return asyncio.ensure_future(later())
+
+    a.serve_accepted = serving
+    await a.start()
+    b, _, _ = await start_engine("B", http)
+    point = AdoptionPoint(os.getpid(), 1, b.adopt)
+    point.open()
+    port = a_sock.getsockname()[1]
+    served = socket.create_connection((HOST, port))
+    served.sendall(b"GET /one HTTP/1.1\r\nHost: x\r\n\r\n")
+    first = await loop.run_in_executor(None, read_responses, served, 1)
+    await wait_for(lambda: len(a.connections) == 1 and a.in_flight() == 0, "one idle connection")
+    held_back.append(True)
+    pending = socket.create_connection((HOST, port))
+    await wait_for(lambda: acceptor.pending == 1, "a connection accepted, its set-up held back")
+    a.stop_accepting(moving_to=os.getpid())
+    movers = await connect_all(os.getpid())
+    deadline = time.monotonic() + DEADLINE
+    draining = asyncio.ensure_future(a.drain(deadline, movers=movers))
+    await wait_for(lambda: a.handed_over == 1, "the idle connection to move")
+    for _ in range(20):  # loop turns in which the drain could end
+        await asyncio.sleep(0)
+    waited_for_pending = not draining.done()
+    set_up.set()
+    await draining
+    ended_before_deadline = time.monotonic() < deadline
+    second = []
+    for client in (served, pending):
+        client.sendall(b"GET /two HTTP/1.1\r\nHost: x\r\n\r\n")
+        second += await loop.run_in_executor(None, read_responses, client, 1)
+    await end_handover(movers, [point])
+    for client in (served, pending):
+        client.close()
+    acceptor.counts.close()
+    os.close(table)
+    return {"first": first, "second": second, "waited_for_pending": waited_for_pending,
+            "ended_before_deadline": ended_before_deadline, "handed_over": a.handed_over, "fell_back": a.fell_back}
+
+
 def main() -> None:
     scenario, http, loop = sys.argv[1:4]
     if loop == "uvloop":
@@ -608,7 +671,8 @@ def main() -> None:
 
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     scenarios = {"journey": journey, "channel": channel, "drain": drain, "states": states, "batches": batches,
-                 "first_batch": first_batch, "held": held, "during_batch": during_batch}
+                 "first_batch": first_batch, "held": held, "during_batch": during_batch,
+                 "worker_settle": worker_settle}
     result = asyncio.run(asyncio.wait_for(scenarios[scenario](http), 60))
     print(json.dumps(result))
 
