@@ -85,13 +85,18 @@ def run_gate(prefix: list[str], script: str) -> list[str]:
     return result.stdout.splitlines()
 
 
-def nice_of_threads(pid: int) -> set[int]:
-    """The nice value of every thread of `pid` (field 19 of /proc/<pid>/task/<tid>/stat)."""
+def of_threads(pid: int, field: int) -> set[int]:
+    """Field `field` (numbered as in proc(5)) of /proc/<pid>/task/<tid>/stat, for every thread of `pid`."""
     values = set()
     for tid in os.listdir(f"/proc/{pid}/task"):
         with open(f"/proc/{pid}/task/{tid}/stat") as stat:
-            values.add(int(stat.read().rpartition(")")[2].split()[16]))
+            values.add(int(stat.read().rpartition(")")[2].split()[field - 3]))  # fields 1-2 end at the ")"
     return values
+
+
+def nice_of_threads(pid: int) -> set[int]:
+    """The nice value of every thread of `pid` (field 19)."""
+    return of_threads(pid, 19)
 
 
 def recorded(log) -> dict[int, int]:
@@ -212,12 +217,8 @@ async def app(scope, receive, send):
 
 
 def policies_of_threads(pid: int) -> set[int]:
-    """The scheduling policy of every thread of `pid` (field 41 of /proc/<pid>/task/<tid>/stat)."""
-    values = set()
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{tid}/stat") as stat:
-            values.add(int(stat.read().rpartition(")")[2].split()[38]))
-    return values
+    """The scheduling policy of every thread of `pid` (field 41)."""
+    return of_threads(pid, 41)
 
 
 @pytest.mark.parametrize("workers", [1, 2])
