@@ -179,12 +179,21 @@ def leave_idle_start() -> bool:
         threads = [0]
     for tid in threads:
         try:
-            if os.sched_getscheduler(tid) == os.SCHED_IDLE:
-                os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
-        except ProcessLookupError:
-            pass  # the thread ended meanwhile
+            _leave_idle(tid)
         except OSError as exc:
             log.warning("serving at idle CPU priority: cannot leave SCHED_IDLE (thread %d): %s", tid, exc)
+    return True
+
+
+def _leave_idle(tid: int) -> bool:
+    """SCHED_OTHER for thread `tid` if it runs SCHED_IDLE: True if it did. A thread that ended meanwhile is
+    none; OSError if the kernel refuses."""
+    try:
+        if os.sched_getscheduler(tid) != os.SCHED_IDLE:
+            return False
+        os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
+    except ProcessLookupError:
+        return False
     return True
 
 
@@ -216,11 +225,7 @@ def leave_idle_start_of(group: int | None, ancestor: int) -> None:
             continue
         for tid in threads:
             try:
-                if os.sched_getscheduler(int(tid)) == os.SCHED_IDLE:
-                    os.sched_setscheduler(int(tid), os.SCHED_OTHER, os.sched_param(0))
-                    moved += 1
-            except ProcessLookupError:
-                pass
+                moved += _leave_idle(int(tid))
             except OSError as exc:
                 log.warning("cannot take the new generation's start out of SCHED_IDLE (pid %d): %s", pid, exc)
                 return
