@@ -211,12 +211,13 @@ class BalancedAcceptor:
     def added(self, protocol) -> None:
         """uvicorn counts a connection from now on (see `WatchedSet`)."""
         if protocol in self._unmade:
-            self._unmade.discard(protocol)
-            self.pending -= 1
-            self._tell_set_up()
+            self._no_longer_pending(protocol)
         self.publish()
 
-    def _tell_set_up(self) -> None:
+    def _no_longer_pending(self, protocol) -> None:
+        """An accepted connection is set up (in uvicorn's count), or never will be."""
+        self._unmade.discard(protocol)
+        self.pending -= 1
         if self.on_set_up is not None:
             self.on_set_up()
 
@@ -315,10 +316,8 @@ class BalancedAcceptor:
 
         def done(future: asyncio.Future) -> None:
             if not made or made[0] in self._unmade:  # it never made it into uvicorn's count
-                self._unmade.discard(made[0] if made else None)
-                self.pending -= 1
+                self._no_longer_pending(made[0] if made else None)
                 self.publish()
-                self._tell_set_up()
             if not future.cancelled() and future.exception() is not None:
                 log.debug("an accepted connection could not be set up: %s", future.exception())
 
