@@ -323,11 +323,20 @@ def _use_fastest_event_loop() -> None:
     """uvloop when installed (as `uvicorn[standard]` brings), else asyncio's own loop."""
     import asyncio
 
+    global _uvloop_missing
+    if _uvloop_missing:
+        return
     try:
         import uvloop
     except ImportError:
+        _uvloop_missing = True
         return
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+# uvloop was looked for and is missing: a new main forked from this one (see `zygote`) does not search sys.path
+# for it again during a reload (a failed import is not remembered by Python).
+_uvloop_missing = False
 
 
 def check(args: argparse.Namespace) -> int:

@@ -53,8 +53,11 @@ class StartupFailed(Exception):
     """The app's lifespan startup failed (uvicorn logged the details)."""
 
 
+@functools.cache
 def _protocol_base(http: str = "auto"):
-    """httptools when available (as uvicorn's "auto" does), else h11; or the one asked for."""
+    """httptools when available (as uvicorn's "auto" does), else h11; or the one asked for. Chosen once per
+    process tree: where httptools is missing, each try is a failed import (a search of sys.path) that Python
+    does not remember, and a forked worker would try again (twice) while the old generation serves."""
     if http in ("auto", "httptools"):
         try:
             import httptools  # noqa: F401
