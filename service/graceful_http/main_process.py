@@ -123,7 +123,10 @@ def import_ahead(settings: ServeSettings) -> None:
     rollout its two machines (`rolling`), which both mains of a reload need (their 18 dataclasses: 8–13 ms of
     CPU each, measured with -X importtime). The next generation is a fork of this main or of its standby (see
     `zygote`, `standby`): imported once, in the first generation, they are there for every later one."""
-    from systemd import daemon  # noqa: F401
+    try:
+        from systemd import daemon  # noqa: F401
+    except ImportError:
+        pass  # a dependency, but what starts without it starts as before: the reload says what is missing
 
     from graceful_http.engine import preload
 
