@@ -236,13 +236,8 @@ def test_a_reload_imports_nothing_but_the_app(engine, workers, tmp_path):
         server.wait_serving()
         serving = len(server.log())
         assert "graceful_http.engine" in imported_modules(server.log()), server.log_tail()  # the report is on
-        for _ in range(2):
-            old = server.main_pid()
-            result = server.reload_cli()
-            assert result.returncode == 0, result.stdout + result.stderr + server.log_tail()
-            server.wait_new_main(old)
-            server.wait_gone(old)  # the old main exits once the rollout is over
-            assert get(HOST, server.port, "/", timeout=10)[0] == 200
+        server.reload_and_wait()  # (the old main exits once the rollout is over)
+        server.reload_and_wait()
         since = server.log()[serving:]
     assert since.count("rollout: all 2 workers of this generation serving") == (2 if workers > 1 else 0), since[-3000:]
     assert since.count("forked from the previous main") == 2, since[-3000:]  # (the standby's fork, with one)

@@ -10,8 +10,7 @@ import pytest
 
 from graceful_http import zygote
 from graceful_http.zygote import eligible, interpreter_environment, mapped_files, unchanged_since
-from support.load import get
-from support.serve_process import ENGINES, HOST, SERVICE_DIR, ServeProcess
+from support.serve_process import ENGINES, SERVICE_DIR, ServeProcess
 
 APPS_DIR = Path(__file__).parent / "apps"
 FORKED = "forked from the previous main, not exec'd"
@@ -106,17 +105,6 @@ def served_by_copy(engine: str, tmp_path: Path, workers: int = 2) -> ServeProces
                         environ={"PYTHONPATH": str(tmp_path / "service"), "FOOTPRINT_MB": "4"})
 
 
-def reload_and_wait(server: ServeProcess) -> int:
-    old = server.main_pid()
-    result = server.reload_cli()
-    assert result.returncode == 0, result.stdout + result.stderr + server.log_tail()
-    new = server.wait_new_main(old)
-    server.wait_gone(old)
-    status, _, _ = get(HOST, server.port, "/", timeout=10)
-    assert status == 200
-    return new
-
-
 @pytest.mark.parametrize(("engine", "workers"), [("pypi", 2), ("debian", 2), ("pypi", 1)])
 def test_an_unchanged_install_reloads_by_fork_and_an_edited_one_by_exec(engine, workers, tmp_path):
     """With workers the new main is a fork of the old one; with one process, of its standby, which examines the
@@ -125,14 +113,14 @@ def test_an_unchanged_install_reloads_by_fork_and_an_edited_one_by_exec(engine, 
         server.wait_serving()
         # Generation 1 may have started within a clock tick of the copy, which then counts as a change after
         # its start (so its successor may be exec'd); generation 2 started well after it.
-        reload_and_wait(server)
-        reload_and_wait(server)
+        server.reload_and_wait()
+        server.reload_and_wait()
         assert "gen 3: " + FORKED in server.log(), server.log_tail()
 
         # A new version of a module the main has loaded: the next generation must run it, so it is exec'd.
         edited = tmp_path / "service" / "graceful_http" / "zygote.py"
         edited.write_text(edited.read_text() + "\nimport sys\nsys.stderr.write('zygote.py as edited\\n')\n")
-        reload_and_wait(server)
+        server.reload_and_wait()
         log = server.log()
         assert "gen 4: " + FORKED not in log, server.log_tail()
         assert log.count("zygote.py as edited") == 1, server.log_tail()  # imported anew, by the exec'd main only

@@ -260,6 +260,18 @@ class ServeProcess:
     def reload_cli(self, timeout: float = 60) -> subprocess.CompletedProcess:
         return self.run("reload", "--pid-file", str(self.pid_file), "--timeout", "30", timeout=timeout)
 
+    def reload_and_wait(self) -> int:
+        """`graceful-http reload`, which must succeed; then until its new main is main, the old one has exited
+        (with workers, once the rollout is over) and a request is answered. Returns the new main's pid."""
+        old = self.main_pid()
+        result = self.reload_cli()
+        assert result.returncode == 0, result.stdout + result.stderr + self.log_tail()
+        new = self.wait_new_main(old)
+        self.wait_gone(old)
+        status, _, _ = get(HOST, self.port, "/", timeout=10)
+        assert status == 200
+        return new
+
     def post_graceful(self) -> tuple[int, bytes]:
         status, body, _ = get(HOST, self.port, "/graceful", method="POST", timeout=10)
         return status, body
