@@ -114,8 +114,42 @@ def summarize_probe(data: dict, reloads: list[dict], window: float = AFTER_RELOA
                    **_latency_figures(latency, answered, steady)},
         "new_pid_answers_after_ms": {"median": round(statistics.median(switch), 3) if switch else None,
                                      "max": max(switch) if switch else None},
+        "p99_after_vs_steady_interval": ratio_interval(latency[answered], start[answered], end[answered],
+                                                       [r["requested"] for r in reloads], window),
         "per_reload": per_reload,
     }
+
+
+def ratio_interval(latency, start, end, reload_times: list[float], window: float = AFTER_RELOAD,
+                   resamples: int = 400, seed: int = 1) -> list[float] | None:
+    """A 95 % interval of (p99 within `window` after a reload ÷ p99 outside those windows) over the reloads
+    of one run: a bootstrap of whole reload cycles (a reload's window and the steady stretch up to the
+    next reload, drawn with replacement). One reload's second differs from the next's by far more than
+    its requests differ among themselves (the same code saw 15 and 600 slow requests in two reloads of a
+    run), so the figure alone says little about how near it is to a target; None with fewer than 3 reloads.
+    `latency`, `start`, `end`: the answered requests' arrays."""
+    times = sorted(reload_times)
+    if len(times) < 3:
+        return None
+    boundaries = np.asarray(times[1:], dtype=float)
+    cycle = np.searchsorted(boundaries, start, side="right")  # requests before the first reload: cycle 0's
+    after = np.zeros(start.shape, dtype=bool)
+    for t in times:
+        after |= (start < t + window) & (end >= t)
+    after_by_cycle = [latency[after & (cycle == i)] for i in range(len(times))]
+    steady_by_cycle = [latency[~after & (cycle == i)] for i in range(len(times))]
+    rng = np.random.default_rng(seed)
+    ratios = []
+    for _ in range(resamples):
+        chosen = rng.integers(0, len(times), len(times))
+        after_p99 = np.concatenate([after_by_cycle[i] for i in chosen])
+        steady_p99 = np.concatenate([steady_by_cycle[i] for i in chosen])
+        if after_p99.size and steady_p99.size:
+            ratios.append(np.percentile(after_p99, 99) / np.percentile(steady_p99, 99))
+    if not ratios:
+        return None
+    low, high = np.percentile(ratios, [2.5, 97.5])
+    return [round(float(low), 3), round(float(high), 3)]
 
 
 def median_of_runs(runs: list[dict]) -> dict:

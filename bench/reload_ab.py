@@ -92,7 +92,9 @@ def main(argv: list[str] | None = None) -> int:
             ratios[side].append(after / steady)
             rows = where_slow(data, reloads, steady / 1000)
             slow[side] += [row["slow"] for row in rows]
-            print(f"pair {pair} {side}: p99 after {after:.1f} ms, steady {steady:.1f} ms ({after / steady:.2f}×),"
+            interval = summary["p99_after_vs_steady_interval"]
+            print(f"pair {pair} {side}: p99 after {after:.1f} ms, steady {steady:.1f} ms ({after / steady:.2f}×"
+                  + (f", 95 % interval over its reloads {interval[0]:.2f}–{interval[1]:.2f}×" if interval else "") + "),"
                   f" {summary['reloads']} reloads, {summary['errors']['total']} errors", flush=True)
             if args.detail:
                 for row in rows:
