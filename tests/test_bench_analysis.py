@@ -1,5 +1,6 @@
-"""The benchmark's analysis of reload latency, on synthetic records (no processes): the interval it prints beside
-"p99 after a reload ÷ steady" must say how far one run's reloads let that figure be trusted."""
+"""The benchmark's analysis of reload latency, on synthetic records: the interval it prints beside "p99 after a
+reload ÷ steady" must say how far one run's reloads let that figure be trusted; and the machine's own wake-up
+check (`bench.wakeup`), which the README reads those figures beside."""
 
 from __future__ import annotations
 
@@ -51,3 +52,14 @@ def test_every_reload_slow_alike_gives_a_narrow_interval_well_above_one():
 def test_too_few_reloads_give_no_interval():
     latency, start, end, times = records({})
     assert analyze.ratio_interval(latency, start, end, times[:2]) is None
+
+
+def test_the_wakeup_check_summarises_its_round_trips():
+    from bench import wakeup
+
+    times = [0.00004] * 990 + [0.003] * 9 + [0.006]
+    s = wakeup.summary(times)
+    assert (s["round_trips"], s["p50_us"], s["over_2ms"], s["over_5ms"], s["max_ms"]) == (1000, 40, 10, 1, 6.0)
+    assert s["p999_ms"] == 6.0 and s["p99_us"] == 3000
+    measured = wakeup.round_trips(0.2)
+    assert measured and all(t > 0 for t in measured)
