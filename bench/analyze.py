@@ -114,28 +114,26 @@ def summarize_probe(data: dict, reloads: list[dict], window: float = AFTER_RELOA
                    **_latency_figures(latency, answered, steady)},
         "new_pid_answers_after_ms": {"median": round(statistics.median(switch), 3) if switch else None,
                                      "max": max(switch) if switch else None},
-        "p99_after_vs_steady_interval": ratio_interval(latency[answered], start[answered], end[answered],
-                                                       [r["requested"] for r in reloads], window),
+        "p99_after_vs_steady_interval": ratio_interval(latency[answered], start[answered], after[answered],
+                                                       [r["requested"] for r in reloads]),
         "per_reload": per_reload,
     }
 
 
-def ratio_interval(latency, start, end, reload_times: list[float], window: float = AFTER_RELOAD,
-                   resamples: int = 400, seed: int = 1) -> list[float] | None:
+def ratio_interval(latency, start, after, reload_times: list[float], resamples: int = 400,
+                   seed: int = 1) -> list[float] | None:
     """A 95 % interval of (p99 within `window` after a reload ÷ p99 outside those windows) over the reloads
     of one run: a bootstrap of whole reload cycles (a reload's window and the steady stretch up to the
     next reload, drawn with replacement). One reload's second differs from the next's by far more than
     its requests differ among themselves (the same code saw 15 and 600 slow requests in two reloads of a
     run), so the figure alone says little about how near it is to a target; None with fewer than 3 reloads.
-    `latency`, `start`, `end`: the answered requests' arrays."""
+    `latency`, `start`: the answered requests' arrays; `after`: which of them were in a reload's window (as
+    `summarize_probe` decides)."""
     times = sorted(reload_times)
     if len(times) < 3:
         return None
     boundaries = np.asarray(times[1:], dtype=float)
     cycle = np.searchsorted(boundaries, start, side="right")  # requests before the first reload: cycle 0's
-    after = np.zeros(start.shape, dtype=bool)
-    for t in times:
-        after |= (start < t + window) & (end >= t)
     after_by_cycle = [latency[after & (cycle == i)] for i in range(len(times))]
     steady_by_cycle = [latency[~after & (cycle == i)] for i in range(len(times))]
     rng = np.random.default_rng(seed)

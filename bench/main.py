@@ -608,7 +608,7 @@ def versions() -> dict:
     }
 
 
-def _interval(bounds: list[float] | None) -> str:
+def format_interval(bounds: list[float] | None) -> str:
     """A ratio's interval as the tables print it (see `analyze.ratio_interval`)."""
     return f"{bounds[0]:.2f}–{bounds[1]:.2f}×" if bounds else "–"
 
@@ -674,7 +674,7 @@ def targets(results: dict) -> list[dict]:
             interval = row["probe"].get("p99_after_vs_steady_interval")
             add(f"{row['label']}: p99 ≤1 s after a reload ≤ 1.3× steady p99",
                 f"{after:.1f} ms vs {steady_p99:.1f} ms ({after / steady_p99:.2f}×"
-                + (f"; 95 % interval over its reloads {_interval(interval)}" if interval else "") + ")",
+                + (f"; 95 % interval over its reloads {format_interval(interval)}" if interval else "") + ")",
                 after <= 1.3 * steady_p99)
         # Not the issue's wording: under systemd, what a `systemctl reload` that reloads nothing costs the same
         # second (systemd's share, measured in the same container) comes first; ours is read on top of it.
@@ -822,7 +822,7 @@ def markdown(results: dict) -> str:
             p = r["probe"]
             rows.append([r["label"], p["reloads"], p["requests"], p["errors"]["non_2xx"], p["errors"]["socket"],
                          p["p99_ms"], p["steady"]["p99_ms"], p["after_reload"]["p99_ms"],
-                         _interval(p.get("p99_after_vs_steady_interval")), p["after_reload"]["max_ms"],
+                         format_interval(p.get("p99_after_vs_steady_interval")), p["after_reload"]["max_ms"],
                          p["after_reload"]["errors"]["total"], p["new_pid_answers_after_ms"]["median"],
                          r["reload_done_ms"]["median_ms"], p["pids"]])
         parts.append(_table(["server (reload)", "reloads", "requests", "non-2xx", "socket errors", "p99 ms",

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from bench import analyze, servers
-from bench.main import drive_reloads, finish_probe, probe
+from bench.main import drive_reloads, finish_probe, format_interval, probe
 
 SLOW = 1.3  # × the run's steady p99
 
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
             slow[side] += [row["slow"] for row in rows]
             interval = summary["p99_after_vs_steady_interval"]
             print(f"pair {pair} {side}: p99 after {after:.1f} ms, steady {steady:.1f} ms ({after / steady:.2f}×"
-                  + (f", 95 % interval over its reloads {interval[0]:.2f}–{interval[1]:.2f}×" if interval else "") + "),"
+                  + (f", 95 % interval over its reloads {format_interval(interval)}" if interval else "") + "),"
                   f" {summary['reloads']} reloads, {summary['errors']['total']} errors", flush=True)
             if args.detail:
                 for row in rows:
