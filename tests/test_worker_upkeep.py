@@ -4,7 +4,9 @@ only once its replacement is ready; a stuck one is signalled for its stack dump,
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -106,6 +108,29 @@ def test_a_recycled_worker_drains_only_once_its_replacement_is_ready(tmp_path):
     assert upkeep.counts == {"max-requests": 1}
     assert upkeep.status_note() == "1 worker recycled (1 max-requests)"
     assert upkeep.policy.recycling is None
+
+
+def test_workers_due_together_are_recycled_one_at_a_time_as_the_log_tells_it(tmp_path, caplog):
+    """The next recycle starts only once the previous one has logged its worker gone, however soon after
+    that worker's exit the main looks again (here: at every turn of the event loop)."""
+    async def scenario(pool):
+        upkeep = WorkerUpkeep(pool, RecycleLimits(max_requests=10), 0, ready_timeout=10, graceful_timeout=5)
+        pool.upkeep = upkeep  # as `start` does, without its periodic checks: this loop checks
+        first = list(pool.workers.values())
+        for worker in first:
+            worker.total = 12
+        while not all(worker.exited.done() for worker in first) or upkeep._tasks:
+            upkeep.check()
+            await asyncio.sleep(0)
+        return first, upkeep
+
+    with caplog.at_level(logging.INFO, logger="graceful_http"):
+        (first, upkeep), log, started = run_pool(tmp_path, ["ok", "ok"], scenario)
+    told = [re.search(r"\(pid (\d+)\) (is due for recycling|is gone)", record.getMessage()) for record in caplog.records]
+    told = [(int(match[1]), match[2]) for match in told if match]
+    assert [what for _, what in told] == ["is due for recycling", "is gone"] * 2, told
+    assert {pid for pid, _ in told} == {worker.pid for worker in first}
+    assert upkeep.counts == {"max-requests": 2} and upkeep.policy.recycling is None
 
 
 def test_a_stuck_worker_is_dumped_then_killed_once_its_replacement_is_ready(tmp_path):
