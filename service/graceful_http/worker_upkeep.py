@@ -71,7 +71,6 @@ class WorkerUpkeep:
         self._stuck: set[int] = set()  # pids found stuck, being replaced
         self._watched: set[int] = set()  # pids pinged since they serve
         self._starting: dict[int, asyncio.Future] = {}  # pid being recycled -> its replacement's start
-        self._recycling: set[int] = set()  # pids whose `recycle` runs
         self._main: asyncio.Task | None = None
 
     @classmethod
@@ -125,7 +124,7 @@ class WorkerUpkeep:
     def exited(self, worker) -> None:
         """The pool saw `worker` exit (recycled or not). A worker being recycled is forgotten by its `recycle`,
         once that has logged it gone: the next recycle must not start (and log) before that."""
-        if worker.pid not in self._recycling:
+        if worker.pid != self.policy.recycling:
             self.policy.forget(worker.pid)
         self._stuck.discard(worker.pid)
         self._watched.discard(worker.pid)
@@ -161,11 +160,9 @@ class WorkerUpkeep:
 
     async def recycle(self, old, due) -> None:
         """New first: start the replacement, then have `old` hand over its connections and drain."""
-        self._recycling.add(old.pid)
         try:
             await self._recycle(old, due)
         finally:
-            self._recycling.discard(old.pid)
             if old.exited.done():
                 self.policy.forget(old.pid)
 
