@@ -159,6 +159,12 @@ class InstalledService:
         return int(status), body
 
     def reload(self, check: bool = True):
+        """`systemctl reload`, once the unit's start has finished. systemd folds a reload asked while the unit
+        is still activating into its start job and reloads nothing, yet systemctl exits 0; a socket-activated
+        service answers its first request before systemd has read its READY=1, so a test that reloads right
+        after that answer would otherwise race it (seen in CI: a "reload" that left MainPID as it was)."""
+        self.container.wait_for(lambda: self.container.show(SERVICE, "ActiveState")["ActiveState"] != "activating",
+                                timeout=90, what=f"{SERVICE} to finish starting before the reload")
         return self.container.systemctl("reload", SERVICE, check=check, timeout=120)
 
 

@@ -236,3 +236,14 @@ def test_shipped_service_unit_is_locked_down():
         match = re.search(r"Overall exposure level for graceful-http\.service: (\d+\.\d+)", report)
         assert match, report[-2000:]
         assert float(match.group(1)) <= 1.5, report
+
+
+def test_a_reload_asked_while_the_service_is_still_starting_waits_for_the_start_and_happens():
+    """systemd folds a reload asked during the start into the start job and reloads nothing (systemctl still
+    exits 0): the harness's reload() waits for the start, so a test's reload is a real one."""
+    with InstalledService(container_name("pypi", "reload-at-start"), "pypi", serve_args="--workers 2") as service:
+        service.container.systemctl("start", SOCKET)
+        service.container.systemctl("start", "--no-block", SERVICE)
+        assert service.reload().returncode == 0
+        handovers = re.findall(r"handed over to pid (\d+) \(generation (\d+)\)", service.journal())
+        assert handovers == [(str(service.main_pid()), "2")], service.journal()
